@@ -1,0 +1,97 @@
+"""The checkpoint: one schema, tensors and primitives only, loadable with `weights_only=True`.
+
+`train` writes it atomically at every epoch end; `eval`, `export` and `infer` rebuild the Masker
+from it with `load_masker`. Keys: format, version, package_version, model (arch, width,
+num_classes, upsample, image_size, wnids, names), config, phase, epoch, step, encoder, decoder,
+optimizers, rng, metrics. The thinning pool is a sidecar file (`pool.pt`) beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from casm_deploy.errors import UserError
+from casm_deploy.model import Masker, build_masker
+
+FORMAT = "casm-deploy/checkpoint"
+VERSION = 1
+
+
+def save_atomic(payload: Any, path: str | Path) -> None:
+    """`torch.save` to a temporary file, fsync, rename: a crash leaves the old file or the new."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_file(path: str | Path) -> Any:
+    """`torch.load(..., weights_only=True)` with clear errors for missing, foreign or unsafe files.
+
+    Raises:
+        UserError: the file is missing, truncated, not a torch file, or carries pickled code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
+        raise UserError(
+            f"{path}: refused: it carries pickled objects or code that a weights-only load does "
+            f"not allow ({first}). Only load files from sources you trust."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise UserError(f"{path}: not a readable checkpoint, or truncated ({error})") from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and validate a casm-deploy checkpoint.
+
+    Raises:
+        UserError: as `load_file`, or the file is a torch file of another kind or version.
+    """
+    checkpoint = load_file(path)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise UserError(f"{path}: not a casm-deploy checkpoint (no '{FORMAT}' format tag)")
+    if checkpoint.get("version") != VERSION:
+        raise UserError(
+            f"{path}: checkpoint version {checkpoint.get('version')} is not supported "
+            f"(this casm-deploy reads version {VERSION})"
+        )
+    return checkpoint
+
+
+def masker_from_checkpoint(checkpoint: dict[str, Any]) -> Masker:
+    """Rebuild the Masker (eval mode, CPU) from a loaded checkpoint."""
+    spec = checkpoint["model"]
+    masker = build_masker(spec["arch"], spec["num_classes"], spec["width"], spec["upsample"])
+    masker.encoder.load_state_dict(checkpoint["encoder"])
+    masker.decoder.load_state_dict(checkpoint["decoder"])
+    return masker.eval()
+
+
+def load_masker(path: str | Path) -> tuple[Masker, dict[str, Any]]:
+    """The Masker of a checkpoint file and its model description (`checkpoint["model"]`)."""
+    checkpoint = load_checkpoint(path)
+    return masker_from_checkpoint(checkpoint), checkpoint["model"]

@@ -1,0 +1,170 @@
+"""One frozen dataclass per command; the defaults live here and nowhere else.
+
+This module imports no torch, so `casm-deploy --help` stays instant. Every command writes
+its resolved config next to its outputs (`config_to_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_DATA = "data/synth"
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """`casm-deploy data synth`: the embedded ImageNet-layout benchmark."""
+
+    out: str = DEFAULT_DATA
+    num_classes: int = 10  # the first N shape classes (ignored when `classes` is given)
+    classes: tuple[str, ...] = ()  # a subset by name or wnid, for unseen-class experiments
+    train_per_class: int = 1000
+    val_per_class: int = 100
+    min_side: int = 80  # shorter image side, pixels
+    max_side: int = 128
+    min_area: float = 0.10  # object box area as a fraction of the image (one copy)
+    max_area: float = 0.60
+    copies: int = 1  # 2: each image is two identical copies side by side (paper §2.1)
+    seed: int = 0
+    workers: int = 2
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A thinning strategy of the paper's Table 2, with the reference code's settings."""
+
+    fixed_classifier: bool
+    hp: float  # probability of drawing the masked-pass classifier from the pool
+    smf: int | None  # store a snapshot every `smf` steps; None: only the first one
+    lambda_entropy: float
+    lambda_classification: float
+
+
+PRESETS: dict[str, Preset] = {
+    "F": Preset(True, 0.0, None, 2.5, 9.0),
+    "L": Preset(False, 0.0, None, 14.0, 18.0),
+    "FL": Preset(False, 0.5, None, 7.5, 11.0),
+    "L100": Preset(False, 0.5, 100, 10.0, 17.0),
+    "L1000": Preset(False, 0.5, 1000, 10.0, 17.0),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`casm-deploy train`: classifier pre-training, then the CASM phase (Algorithm 1).
+
+    The defaults are this project's recipe for the embedded data on a 2-core CPU: a half-width
+    ResNet-18 at 64 px. The paper's ImageNet settings are in `train/README.md`.
+    """
+
+    data: str = DEFAULT_DATA
+    out: str = "runs"
+    name: str = ""  # run folder name; empty: derived from the preset and the seed
+    arch: str = "resnet18"
+    width: int = 32  # channels of the stem; torchvision's ResNets use 64
+    image_size: int = 64
+    weights: str = ""  # a local torchvision state-dict file, or a torchvision weights name
+    resume: bool = False
+    seed: int = 0
+    workers: int = 1  # data-loading processes (0: load in the main process)
+    loader: str = "torch"
+    channels_last: bool = True
+
+    # Classifier pre-training on clean images (Adam, one-cycle schedule).
+    pretrain_epochs: int = 12
+    pretrain_lr: float = 2e-3
+    pretrain_batch_size: int = 64
+
+    # CASM phase.
+    reproduce: str = "L100"
+    score: str = "entropy"  # or "classification" (the "C" rows of Table 2)
+    lambda_r: float | None = None  # None: the preset's value for the chosen score
+    epochs: int = 16
+    batch_size: int = 64
+    epoch_fraction: float = 0.5  # share of the training set seen per epoch (reference: 0.2)
+    lr: float = 1e-2  # classifier SGD (reference: 1e-3 for a pre-trained ResNet-50)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_decoder: float = 1e-3  # decoder Adam
+    lr_decay_every: int = 12  # epochs between x0.1 decays (reference: 20 of 60-70)
+    pool_size: int = 30
+    grad_clip: float = 10.0
+    upsample: str = "nearest"  # final decoder upsampling: "nearest" (reference) or "bilinear"
+    hp: float | None = None  # override the preset
+    smf: int | None = None  # override the preset
+
+    def __post_init__(self) -> None:
+        if self.reproduce not in PRESETS:
+            raise ValueError(
+                f"--reproduce must be one of {', '.join(PRESETS)}, not {self.reproduce!r}"
+            )
+        if self.score not in ("entropy", "classification"):
+            raise ValueError(f"--score must be entropy or classification, not {self.score!r}")
+        if self.upsample not in ("nearest", "bilinear"):
+            raise ValueError(f"--upsample must be nearest or bilinear, not {self.upsample!r}")
+        if not 0 < self.epoch_fraction <= 1:
+            raise ValueError(f"--epoch-fraction must be in (0, 1], not {self.epoch_fraction}")
+
+    @property
+    def preset(self) -> Preset:
+        return PRESETS[self.reproduce]
+
+    @property
+    def fixed_classifier(self) -> bool:
+        return self.preset.fixed_classifier
+
+    @property
+    def resolved_hp(self) -> float:
+        return self.preset.hp if self.hp is None else self.hp
+
+    @property
+    def resolved_smf(self) -> int | None:
+        return self.preset.smf if self.smf is None else self.smf
+
+    @property
+    def resolved_lambda_r(self) -> float:
+        if self.lambda_r is not None:
+            return self.lambda_r
+        p = self.preset
+        return p.lambda_entropy if self.score == "entropy" else p.lambda_classification
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.reproduce.lower()}-{self.score}-s{self.seed}"
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    return json_ready(dataclasses.asdict(cfg))
+
+
+def json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Rebuild a config from `config_to_dict` output, ignoring keys it no longer has."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key in names:
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+__all__ = [
+    "DEFAULT_DATA",
+    "PRESETS",
+    "Preset",
+    "SynthConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+]

@@ -1,0 +1,291 @@
+"""Reading an ImageNet-layout data set: classes, image lists, ILSVRC boxes, and the torch loader.
+
+`build_loader` is the one entry point the training uses; it yields `(images, labels, indices)`
+with images float in [0, 1], (B, 3, S, S), channels-last. Loaders only decode and resize: the
+normalisation lives inside the Masker. Box transforms mirror the image transforms exactly.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from casm_deploy.errors import UserError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Classes of a data set in label order: `wnids[i]` is label i (sorted folder names)."""
+
+    root: Path
+    wnids: list[str]
+    names: list[str]
+
+
+def read_classes(root: str | Path) -> DatasetInfo:
+    """Class list of an ImageNet-layout folder: `classes.txt` if present, else `train/` folders.
+
+    Raises:
+        UserError: the folder is missing or has neither a class list nor a `train/` folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such data folder (run `casm-deploy data synth {root}`)")
+    listing = root / "classes.txt"
+    if listing.is_file():
+        entries = []
+        for line_no, line in enumerate(listing.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            wnid, _, name = line.strip().partition(" ")
+            if not wnid:
+                raise UserError(f"{listing}:{line_no}: expected '<wnid> <name>'")
+            entries.append((wnid, name.strip() or wnid))
+        entries.sort()
+    elif (root / "train").is_dir():
+        entries = [(p.name, p.name) for p in sorted((root / "train").iterdir()) if p.is_dir()]
+    else:
+        raise UserError(f"{root}: no classes.txt and no train/ folder; not an ImageNet layout")
+    if not entries:
+        raise UserError(f"{root}: no classes found")
+    return DatasetInfo(root, [w for w, _ in entries], [n for _, n in entries])
+
+
+def list_images(root: str | Path, split: str, wnids: list[str]) -> list[tuple[Path, int]]:
+    """`(path, label)` for every image under `root/split/<wnid>/`, sorted, labels by `wnids`.
+
+    Raises:
+        UserError: the split folder is missing or empty.
+    """
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise UserError(f"{folder}: missing (expected {split}/<wnid>/*.JPEG)")
+    samples = []
+    for label, wnid in enumerate(wnids):
+        class_dir = folder / wnid
+        if not class_dir.is_dir():
+            continue
+        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        samples.extend((p, label) for p in files)
+    if not samples:
+        raise UserError(f"{folder}: no images of the known classes")
+    return samples
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One ILSVRC / PASCAL VOC XML file: image size and `(wnid, [x0, y0, x1, y1])` objects."""
+
+    width: int
+    height: int
+    objects: list[tuple[str, list[float]]]
+
+    def boxes_of(self, wnid: str) -> list[list[float]]:
+        return [box for name, box in self.objects if name == wnid]
+
+
+def read_annotation(path: str | Path) -> Annotation:
+    """Parse an ILSVRC XML annotation.
+
+    Raises:
+        UserError: the file is missing or malformed (the message names it).
+    """
+    path = Path(path)
+    try:
+        root = ET.parse(path).getroot()
+        size = root.find("size")
+        width, height = int(size.findtext("width")), int(size.findtext("height"))
+        objects = []
+        for obj in root.iter("object"):
+            box = obj.find("bndbox")
+            coords = [float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+            objects.append((obj.findtext("name").strip(), coords))
+    except FileNotFoundError:
+        raise UserError(f"{path}: annotation not found") from None
+    except (ET.ParseError, AttributeError, TypeError, ValueError) as error:
+        raise UserError(f"{path}: not a valid ILSVRC annotation ({error})") from None
+    return Annotation(width, height, objects)
+
+
+def transform_box(
+    box: list[float], width: int, height: int, size: int, policy: str = "center-crop"
+) -> list[int]:
+    """Map a box of a `width` x `height` image into the `size` x `size` model frame.
+
+    `center-crop`: shorter side to `size`, then the centre crop (the default of the paper's
+    appendix); `stretch`: straight to `size` x `size` ("break ratio"). Truncates to int as the
+    reference `score.py` does; the result may extend outside the frame.
+    """
+    if policy == "stretch":
+        sx, sy, cut_x, cut_y = size / width, size / height, 0.0, 0.0
+    elif policy == "center-crop":
+        scale = size / min(width, height)
+        sx = sy = scale
+        cut_x, cut_y = (width * scale - size) / 2, (height * scale - size) / 2
+    else:
+        raise UserError(f"unknown resize policy {policy!r}: use center-crop or stretch")
+    x0, y0, x1, y1 = box
+    return [int(sx * x0 - cut_x), int(sy * y0 - cut_y), int(sx * x1 - cut_x), int(sy * y1 - cut_y)]
+
+
+def decode_image(path: str | Path) -> np.ndarray:
+    """Decode an image file into RGB uint8 (H, W, 3).
+
+    Raises:
+        UserError: the file cannot be decoded (the message names it).
+    """
+    import cv2
+
+    data = np.fromfile(path, dtype=np.uint8)  # np.fromfile + imdecode: non-ASCII names work
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise UserError(f"{path}: cannot decode image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def resize_shorter(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize so that the shorter side is `size` (area interpolation when shrinking)."""
+    import cv2
+
+    h, w = image.shape[:2]
+    scale = size / min(h, w)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return cv2.resize(image, (new_w, new_h), interpolation=interpolation)
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    return image[top : top + size, left : left + size]
+
+
+def stretch(image: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+
+
+class ImageDataset(Dataset):
+    """Decoded, resized uint8 (S, S, 3) images with their labels and indices.
+
+    Training: shorter side to S, random S x S crop, random horizontal flip. Validation: shorter
+    side to S and the centre crop (or `stretch`). The randomness of a sample depends only on
+    (seed, epoch, index), so runs are reproducible whatever the number of workers, and resumable.
+    """
+
+    def __init__(
+        self,
+        samples: list[tuple[Path, int]],
+        size: int,
+        train: bool,
+        seed: int = 0,
+        policy: str = "center-crop",
+    ):
+        self.samples, self.size, self.train, self.seed, self.policy = (
+            samples,
+            size,
+            train,
+            seed,
+            policy,
+        )
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
+        path, label = self.samples[index]
+        image = decode_image(path)
+        if not self.train:
+            if self.policy == "stretch":
+                return stretch(image, self.size), label, index
+            return center_crop(resize_shorter(image, self.size), self.size), label, index
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image = resize_shorter(image, self.size)
+        h, w = image.shape[:2]
+        top, left = rng.integers(0, h - self.size + 1), rng.integers(0, w - self.size + 1)
+        image = image[top : top + self.size, left : left + self.size]
+        if rng.random() < 0.5:
+            image = image[:, ::-1]
+        return np.ascontiguousarray(image), label, index
+
+
+class TorchLoader:
+    """Iterates `(images, labels, indices)` batches from an ImageDataset.
+
+    Images are float in [0, 1], (B, 3, S, S) in channels-last memory: the decoded batch is
+    NHWC, and the NCHW view of it is channels-last without a copy.
+    """
+
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        batch_size: int,
+        shuffle: bool,
+        workers: int,
+        fraction: float = 1.0,
+        drop_last: bool = False,
+    ):
+        self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
+        self.workers, self.fraction, self.drop_last = workers, fraction, drop_last
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.epoch = epoch
+
+    def indices(self) -> list[int]:
+        n = len(self.dataset)
+        if not self.shuffle:
+            return list(range(n))
+        generator = torch.Generator().manual_seed(self.dataset.seed * 100_003 + self.dataset.epoch)
+        order = torch.randperm(n, generator=generator)
+        return order[: max(1, int(n * self.fraction))].tolist()
+
+    def __len__(self) -> int:
+        n = len(self.indices())
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=self.indices(),
+            num_workers=self.workers,
+            drop_last=self.drop_last,
+            prefetch_factor=4 if self.workers else None,
+        )
+        for images, labels, indices in loader:
+            images = images.permute(0, 3, 1, 2).float().div_(255)  # NHWC uint8 -> NCHW view
+            yield images, labels, indices
+
+
+def build_loader(
+    root: str | Path,
+    split: str,
+    wnids: list[str],
+    image_size: int,
+    batch_size: int,
+    *,
+    train: bool,
+    workers: int = 1,
+    seed: int = 0,
+    fraction: float = 1.0,
+    policy: str = "center-crop",
+    loader: str = "torch",
+) -> TorchLoader:
+    """The training and validation data loader (the one place another backend plugs in)."""
+    if loader != "torch":
+        raise UserError(f"--loader {loader!r} is not available; use torch")
+    samples = list_images(root, split, wnids)
+    dataset = ImageDataset(samples, image_size, train=train, seed=seed, policy=policy)
+    return TorchLoader(
+        dataset, batch_size, shuffle=train, workers=workers, fraction=fraction, drop_last=train
+    )

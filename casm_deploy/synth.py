@@ -1,0 +1,604 @@
+"""The embedded benchmark: a deterministic generator of an ImageNet-layout data set on disk.
+
+First step of the flow: `generate` writes `train/<wnid>/*.JPEG`, `val/<wnid>/*.JPEG` and
+`annotations/<stem>.xml` (ILSVRC/PASCAL VOC boxes) that `data.py` / `dali.py` then load. Boxes
+are ILSVRC pixel coordinates of the tight box of the object's drawn pixels (coverage >= 0.5):
+xmin, ymin inclusive, xmax, ymax EXCLUSIVE (last column / row + 1), as `[x0, y0, x1, y1]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from casm_deploy.config import SynthConfig, config_to_dict
+from casm_deploy.errors import UserError
+
+SPLITS = {"train": 0, "val": 1}  # the split id seeds the per-image RNG
+MARKER = ".synth-incomplete"  # present while a run is writing; synth.json is written last
+OWNED = ("train", "val", "annotations", "classes.txt", "synth.json", MARKER)
+IGNORED_KEYS = ("out", "workers", "overwrite")  # config keys that do not change the content
+SUPERSAMPLE = 4  # objects are drawn at 4x and averaged down: exact anti-aliased coverage
+JPEG_QUALITY = 90
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes: polygons in unit coordinates (y down); only the bounding box of the outline matters.
+
+
+def _ring_points(n: int, r: float = 1.0, phase: float = -math.pi / 2) -> np.ndarray:
+    t = phase + 2 * math.pi * np.arange(n) / n
+    return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+
+
+def _arc(cx: float, cy: float, r: float, a0: float, a1: float, n: int) -> np.ndarray:
+    t = np.linspace(a0, a1, n)
+    return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], 1)
+
+
+def _star(points: int = 5, inner: float = 0.42) -> np.ndarray:
+    radii = np.where(np.arange(2 * points) % 2 == 0, 1.0, inner)
+    t = -math.pi / 2 + math.pi * np.arange(2 * points) / points
+    return np.stack([radii * np.cos(t), radii * np.sin(t)], 1)
+
+
+def _crescent(d: float = 0.5, r2: float = 0.85) -> np.ndarray:
+    # Inside the unit circle, outside a circle of radius r2 centred at (d, 0).
+    x = (1 - r2**2 + d**2) / (2 * d)  # where the two circles cross (the horns)
+    y = math.sqrt(1 - x**2)
+    a, b = math.atan2(y, x), math.atan2(y, x - d)
+    outer = _arc(0, 0, 1, a, 2 * math.pi - a, 64)  # the far side of the outer circle
+    inner = _arc(d, 0, r2, 2 * math.pi - b, b, 48)  # back along the near side of the inner one
+    return np.concatenate([outer, inner])
+
+
+def _heart() -> np.ndarray:
+    t = np.linspace(0, 2 * math.pi, 96, endpoint=False)
+    x = 16 * np.sin(t) ** 3
+    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+    return np.stack([x, y], 1) / 17
+
+
+def _poly(*xy: float) -> np.ndarray:
+    return np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+
+
+_CROSS = _poly(
+    -0.3,
+    -1,
+    0.3,
+    -1,
+    0.3,
+    -0.3,
+    1,
+    -0.3,
+    1,
+    0.3,
+    0.3,
+    0.3,
+    0.3,
+    1,
+    -0.3,
+    1,
+    -0.3,
+    0.3,
+    -1,
+    0.3,
+    -1,
+    -0.3,
+    -0.3,
+    -0.3,
+)
+_H_SHAPE = _poly(
+    -1,
+    -1,
+    -0.5,
+    -1,
+    -0.5,
+    -0.22,
+    0.5,
+    -0.22,
+    0.5,
+    -1,
+    1,
+    -1,
+    1,
+    1,
+    0.5,
+    1,
+    0.5,
+    0.22,
+    -0.5,
+    0.22,
+    -0.5,
+    1,
+    -1,
+    1,
+)
+
+# name -> (outline, holes). Chosen to stay distinct under any rotation and at ~20 px: no
+# square/diamond or disk/ellipse/hexagon pairs. Order fixes the wnids: append, never reorder.
+_GEOMETRY: dict[str, tuple[np.ndarray, list[np.ndarray]]] = {
+    "disk": (_ring_points(96), []),
+    "triangle": (_ring_points(3), []),
+    "square": (_poly(-1, -1, 1, -1, 1, 1, -1, 1), []),
+    "star": (_star(), []),
+    "cross": (_CROSS, []),
+    "ring": (_ring_points(96), [_ring_points(96, 0.55)]),
+    "crescent": (_crescent(), []),
+    "heart": (_heart(), []),
+    "arrow": (_poly(-1, -0.2, 0.15, -0.2, 0.15, -0.6, 1, 0, 0.15, 0.6, 0.15, 0.2, -1, 0.2), []),
+    "L-shape": (_poly(-0.7, -1, -0.2, -1, -0.2, 0.5, 0.7, 0.5, 0.7, 1, -0.7, 1), []),
+    "T-shape": (
+        _poly(-1, -1, 1, -1, 1, -0.5, 0.25, -0.5, 0.25, 1, -0.25, 1, -0.25, -0.5, -1, -0.5),
+        [],
+    ),
+    "H-shape": (_H_SHAPE, []),
+    "bowtie": (_poly(-1, -0.9, 0, -0.15, 1, -0.9, 1, 0.9, 0, 0.15, -1, 0.9), []),
+    "semicircle": (_arc(0, 0, 1, 0, math.pi, 64), []),
+}
+
+SHAPES: list[str] = list(_GEOMETRY)
+
+
+def wnid_for(index: int) -> str:
+    """The fake, ImageNet-shaped wnid of shape `index` ('n' + 8 digits), stable across subsets.
+
+    Args:
+        index: position of the shape in `SHAPES`.
+    """
+    return f"n{90000001 + index:08d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering (pure: an RNG in, an RGB uint8 array and the object mask out).
+
+
+def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    """(..., 3) hue in degrees, saturation and value in [0, 1] -> RGB float32 in [0, 1]."""
+    import cv2
+
+    shape = hsv.shape
+    rgb = cv2.cvtColor(hsv.reshape(1, -1, 3).astype(np.float32), cv2.COLOR_HSV2RGB)
+    return rgb.reshape(shape)
+
+
+def _image_size(rng: np.random.Generator, min_side: int, max_side: int) -> tuple[int, int]:
+    short = int(rng.integers(min_side, max_side + 1))
+    aspect = math.exp(rng.uniform(math.log(0.67), math.log(1.5)))  # w / h, log-uniform
+    if aspect >= 1:
+        return short, max(short, round(short * aspect))
+    return max(short, round(short / aspect)), short
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Smooth, low-saturation colour fields plus fine texture, as uint8 RGB (h, w, 3)."""
+    import cv2
+
+    # Large-scale colour gradients: a coarse grid of muted colours, upsampled smoothly.
+    gh, gw = (int(v) for v in rng.integers(2, 6, size=2))
+    hsv = np.empty((gh, gw, 3), np.float32)
+    hsv[..., 0] = (rng.uniform(0, 360) + rng.normal(0, 40, (gh, gw))) % 360
+    hsv[..., 1] = rng.uniform(0.0, 0.3) * rng.uniform(0.4, 1.0, (gh, gw))
+    hsv[..., 2] = np.clip(rng.uniform(0.3, 0.75) + rng.uniform(-0.15, 0.15, (gh, gw)), 0.1, 0.9)
+    image = cv2.resize(_hsv_to_rgb(hsv), (w, h), interpolation=cv2.INTER_CUBIC)
+
+    # Mid-frequency texture (mostly grey, a little colour) and pixel noise: not flat.
+    th, tw = max(2, h // 6), max(2, w // 6)
+    texture = rng.normal(0, 1, (th, tw, 1)) + 0.3 * rng.normal(0, 1, (th, tw, 3))
+    texture = cv2.resize(texture.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    image = image + rng.uniform(0.02, 0.06) * texture + rng.normal(0, 0.015, (h, w, 3))
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def _muted_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    hsv = np.array([rng.uniform(0, 360), rng.uniform(0, 0.4), rng.uniform(0.1, 0.95)])
+    return tuple(int(c * 255 + 0.5) for c in _hsv_to_rgb(hsv))
+
+
+def _draw_distractors(rng: np.random.Generator, image: np.ndarray) -> None:
+    """Clutter that is not an object: thin lines, dots, small blobs, partial arcs (in place)."""
+    import cv2
+
+    h, w = image.shape[:2]
+    short = min(h, w)
+    aa = cv2.LINE_AA
+    for _ in range(rng.integers(0, 4)):  # thin lines
+        x, y = rng.uniform(0, w), rng.uniform(0, h)
+        length, angle = rng.uniform(0.15, 0.5) * short, rng.uniform(0, 2 * math.pi)
+        p0 = (round(x), round(y))
+        p1 = (round(x + length * math.cos(angle)), round(y + length * math.sin(angle)))
+        cv2.line(image, p0, p1, _muted_colour(rng), 1, aa)
+    for _ in range(rng.integers(0, 7)):  # dots
+        centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        radius = max(1, round(rng.uniform(0.008, 0.02) * short))
+        cv2.circle(image, centre, radius, _muted_colour(rng), -1, aa)
+    for _ in range(rng.integers(0, 3)):  # small irregular blobs
+        n = 7
+        t = np.sort(rng.uniform(0, 2 * math.pi, n))
+        r = rng.uniform(0.03, 0.07) * short * rng.uniform(0.5, 1.0, n)
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+        points = np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], 1)
+        cv2.fillPoly(image, [np.round(points).astype(np.int32)], _muted_colour(rng), aa)
+    for _ in range(rng.integers(0, 3)):  # partial arcs
+        centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        axes = tuple(int(a) for a in np.maximum(2, rng.uniform(0.05, 0.15, 2) * short))
+        start = rng.uniform(0, 360)
+        end = start + rng.uniform(60, 200)
+        angle = rng.uniform(0, 360)
+        cv2.ellipse(image, centre, axes, angle, start, end, _muted_colour(rng), 1, aa)
+
+
+def _object_alpha(
+    rng: np.random.Generator, shape: str, h: int, w: int, min_area: float, max_area: float
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Coverage in [0, 1] of a randomly rotated, scaled and placed shape.
+
+    Returns the coverage of the crop `(x0, y0, x1, y1)` of the image that holds the object.
+    """
+    import cv2
+
+    outline, holes = _GEOMETRY[shape]
+    angle = rng.uniform(0, 2 * math.pi)
+    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    outline = outline @ rotation.T
+    holes = [hole @ rotation.T for hole in holes]
+    lo = outline.min(0)
+    size = outline.max(0) - lo  # (width, height) of the rotated outline
+
+    # Scale so the box covers the drawn fraction of the image, clamped to fit with a 1 px margin.
+    fraction = rng.uniform(min_area, max_area)
+    scale = math.sqrt(fraction * h * w / (size[0] * size[1]))
+    scale = min(scale, (w - 2) / size[0], (h - 2) / size[1])
+    box_w, box_h = size * scale
+    # max(): rounding can leave the range a hair below zero when the object just fits.
+    x = rng.uniform(1, max(1.0, w - 1 - box_w))
+    y = rng.uniform(1, max(1.0, h - 1 - box_h))
+
+    # Draw only the crop around the box, at SUPERSAMPLE x, then average down to coverage.
+    x0, y0 = max(0, math.floor(x) - 1), max(0, math.floor(y) - 1)
+    x1, y1 = min(w, math.ceil(x + box_w) + 1), min(h, math.ceil(y + box_h) + 1)
+    s = SUPERSAMPLE
+    canvas = np.zeros(((y1 - y0) * s, (x1 - x0) * s), np.uint8)
+
+    def to_canvas(points: np.ndarray) -> np.ndarray:
+        image_xy = (points - lo) * scale + (x, y)
+        # cv2 puts pixel centres on integers; 4 fractional bits (shift=4) keep sub-pixel detail.
+        return np.round(((image_xy - (x0, y0)) * s - 0.5) * 16).astype(np.int32)
+
+    cv2.fillPoly(canvas, [to_canvas(outline)], 255, cv2.LINE_8, 4)
+    for hole in holes:
+        cv2.fillPoly(canvas, [to_canvas(hole)], 0, cv2.LINE_8, 4)
+    small = cv2.resize(canvas, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+    return small.astype(np.float32) / 255, (x0, y0, x1, y1)
+
+
+def render(
+    rng: np.random.Generator,
+    shape: str,
+    min_side: int = 80,
+    max_side: int = 128,
+    min_area: float = 0.1,
+    max_area: float = 0.6,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Render one image holding one object of class `shape` on a cluttered background.
+
+    Args:
+        rng: the image's own generator (the only source of randomness).
+        shape: a name from `SHAPES`.
+        min_side: smallest shorter side, pixels.
+        max_side: largest shorter side, pixels.
+        min_area: smallest object box area, as a fraction of the image area.
+        max_area: largest object box area (clamped so the object fits).
+
+    Returns:
+        `(image, mask)`: RGB uint8 `(H, W, 3)` and the object's pixel mask, bool `(H, W)`:
+        the pixels at least half covered by the object.
+    """
+    h, w = _image_size(rng, min_side, max_side)
+    image = _background(rng, h, w)
+    _draw_distractors(rng, image)
+    alpha, (x0, y0, x1, y1) = _object_alpha(rng, shape, h, w, min_area, max_area)
+
+    # A saturated fill with soft linear shading and a little noise, so it is not perfectly flat.
+    colour = _hsv_to_rgb(
+        np.array([rng.uniform(0, 360), rng.uniform(0.45, 1.0), rng.uniform(0.5, 1.0)])
+    )
+    ch, cw = alpha.shape
+    yy, xx = np.mgrid[0:ch, 0:cw].astype(np.float32)
+    direction = rng.uniform(0, 2 * math.pi)
+    ramp = ((xx - cw / 2) * math.cos(direction) + (yy - ch / 2) * math.sin(direction)) / max(ch, cw)
+    shade = 1 + rng.uniform(0, 0.4) * ramp  # (ch, cw), about 1 +- 0.2
+    fill = colour * shade[..., None] + rng.normal(0, 0.02, (ch, cw, 3))
+    crop = image[y0:y1, x0:x1].astype(np.float32) / 255
+    blended = crop * (1 - alpha[..., None]) + np.clip(fill, 0, 1) * alpha[..., None]
+    image[y0:y1, x0:x1] = (blended * 255 + 0.5).astype(np.uint8)
+
+    mask = np.zeros((h, w), bool)
+    mask[y0:y1, x0:x1] = alpha >= 0.5
+    if not mask.any():  # a sub-pixel object: keep its best-covered pixel so the box exists
+        iy, ix = np.unravel_index(np.argmax(alpha), alpha.shape)
+        mask[y0 + iy, x0 + ix] = True
+    return image, mask
+
+
+def tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """`(xmin, ymin, xmax, ymax)` of a non-empty bool mask, exclusive right/bottom edges."""
+    cols = np.flatnonzero(mask.any(0))
+    rows = np.flatnonzero(mask.any(1))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def make_sample(
+    cfg: SynthConfig, split: str, shape_index: int, i: int
+) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """The image and boxes of image `i` of shape `shape_index` in `split` (deterministic).
+
+    Returns:
+        `(image, boxes)`: RGB uint8 `(H, W, 3)` (W doubled when `cfg.copies == 2`) and one box
+        per object copy.
+    """
+    rng = np.random.default_rng([cfg.seed, SPLITS[split], shape_index, i])
+    image, mask = render(
+        rng, SHAPES[shape_index], cfg.min_side, cfg.max_side, cfg.min_area, cfg.max_area
+    )
+    boxes = [tight_box(mask)]
+    if cfg.copies == 2:  # the paper's duplicated-object check: the same content twice
+        w = image.shape[1]
+        x0, y0, x1, y1 = boxes[0]
+        boxes.append((x0 + w, y0, x1 + w, y1))
+        image = np.concatenate([image, image], axis=1)
+    return image, boxes
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the data set.
+
+
+def _annotation_xml(stem: str, wnid: str, width: int, height: int, boxes: list) -> str:
+    objects = "".join(
+        f"\t<object>\n\t\t<name>{wnid}</name>\n\t\t<pose>Unspecified</pose>\n"
+        "\t\t<truncated>0</truncated>\n\t\t<difficult>0</difficult>\n\t\t<bndbox>\n"
+        f"\t\t\t<xmin>{x0}</xmin>\n\t\t\t<ymin>{y0}</ymin>\n"
+        f"\t\t\t<xmax>{x1}</xmax>\n\t\t\t<ymax>{y1}</ymax>\n\t\t</bndbox>\n\t</object>\n"
+        for x0, y0, x1, y1 in boxes
+    )
+    return (
+        f"<annotation>\n\t<folder>val</folder>\n\t<filename>{stem}</filename>\n"
+        "\t<source>\n\t\t<database>casm-deploy synth</database>\n\t</source>\n"
+        f"\t<size>\n\t\t<width>{width}</width>\n\t\t<height>{height}</height>\n"
+        "\t\t<depth>3</depth>\n\t</size>\n\t<segmented>0</segmented>\n"
+        f"{objects}</annotation>\n"
+    )
+
+
+def _write_items(cfg: SynthConfig, items: list[tuple[str, int, int, str]]) -> int:
+    """Render and write `(split, shape_index, i, stem)` items; returns how many."""
+    import cv2
+
+    out = Path(cfg.out)
+    for split, shape_index, i, stem in items:
+        wnid = wnid_for(shape_index)
+        image, boxes = make_sample(cfg, split, shape_index, i)
+        ok, jpeg = cv2.imencode(
+            ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
+        )
+        assert ok, "JPEG encoding failed"
+        (out / split / wnid / f"{stem}.JPEG").write_bytes(jpeg.tobytes())
+        if split == "val":
+            h, w = image.shape[:2]
+            xml = _annotation_xml(stem, wnid, w, h, boxes)
+            (out / "annotations" / f"{stem}.xml").write_text(xml)
+    return len(items)
+
+
+def _init_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one process per core already; no nested thread pools
+
+
+def _write_chunk(args: tuple[SynthConfig, list]) -> int:
+    return _write_items(*args)
+
+
+def resolve_config(cfg: SynthConfig) -> SynthConfig:
+    """Validate `cfg` and resolve its classes to readable names (`num_classes` to match).
+
+    Raises:
+        UserError: a value out of range or an unknown class name.
+    """
+    if cfg.classes:
+        lookup = {name.lower(): k for k, name in enumerate(SHAPES)}
+        lookup.update({wnid_for(k): k for k in range(len(SHAPES))})
+        unknown = [c for c in cfg.classes if c.lower() not in lookup]
+        if unknown:
+            valid = ", ".join(f"{name} ({wnid_for(k)})" for k, name in enumerate(SHAPES))
+            raise UserError(f"unknown class(es) {', '.join(unknown)}; valid classes: {valid}")
+        indices = sorted({lookup[c.lower()] for c in cfg.classes})
+    else:
+        if not 1 <= cfg.num_classes <= len(SHAPES):
+            raise UserError(f"--num-classes must be in [1, {len(SHAPES)}], not {cfg.num_classes}")
+        indices = list(range(cfg.num_classes))
+    if cfg.train_per_class < 1 or cfg.val_per_class < 1:
+        raise UserError(
+            "--train-per-class and --val-per-class must be at least 1, "
+            f"not {cfg.train_per_class} and {cfg.val_per_class}"
+        )
+    if not 16 <= cfg.min_side <= cfg.max_side:
+        raise UserError(
+            f"need 16 <= --min-side <= --max-side, got {cfg.min_side} and {cfg.max_side}"
+        )
+    if not 0 < cfg.min_area <= cfg.max_area <= 0.9:
+        raise UserError(
+            f"need 0 < --min-area <= --max-area <= 0.9, got {cfg.min_area} and {cfg.max_area}"
+        )
+    if cfg.copies not in (1, 2):
+        raise UserError(f"--copies must be 1 or 2, not {cfg.copies}")
+    if cfg.seed < 0:
+        raise UserError(f"--seed must be non-negative, not {cfg.seed}")
+    names = tuple(SHAPES[k] for k in indices)
+    return dataclasses.replace(cfg, classes=names, num_classes=len(names))
+
+
+def _content_key(cfg: SynthConfig) -> dict[str, Any]:
+    values = config_to_dict(cfg)
+    return {k: v for k, v in values.items() if k not in IGNORED_KEYS}
+
+
+def _summary(cfg: SynthConfig, seconds: float, generated: bool) -> dict[str, Any]:
+    indices = [SHAPES.index(name) for name in cfg.classes]
+    n = len(indices)
+    return {
+        "out": str(cfg.out),
+        "counts": {"train": n * cfg.train_per_class, "val": n * cfg.val_per_class},
+        "classes": {wnid_for(k): SHAPES[k] for k in indices},
+        "seconds": round(seconds, 3),
+        "generated": generated,
+    }
+
+
+def _check_existing(cfg: SynthConfig) -> bool:
+    """True when `cfg.out` already holds this data set; clears our old output when allowed.
+
+    Raises:
+        UserError: the folder holds a different data set, or files that are not ours, and
+            `cfg.overwrite` is off.
+    """
+    out = Path(cfg.out)
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder")
+    done = out / "synth.json"
+    if done.exists() and not cfg.overwrite:
+        try:
+            old = json.loads(done.read_text())["config"]
+        except (ValueError, KeyError, TypeError):
+            old = None
+        if isinstance(old, dict) and {
+            k: v for k, v in old.items() if k not in IGNORED_KEYS
+        } == _content_key(cfg):
+            return True
+        raise UserError(
+            f"{out} already holds a synthetic data set with a different config; "
+            "pass --overwrite to replace it, or choose another folder"
+        )
+    # An interrupted run of ours (the marker, no synth.json) is simply redone.
+    ours = done.exists() or (out / MARKER).exists()
+    if not ours and any(out.iterdir()) and not cfg.overwrite:
+        raise UserError(
+            f"{out} is not empty and holds no synth.json (not a synthetic data set); "
+            "pass --overwrite to write into it anyway (only train/, val/, annotations/, "
+            "classes.txt and synth.json are replaced), or choose another folder"
+        )
+    for name in OWNED:  # only what we write; never anything else in the folder
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    return False
+
+
+def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
+    """Write the synthetic ImageNet-layout data set described by `cfg` under `cfg.out`.
+
+    The same config (seed included) gives byte-identical files whatever `cfg.workers` is. When
+    `cfg.out/synth.json` already records the same content, nothing is written.
+
+    Args:
+        cfg: what to generate and where.
+        progress: show a progress bar.
+
+    Returns:
+        A summary: `out`, `counts` per split, `classes` (wnid -> name), `seconds`, and
+        `generated` (False when the existing set was kept).
+
+    Raises:
+        UserError: an invalid config, or an output folder that holds something else.
+    """
+    start = time.perf_counter()
+    cfg = resolve_config(cfg)
+    if _check_existing(cfg):
+        if progress:
+            print(f"{cfg.out} already holds this data set; nothing to do")
+        return _summary(cfg, time.perf_counter() - start, generated=False)
+
+    out = Path(cfg.out)
+    indices = [SHAPES.index(name) for name in cfg.classes]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("generation in progress\n")
+    (out / "annotations").mkdir()
+    for k in indices:
+        (out / "train" / wnid_for(k)).mkdir(parents=True)
+        (out / "val" / wnid_for(k)).mkdir(parents=True)
+    lines = "".join(f"{wnid_for(k)} {SHAPES[k]}\n" for k in indices)
+    (out / "classes.txt").write_text(lines)
+
+    items = [
+        ("train", k, i, f"{wnid_for(k)}_{i:05d}")
+        for k in indices
+        for i in range(cfg.train_per_class)
+    ]
+    for pos, k in enumerate(indices):  # val stems: one running, 1-based number over the split
+        for i in range(cfg.val_per_class):
+            items.append(("val", k, i, f"ILSVRC2012_val_{pos * cfg.val_per_class + i + 1:08d}"))
+    _run(cfg, items, progress)
+
+    summary = _summary(cfg, time.perf_counter() - start, generated=True)
+    record = {"config": config_to_dict(cfg), "counts": summary["counts"]}
+    record["classes"] = summary["classes"]
+    tmp = out / "synth.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out / "synth.json")  # written last and atomically: its presence = complete
+    (out / MARKER).unlink()
+    return summary
+
+
+def _run(cfg: SynthConfig, items: list, progress: bool) -> None:
+    """Render `items`, in chunks, in-process or over a pool of `cfg.workers` processes."""
+    import multiprocessing
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    workers = max(1, cfg.workers)
+    size = max(1, min(200, len(items) // (workers * 8)))
+    chunks = [(cfg, items[j : j + size]) for j in range(0, len(items), size)]
+    bar = Progress(
+        TextColumn("synth"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not progress,
+    )
+    with bar:
+        task = bar.add_task("synth", total=len(items))
+        if workers == 1:
+            for chunk in chunks:
+                bar.advance(task, _write_chunk(chunk))
+            return
+        # spawn, not fork: a forked child can inherit a locked OpenCV / OpenMP thread pool.
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(workers, initializer=_init_worker) as pool:
+            for done in pool.imap_unordered(_write_chunk, chunks):
+                bar.advance(task, done)
+
+
+__all__ = ["SHAPES", "generate", "make_sample", "render", "resolve_config", "tight_box", "wnid_for"]

@@ -1,0 +1,579 @@
+"""Training: classifier pre-training on clean images, then CASM (Algorithm 1 of the paper).
+
+`run(cfg)` is the entry point. One CASM step: a classifier step on clean images, the thinning
+pool, the mask from detached features, a masked-out pass through the current classifier or a
+snapshot from the pool, a classifier step on the masked-out loss (Eq. 8), and a decoder step on
+the entropy (or classification) score plus the area term on non-trivially confused images.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from casm_deploy import __version__
+from casm_deploy.checkpoint import FORMAT, VERSION, load_checkpoint, load_file, save_atomic
+from casm_deploy.config import (
+    DEFAULT_DATA,
+    SynthConfig,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+)
+from casm_deploy.data import build_loader, read_annotation, read_classes, transform_box
+from casm_deploy.errors import UserError
+from casm_deploy.metrics import (
+    LocalizationMeter,
+    MaskStats,
+    center_box,
+    localization_scores,
+    masks_to_boxes,
+)
+from casm_deploy.model import Encoder, Masker, build_masker, load_torchvision_weights
+
+console = Console()
+
+
+class ThinningPool:
+    """At most `capacity` classifier snapshots (CPU, fp32): the set F of Algorithm 1.
+
+    A snapshot is stored when the pool is empty or every `smf` steps (`smf=None`: only the first,
+    the "FL" strategy); once full, a random slot is overwritten. `draw` tosses the hp coin.
+    """
+
+    def __init__(self, capacity: int, smf: int | None, hp: float, rng: random.Random):
+        self.capacity, self.smf, self.hp, self.rng = capacity, smf, hp, rng
+        self.snapshots: list[dict[str, torch.Tensor]] = []
+
+    def should_store(self, step: int) -> bool:
+        """Step numbers count from 0, as the reference's `i % smf == smf - 1`."""
+        if self.hp <= 0:
+            return False
+        return not self.snapshots or (self.smf is not None and step % self.smf == self.smf - 1)
+
+    def store(self, model: nn.Module) -> None:
+        snapshot = {
+            k: v.detach().to("cpu", torch.float32, copy=True)
+            if v.is_floating_point()
+            else v.detach().to("cpu", copy=True)
+            for k, v in model.state_dict().items()
+        }
+        if len(self.snapshots) < self.capacity:
+            self.snapshots.append(snapshot)
+        else:
+            self.snapshots[self.rng.randrange(len(self.snapshots))] = snapshot
+
+    def draw(self) -> int | None:
+        """With probability hp the index of a random snapshot, else None (the current one)."""
+        if self.hp <= 0 or not self.snapshots or self.rng.random() >= self.hp:
+            return None
+        return self.rng.randrange(len(self.snapshots))
+
+
+def mapping_loss(
+    logits: torch.Tensor,
+    masked_logits: torch.Tensor,
+    labels: torch.Tensor,
+    masks: torch.Tensor,
+    lambda_r: float,
+    score: str = "entropy",
+) -> torch.Tensor:
+    """The decoder's loss: score on masked-out images plus the area term.
+
+    Entropy score: mean_i[c_i * sum_k p_ik log p_ik] (c_i: right on the clean image);
+    classification score: -CE(masked_logits, labels). Area term: -lambda_r * mean_i relu(n_i - a_i)
+    with n_i = right on clean and wrong on masked-out ("non-trivially confused"), a_i the mask area.
+    """
+    correct = logits.argmax(1).eq(labels)
+    fooled = masked_logits.argmax(1).ne(labels)
+    nontrivial = (correct & fooled).float()
+    areas = masks.mean(dim=(1, 2, 3))
+    area_term = -lambda_r * F.relu(nontrivial - areas).mean()
+    if score == "entropy":
+        log_probs = F.log_softmax(masked_logits, dim=1)
+        negative_entropy = (log_probs.exp() * log_probs).sum(1)
+        return (negative_entropy * correct.float()).mean() + area_term
+    return -F.cross_entropy(masked_logits, labels) + area_term
+
+
+@dataclass
+class StepOutput:
+    loss_clean: float
+    loss_masked: float
+    loss_mapping: float
+    correct: int
+    correct_masked: int
+    masks: torch.Tensor  # detached, for statistics
+
+
+class CASM:
+    """The state of the CASM phase: Masker, optimisers, thinning pool, and the step counter."""
+
+    def __init__(self, masker: Masker, cfg: TrainConfig, rng: random.Random):
+        self.masker, self.cfg = masker, cfg
+        self.trainable = not cfg.fixed_classifier
+        encoder_params = list(masker.encoder.parameters())
+        self.opt_classifier = torch.optim.SGD(
+            encoder_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        self.opt_decoder = torch.optim.Adam(
+            masker.decoder.parameters(), lr=cfg.lr_decoder, weight_decay=cfg.weight_decay
+        )
+        hp = cfg.resolved_hp if self.trainable else 0.0
+        self.pool = ThinningPool(cfg.pool_size, cfg.resolved_smf, hp, rng)
+        self._pool_model: Encoder | None = None
+        self.step_count = 0
+
+    def set_epoch_lr(self, epoch: int) -> None:
+        decay = 0.1 ** (epoch // self.cfg.lr_decay_every)
+        for group in self.opt_classifier.param_groups:
+            group["lr"] = self.cfg.lr * decay
+        for group in self.opt_decoder.param_groups:
+            group["lr"] = self.cfg.lr_decoder * decay
+
+    def pool_classifier(self, index: int) -> Encoder:
+        if self._pool_model is None:
+            self._pool_model = copy.deepcopy(self.masker.encoder)
+        self._pool_model.load_state_dict(self.pool.snapshots[index])
+        return self._pool_model.eval()
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+        """One step of Algorithm 1 on a batch of images in [0, 1]."""
+        masker, cfg = self.masker, self.cfg
+        encoder, decoder = masker.encoder, masker.decoder
+        encoder.train(self.trainable)
+        decoder.train()
+
+        # 1. The classifier on clean images, and its SGD step.
+        with torch.set_grad_enabled(self.trainable):
+            logits, features = encoder(masker.normalize(images))
+            loss_clean = F.cross_entropy(logits, labels)
+        if self.trainable:
+            self.opt_classifier.zero_grad(set_to_none=True)
+            loss_clean.backward()
+            self.opt_classifier.step()
+
+        # 2. The thinning pool keeps snapshots of the classifier just updated.
+        if self.pool.should_store(self.step_count):
+            self.pool.store(encoder)
+
+        # 3. The mask from the detached features, and the masked-out images.
+        masks = decoder([f.detach() for f in features], size=images.shape[-2:])
+        masked_out = images * (1 - masks)
+
+        # 4. The classifier of the masked pass: a snapshot with probability hp, else the current.
+        index = self.pool.draw()
+        classifier = encoder if index is None else self.pool_classifier(index)
+        masked_logits, _ = classifier(masker.normalize(masked_out))
+        loss_masked = F.cross_entropy(masked_logits, labels)
+        loss_map = mapping_loss(
+            logits.detach(), masked_logits, labels, masks, cfg.resolved_lambda_r, cfg.score
+        )
+
+        # 5. All gradients first, then the steps: the classifier's on the masked-out loss
+        # (Eq. 8) and the decoder's on the mapping loss. The decoder's gradient is taken for
+        # the decoder alone, so the mapping loss never moves the encoder.
+        decoder_params = [p for p in decoder.parameters() if p.requires_grad]
+        update_classifier = self.trainable and index is None
+        if update_classifier:
+            encoder_params = [p for p in encoder.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(loss_masked, encoder_params, retain_graph=True)
+        decoder_grads = torch.autograd.grad(loss_map, decoder_params)
+        if update_classifier:
+            self.opt_classifier.zero_grad(set_to_none=True)
+            for p, g in zip(encoder_params, grads, strict=True):
+                p.grad = g
+            self.opt_classifier.step()
+        self.opt_decoder.zero_grad(set_to_none=True)
+        for p, g in zip(decoder_params, decoder_grads, strict=True):
+            p.grad = g
+        nn.utils.clip_grad_norm_(decoder_params, cfg.grad_clip)
+        self.opt_decoder.step()
+        self.step_count += 1
+
+        return StepOutput(
+            loss_clean=loss_clean.item(),
+            loss_masked=loss_masked.item(),
+            loss_mapping=loss_map.item(),
+            correct=int(logits.argmax(1).eq(labels).sum()),
+            correct_masked=int(masked_logits.argmax(1).eq(labels).sum()),
+            masks=masks.detach(),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "classifier": self.opt_classifier.state_dict(),
+            "decoder": self.opt_decoder.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt_classifier.load_state_dict(state["classifier"])
+        self.opt_decoder.load_state_dict(state["decoder"])
+
+
+@torch.no_grad()
+def validate(masker: Masker, loader, boxes: list[list[list[int]]], image_size: int) -> dict:
+    """Clean and masked-out accuracy, LE / OM / F1 and mask statistics on the validation set."""
+    masker.eval()
+    meter, stats = LocalizationMeter(), MaskStats()
+    correct = correct_masked = seen = 0
+    for images, labels, indices in loader:
+        masks, logits = masker(images)
+        masked_logits, _ = masker.encoder(masker.normalize(images * (1 - masks)))
+        right = logits.argmax(1).eq(labels)
+        correct += int(right.sum())
+        correct_masked += int(masked_logits.argmax(1).eq(labels).sum())
+        seen += len(labels)
+        stats.update(masks)
+        masks_np = masks[:, 0].numpy()
+        for mask, box, index, ok in zip(
+            masks_np, masks_to_boxes(masks_np), indices.tolist(), right.tolist(), strict=True
+        ):
+            scores = localization_scores(mask, box, boxes[index])
+            meter.update(scores["hit"], scores["f1"], scores["f1a"], ok)
+    loc = meter.result()
+    return {
+        "val_acc": correct / seen,
+        "val_acc_masked": correct_masked / seen,
+        "val_LE": loc["LE"],
+        "val_OM": loc["OM"],
+        "val_F1": loc["F1"],
+        "val_F1a": loc["F1a"],
+        **{f"val_{k}": v for k, v in stats.result().items()},
+    }
+
+
+def validation_boxes(loader, wnids: list[str], root: Path, image_size: int) -> list:
+    """Ground-truth boxes of each validation image's own class, in the model frame."""
+    boxes = []
+    for path, label in loader.dataset.samples:
+        annotation = read_annotation(root / "annotations" / f"{path.stem}.xml")
+        own = annotation.boxes_of(wnids[label])
+        if not own:
+            raise UserError(f"{path}: its annotation has no box of class {wnids[label]}")
+        boxes.append(
+            [transform_box(b, annotation.width, annotation.height, image_size) for b in own]
+        )
+    return boxes
+
+
+def center_baseline(boxes: list, image_size: int) -> dict:
+    """LE / F1 of the reference's centre box (a 33/224 border) on the same validation boxes."""
+    box = center_box(image_size, image_size)
+    mask = np.zeros((image_size, image_size), dtype=np.float32)
+    mask[box[1] : box[3], box[0] : box[2]] = 1.0
+    meter = LocalizationMeter()
+    for gt in boxes:
+        scores = localization_scores(mask, box, gt)
+        meter.update(scores["hit"], scores["f1"], scores["f1a"], None)
+    result = meter.result()
+    return {"val_LE": result["LE"], "val_F1": result["F1"], "val_F1a": result["F1a"]}
+
+
+def print_summary(log_path: Path) -> None:
+    """The table `make demo` ends with: baseline, pre-training and the last CASM epoch."""
+    from rich.table import Table
+
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    rows = [r for r in records if r["phase"] == "baseline"]
+    rows += [r for r in records if r["phase"] == "pretrain"][-1:]
+    rows += [r for r in records if r["phase"] == "casm"][-1:]
+    table = Table(title=f"validation: {log_path.parent}")
+    columns = ["val_acc", "val_acc_masked", "val_LE", "val_OM", "val_F1", "val_mask_mean"]
+    table.add_column("phase")
+    for column in columns:
+        table.add_column(column.removeprefix("val_"), justify="right")
+    for r in rows:
+        name = r["phase"] if r["phase"] == "baseline" else f"{r['phase']} epoch {r['epoch']}"
+        if r["phase"] == "baseline":
+            name = "centre box"
+        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else "-" for c in columns]
+        table.add_row(name, *cells)
+    console.print(table)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+    )
+
+
+def _pretrain_epoch(masker, loader, optimizer, scheduler, progress, description) -> dict:
+    encoder = masker.encoder.train()
+    correct = seen = 0
+    loss_sum = 0.0
+    task = progress.add_task(description, total=len(loader), info="")
+    for images, labels, _ in loader:
+        logits, _ = encoder(masker.normalize(images))
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        correct += int(logits.argmax(1).eq(labels).sum())
+        seen += len(labels)
+        loss_sum += loss.item() * len(labels)
+        progress.update(
+            task, advance=1, info=f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f}"
+        )
+    progress.remove_task(task)
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen}
+
+
+def _casm_epoch(casm: CASM, loader, progress, description) -> dict:
+    stats = MaskStats()
+    sums = {"loss_clean": 0.0, "loss_masked": 0.0, "loss_mapping": 0.0}
+    correct = correct_masked = seen = 0
+    task = progress.add_task(description, total=len(loader), info="")
+    for images, labels, _ in loader:
+        out = casm.step(images, labels)
+        n = len(labels)
+        seen += n
+        correct += out.correct
+        correct_masked += out.correct_masked
+        for key in sums:
+            sums[key] += getattr(out, key) * n
+        stats.update(out.masks)
+        progress.update(
+            task,
+            advance=1,
+            info=f"acc {correct / seen:.3f} masked {correct_masked / seen:.3f} "
+            f"area {out.masks.mean():.3f}",
+        )
+    progress.remove_task(task)
+    return {
+        **{f"train_{k}": v / seen for k, v in sums.items()},
+        "train_acc": correct / seen,
+        "train_acc_masked": correct_masked / seen,
+        **{f"train_{k}": v for k, v in stats.result().items()},
+    }
+
+
+def ensure_data(cfg: TrainConfig) -> None:
+    """Generate the embedded data set when training on its default path and it is missing."""
+    if Path(cfg.data) == Path(DEFAULT_DATA) and not (Path(cfg.data) / "synth.json").is_file():
+        from casm_deploy.synth import generate
+
+        console.print(f"[bold]{cfg.data}[/] is missing: generating the embedded data set")
+        generate(SynthConfig(out=cfg.data))
+
+
+def _rng_state(rng: random.Random) -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": rng.getstate()}
+
+
+def _restore_rng(state: dict[str, Any], rng: random.Random) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    rng.setstate((version, tuple(internal), gauss))
+
+
+def run(cfg: TrainConfig) -> Path:
+    """Train a CASM into `cfg.out/<run name>/` and return that folder.
+
+    Writes `config.json`, `metrics.jsonl` (one line per epoch of either phase) and
+    `checkpoint.pt` (atomically, at every epoch end), plus `pool.pt` when the pool is used.
+    """
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    run_dir = Path(cfg.out) / cfg.run_name
+    ckpt_path, pool_path, log_path = (
+        run_dir / "checkpoint.pt",
+        run_dir / "pool.pt",
+        run_dir / "metrics.jsonl",
+    )
+    if ckpt_path.exists() and not cfg.resume:
+        raise UserError(
+            f"{run_dir}: a run is already there; pass --resume to continue it, "
+            "or choose another --name"
+        )
+    if cfg.resume:
+        if not ckpt_path.exists():
+            raise UserError(f"{ckpt_path}: nothing to resume")
+        # A resumed run goes on with the settings it started with, whatever the flags say now.
+        stored = json.loads((run_dir / "config.json").read_text())
+        cfg = dataclasses.replace(config_from_dict(TrainConfig, stored), resume=True)
+
+    ensure_data(cfg)
+    info = read_classes(cfg.data)
+    root = Path(cfg.data)
+    masker = build_masker(cfg.arch, len(info.wnids), cfg.width, cfg.upsample)
+    if cfg.weights:
+        load_torchvision_weights(masker.encoder, cfg.weights)
+    if cfg.channels_last:
+        masker = masker.to(memory_format=torch.channels_last)
+
+    loader_args = dict(
+        wnids=info.wnids,
+        image_size=cfg.image_size,
+        workers=cfg.workers,
+        seed=cfg.seed,
+        loader=cfg.loader,
+    )
+    pretrain_loader = build_loader(
+        root, "train", batch_size=cfg.pretrain_batch_size, train=True, **loader_args
+    )
+    casm_loader = build_loader(
+        root,
+        "train",
+        batch_size=cfg.batch_size,
+        train=True,
+        fraction=cfg.epoch_fraction,
+        **loader_args,
+    )
+    val_loader = build_loader(root, "val", batch_size=128, train=False, **loader_args)
+    boxes = validation_boxes(val_loader, info.wnids, root, cfg.image_size)
+
+    pre_opt = torch.optim.Adam(masker.encoder.parameters(), lr=cfg.pretrain_lr)
+    pre_sched = torch.optim.lr_scheduler.OneCycleLR(
+        pre_opt,
+        max_lr=cfg.pretrain_lr,
+        total_steps=max(1, cfg.pretrain_epochs * len(pretrain_loader)),
+    )
+    casm = CASM(masker, cfg, rng)
+    phase, epoch = ("pretrain", 0) if cfg.pretrain_epochs > 0 else ("casm", 0)
+
+    if cfg.resume:
+        checkpoint = load_checkpoint(ckpt_path)
+        masker.encoder.load_state_dict(checkpoint["encoder"])
+        masker.decoder.load_state_dict(checkpoint["decoder"])
+        optimizers = checkpoint["optimizers"]
+        pre_opt.load_state_dict(optimizers["pretrain"])
+        pre_sched.load_state_dict(optimizers["pretrain_schedule"])
+        casm.load_state_dict(optimizers["casm"])
+        casm.step_count = checkpoint["step"]
+        _restore_rng(checkpoint["rng"], rng)
+        if pool_path.exists():
+            casm.pool.snapshots = load_file(pool_path)["snapshots"]
+        phase, epoch = checkpoint["phase"], checkpoint["epoch"]
+        console.print(f"resuming [bold]{run_dir}[/] at {phase} epoch {epoch + 1}")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_path.unlink(missing_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        with log_path.open("a") as f:
+            f.write(json.dumps({"phase": "baseline", **center_baseline(boxes, cfg.image_size)}))
+            f.write("\n")
+
+    model_spec = {
+        "arch": cfg.arch,
+        "width": cfg.width,
+        "num_classes": len(info.wnids),
+        "upsample": cfg.upsample,
+        "image_size": cfg.image_size,
+        "wnids": info.wnids,
+        "names": info.names,
+    }
+
+    def save(phase_: str, epoch_: int, metrics: dict) -> None:
+        if casm.pool.snapshots:  # the pool first: a checkpoint never points past its pool
+            save_atomic({"snapshots": casm.pool.snapshots, "step": casm.step_count}, pool_path)
+        save_atomic(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "package_version": __version__,
+                "model": model_spec,
+                "config": config_to_dict(cfg),
+                "phase": phase_,
+                "epoch": epoch_,
+                "step": casm.step_count,
+                "encoder": masker.encoder.state_dict(),
+                "decoder": masker.decoder.state_dict(),
+                "optimizers": {
+                    "pretrain": pre_opt.state_dict(),
+                    "pretrain_schedule": pre_sched.state_dict(),
+                    "casm": casm.state_dict(),
+                },
+                "rng": _rng_state(rng),
+                "metrics": metrics,
+            },
+            ckpt_path,
+        )
+
+    def log(record: dict) -> None:
+        with log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    started = time.time()
+    with _progress() as progress:
+        if phase == "pretrain":
+            for e in range(epoch, cfg.pretrain_epochs):
+                pretrain_loader.set_epoch(e)
+                t0 = time.time()
+                train_metrics = _pretrain_epoch(
+                    masker,
+                    pretrain_loader,
+                    pre_opt,
+                    pre_sched,
+                    progress,
+                    f"pretrain {e + 1}/{cfg.pretrain_epochs}",
+                )
+                val = validate(masker, val_loader, boxes, cfg.image_size)
+                record = {
+                    "phase": "pretrain",
+                    "epoch": e + 1,
+                    "seconds": time.time() - t0,
+                    **train_metrics,
+                    **val,
+                }
+                log(record)
+                save(
+                    "pretrain" if e + 1 < cfg.pretrain_epochs else "casm",
+                    e + 1 if e + 1 < cfg.pretrain_epochs else 0,
+                    record,
+                )
+                console.print(
+                    f"pretrain {e + 1}/{cfg.pretrain_epochs}: "
+                    f"train acc {train_metrics['train_acc']:.3f}, "
+                    f"val acc {val['val_acc']:.3f}"
+                )
+            phase, epoch = "casm", 0
+        if phase == "casm":
+            for e in range(epoch, cfg.epochs):
+                casm.set_epoch_lr(e)
+                casm_loader.set_epoch(1000 + e)  # other crops than the pre-training epochs
+                t0 = time.time()
+                train_metrics = _casm_epoch(
+                    casm, casm_loader, progress, f"CASM {cfg.reproduce} {e + 1}/{cfg.epochs}"
+                )
+                val = validate(masker, val_loader, boxes, cfg.image_size)
+                record = {
+                    "phase": "casm",
+                    "epoch": e + 1,
+                    "seconds": time.time() - t0,
+                    **train_metrics,
+                    **val,
+                }
+                log(record)
+                save(
+                    "casm" if e + 1 < cfg.epochs else "done",
+                    e + 1 if e + 1 < cfg.epochs else cfg.epochs,
+                    record,
+                )
+                console.print(
+                    f"CASM {e + 1}/{cfg.epochs}: val acc {val['val_acc']:.3f}, masked-out "
+                    f"{val['val_acc_masked']:.3f}, area {val['val_mask_mean']:.3f}, "
+                    f"LE {val['val_LE']:.3f}, F1 {val['val_F1']:.3f}"
+                )
+    console.print(f"done in {time.time() - started:.0f} s: {ckpt_path}")
+    print_summary(log_path)
+    return run_dir

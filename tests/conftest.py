@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny synthetic data set (made once per session) and the `gpu` marker."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from casm_deploy.config import SynthConfig
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """3 classes, 24 train and 4 val images each, shorter sides 40-56 px."""
+    from casm_deploy.synth import generate
+
+    out = tmp_path_factory.mktemp("data") / "synth"
+    generate(
+        SynthConfig(
+            out=str(out),
+            num_classes=3,
+            train_per_class=24,
+            val_per_class=4,
+            min_side=40,
+            max_side=56,
+            workers=1,
+        ),
+        progress=False,
+    )
+    return out

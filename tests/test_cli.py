@@ -1,0 +1,94 @@
+import json
+import subprocess
+import sys
+
+import torch
+from typer.testing import CliRunner
+
+from casm_deploy.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "train" in result.output and "data" in result.output
+    train_help = runner.invoke(app, ["train", "--help"])
+    assert "--reproduce" in train_help.output and "--resume" in train_help.output
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from casm_deploy.cli import app; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_synth_command_is_idempotent_and_checks_options(tmp_path):
+    out = tmp_path / "s"
+    args = [
+        "data",
+        "synth",
+        str(out),
+        "--num-classes",
+        "2",
+        "--train-per-class",
+        "2",
+        "--val-per-class",
+        "1",
+        "--min-side",
+        "32",
+        "--max-side",
+        "40",
+        "--workers",
+        "1",
+    ]
+    assert runner.invoke(app, args).exit_code == 0
+    assert json.loads((out / "synth.json").read_text())["counts"] == {"train": 4, "val": 2}
+    assert runner.invoke(app, args).exit_code == 0  # the same set again: nothing to do
+    changed = runner.invoke(app, [*args, "--seed", "3"])
+    assert changed.exit_code == 2 and "--overwrite" in changed.output
+    bad = runner.invoke(app, ["data", "synth", str(tmp_path / "t"), "--copies", "3"])
+    assert bad.exit_code == 2 and "copies" in bad.output
+
+
+def test_train_errors_are_one_line_not_tracebacks(tmp_path):
+    missing = runner.invoke(app, ["train", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "nowhere" in missing.output
+    assert "Traceback" not in missing.output
+    preset = runner.invoke(app, ["train", str(tmp_path), "--reproduce", "X"])
+    assert preset.exit_code == 2 and "--reproduce must be one of" in preset.output
+
+
+def test_train_smoke_on_a_tiny_data_set(tiny_data, tmp_path):
+    args = [
+        "train",
+        str(tiny_data),
+        "--out",
+        str(tmp_path),
+        "--name",
+        "smoke",
+        "--width",
+        "8",
+        "--image-size",
+        "32",
+        "--pretrain-epochs",
+        "1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--reproduce",
+        "FL",
+        "--score",
+        "classification",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "centre box" in result.output  # the summary table
+    checkpoint = torch.load(tmp_path / "smoke" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["config"]["reproduce"] == "FL"
+    assert checkpoint["config"]["score"] == "classification"
+    assert (tmp_path / "smoke" / "pool.pt").exists()

@@ -1,0 +1,260 @@
+import copy
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from casm_deploy.config import TrainConfig
+from casm_deploy.model import build_masker
+from casm_deploy.train import CASM, ThinningPool, mapping_loss
+
+
+def tiny_masker(num_classes=3):
+    torch.manual_seed(0)
+    return build_masker("resnet18", num_classes, width=8)
+
+
+def batch(n=6, size=32, num_classes=3):
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(n, 3, size, size, generator=generator)
+    labels = torch.arange(n) % num_classes
+    return images, labels
+
+
+# The thinning pool ---------------------------------------------------------------------------
+
+
+def stored_steps(pool, steps):
+    model, stored = torch.nn.Linear(2, 2), []
+    for step in range(steps):
+        if pool.should_store(step):
+            pool.store(model)
+            stored.append(step)
+    return stored
+
+
+def test_pool_stores_first_step_then_every_smf_steps():
+    pool = ThinningPool(capacity=30, smf=100, hp=0.5, rng=random.Random(0))
+    # As the reference's `i % smf == smf - 1`, plus the first step (empty pool).
+    assert stored_steps(pool, 1000) == [0] + list(range(99, 1000, 100))
+
+
+def test_pool_without_period_keeps_only_the_first_snapshot():
+    pool = ThinningPool(capacity=30, smf=None, hp=0.5, rng=random.Random(0))
+    assert stored_steps(pool, 500) == [0]
+
+
+def test_pool_is_unused_when_hp_is_zero():
+    assert stored_steps(ThinningPool(30, 100, hp=0.0, rng=random.Random(0)), 500) == []
+
+
+def test_pool_capacity_and_random_replacement():
+    pool = ThinningPool(capacity=30, smf=1, hp=0.5, rng=random.Random(0))
+    model = torch.nn.Linear(1, 1, bias=False)
+    for value in range(100):
+        model.weight.data.fill_(value)
+        pool.store(model)
+    values = sorted(int(s["weight"].item()) for s in pool.snapshots)
+    assert len(pool.snapshots) == 30
+    assert values[-1] >= 90 and values[0] < 29  # new ones replace random old slots
+    assert len(set(values)) == 30
+    assert all(
+        s["weight"].dtype == torch.float32 and s["weight"].device.type == "cpu"
+        for s in pool.snapshots
+    )
+
+
+def test_pool_snapshot_is_a_copy():
+    pool = ThinningPool(capacity=2, smf=1, hp=1.0, rng=random.Random(0))
+    model = torch.nn.Linear(1, 1, bias=False)
+    model.weight.data.fill_(1.0)
+    pool.store(model)
+    model.weight.data.fill_(2.0)
+    assert pool.snapshots[0]["weight"].item() == 1.0
+
+
+@pytest.mark.parametrize("hp", [0.0, 0.3, 0.5, 1.0])
+def test_pool_draw_frequency(hp):
+    pool = ThinningPool(capacity=30, smf=1, hp=hp, rng=random.Random(1))
+    for _ in range(5):
+        pool.store(torch.nn.Linear(1, 1))
+    draws = [pool.draw() for _ in range(4000)]
+    from_pool = [d for d in draws if d is not None]
+    assert abs(len(from_pool) / len(draws) - hp) < 0.03
+    if hp > 0:
+        assert set(from_pool) == set(range(5))
+
+
+def test_empty_pool_draws_the_current_classifier():
+    assert ThinningPool(30, 100, hp=1.0, rng=random.Random(0)).draw() is None
+
+
+# The mapping loss ----------------------------------------------------------------------------
+
+
+def fixed_case():
+    # 4 images, 3 classes. Clean: right on 0, 1, 2; wrong on 3. Masked: wrong on 0, right on 1,
+    # wrong on 2 and 3. So c = [1, 1, 1, 0] and n = [1, 0, 1, 0].
+    labels = torch.tensor([0, 1, 2, 0])
+    logits = torch.tensor([[3.0, 0, 0], [0, 3.0, 0], [0, 0, 3.0], [0, 3.0, 0]])
+    masked = torch.tensor([[0.0, 1, 0], [0, 2.0, 1], [1.0, 0, 0], [0, 0, 1.0]])
+    areas = torch.tensor([0.25, 0.5, 1.0, 0.1])
+    masks = areas.view(4, 1, 1, 1).expand(4, 1, 2, 2).clone()
+    return logits, masked, labels, masks
+
+
+def neg_entropy(row):
+    p = [torch.exp(v) / sum(torch.exp(u) for u in row) for v in row]
+    return sum(float(q) * float(torch.log(q)) for q in p)
+
+
+def test_mapping_loss_entropy_by_hand():
+    logits, masked, labels, masks = fixed_case()
+    lam = 10.0
+    score = (neg_entropy(masked[0]) + neg_entropy(masked[1]) + neg_entropy(masked[2]) + 0) / 4
+    area = -lam * (max(1 - 0.25, 0) + 0 + max(1 - 1.0, 0) + 0) / 4  # only n_i = 1 images
+    loss = mapping_loss(logits, masked, labels, masks, lam, "entropy")
+    assert loss.item() == pytest.approx(score + area, abs=1e-6)
+
+
+def test_mapping_loss_classification_by_hand():
+    logits, masked, labels, masks = fixed_case()
+    lam = 4.0
+    ce = [-float(torch.log_softmax(masked[i], 0)[labels[i]]) for i in range(4)]
+    expected = -sum(ce) / 4 - lam * 0.75 / 4
+    loss = mapping_loss(logits, masked, labels, masks, lam, "classification")
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_area_term_ignores_images_that_were_not_fooled():
+    logits, masked, labels, masks = fixed_case()
+    smaller = masks.clone()
+    smaller[1] = 0.0  # image 1 is not fooled (n = 0): its area must not matter
+    smaller[3] = 0.0  # image 3 was wrong on the clean image (n = 0)
+    a = mapping_loss(logits, masked, labels, masks, 10.0)
+    b = mapping_loss(logits, masked, labels, smaller, 10.0)
+    assert a.item() == pytest.approx(b.item())
+
+
+def test_mapping_gives_the_encoder_no_gradient_through_the_features():
+    masker = tiny_masker()
+    images, _ = batch()
+    masks, _ = masker(images)
+    grads = torch.autograd.grad(masks.mean(), list(masker.encoder.parameters()), allow_unused=True)
+    assert all(g is None for g in grads)
+
+
+# One CASM step --------------------------------------------------------------------------------
+
+
+def test_fixed_classifier_never_changes():
+    masker = tiny_masker()
+    before = copy.deepcopy(masker.encoder.state_dict())
+    casm = CASM(masker, TrainConfig(reproduce="F"), random.Random(0))
+    decoder_before = copy.deepcopy(masker.decoder.state_dict())
+    images, labels = batch()
+    for _ in range(3):
+        casm.step(images, labels)
+    after = masker.encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics
+    assert not casm.pool.snapshots
+    assert any(
+        not torch.equal(decoder_before[k], v) for k, v in masker.decoder.state_dict().items()
+    )
+
+
+def test_trained_classifier_moves_only_by_the_classifier_losses():
+    """The encoder's update is one SGD step on CE(clean), then one on CE(masked-out): Eq. 8."""
+    cfg = TrainConfig(reproduce="L", lr=0.05)
+    masker = tiny_masker()
+    twin = copy.deepcopy(masker)
+    images, labels = batch()
+    CASM(masker, cfg, random.Random(0)).step(images, labels)
+
+    # The same step by hand, with no mapping loss at all.
+    twin.train()
+    sgd = torch.optim.SGD(
+        twin.encoder.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    logits, features = twin.encoder(twin.normalize(images))
+    sgd.zero_grad()
+    F.cross_entropy(logits, labels).backward()
+    sgd.step()
+    with torch.no_grad():
+        masks = twin.decoder([f.detach() for f in features], size=images.shape[-2:])
+    masked_logits, _ = twin.encoder(twin.normalize(images * (1 - masks)))
+    sgd.zero_grad()
+    F.cross_entropy(masked_logits, labels).backward()
+    sgd.step()
+
+    for (name, a), b in zip(
+        masker.encoder.state_dict().items(), twin.encoder.state_dict().values(), strict=True
+    ):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+
+
+def test_pool_snapshot_used_for_masked_pass_is_not_updated():
+    cfg = TrainConfig(reproduce="L100", hp=1.0, smf=1)
+    masker = tiny_masker()
+    casm = CASM(masker, cfg, random.Random(0))
+    images, labels = batch()
+    casm.step(images, labels)
+    first = copy.deepcopy(casm.pool.snapshots[0])
+    casm.step(images, labels)  # hp = 1: the masked pass always uses a snapshot
+    assert torch.equal(first["conv1.weight"], casm.pool.snapshots[0]["conv1.weight"])
+    assert len(casm.pool.snapshots) == 2 and casm.step_count == 2
+
+
+def test_training_steps_reduce_the_mapping_loss_on_a_fixed_batch():
+    masker = tiny_masker()
+    casm = CASM(masker, TrainConfig(reproduce="F", lr_decoder=1e-2), random.Random(0))
+    images, labels = batch()
+    losses = [casm.step(images, labels).loss_mapping for _ in range(15)]
+    assert min(losses[-3:]) < losses[0]
+
+
+def test_run_writes_metrics_and_a_weights_only_checkpoint(tiny_data, tmp_path):
+    from casm_deploy.checkpoint import load_masker
+    from casm_deploy.train import run
+
+    cfg = TrainConfig(
+        data=str(tiny_data),
+        out=str(tmp_path),
+        name="t",
+        width=8,
+        image_size=32,
+        pretrain_epochs=1,
+        epochs=2,
+        batch_size=8,
+        pretrain_batch_size=8,
+        workers=0,
+        epoch_fraction=1.0,
+    )
+    run_dir = run(cfg)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["epoch"]) for r in records if r["phase"] != "baseline"] == [
+        ("pretrain", 1),
+        ("casm", 1),
+        ("casm", 2),
+    ]
+    last = records[-1]
+    for key in (
+        "train_acc",
+        "train_acc_masked",
+        "train_mask_mean",
+        "train_mask_std",
+        "train_mask_entropy",
+        "train_mask_tv",
+        "val_LE",
+        "val_F1",
+        "val_acc",
+    ):
+        assert key in last and 0 <= last[key] <= 1 + 1e-6, key
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["phase"] == "done" and checkpoint["model"]["num_classes"] == 3
+    masker, spec = load_masker(run_dir / "checkpoint.pt")
+    masks, logits = masker(torch.rand(2, 3, 32, 32))
+    assert masks.shape == (2, 1, 32, 32) and logits.shape == (2, 3)
+    assert json.loads((run_dir / "config.json").read_text())["name"] == "t"
