@@ -43,6 +43,15 @@ def _call(job: Callable[[], Any]) -> Any:
         raise typer.Exit(130) from None
 
 
+def _lambda_r(text: str) -> float | None:
+    if text == "paper":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--lambda-r must be a number or 'paper', not {text!r}") from None
+
+
 @data_app.command("synth")
 def synth(
     out: Annotated[Path, typer.Argument(help="Output folder.")] = Path(_S.out),
@@ -108,8 +117,11 @@ def train(
     ] = _T.reproduce,
     score: Annotated[str, typer.Option(help="Mapping score: entropy|classification.")] = _T.score,
     lambda_r: Annotated[
-        float | None, typer.Option(help="Area weight; default: the preset's for the score.")
-    ] = None,
+        str,
+        typer.Option(
+            help="Area weight: a number, or 'paper' for the reference's per-preset ImageNet value."
+        ),
+    ] = str(_T.lambda_r),
     arch: Annotated[str, typer.Option(help="resnet18|resnet34|resnet50.")] = _T.arch,
     width: Annotated[int, typer.Option(help="Stem channels (torchvision: 64).")] = _T.width,
     image_size: Annotated[int, typer.Option(help="Training image size (px).")] = _T.image_size,
@@ -177,7 +189,7 @@ def train(
             pretrain_lr=pretrain_lr,
             reproduce=reproduce,
             score=score,
-            lambda_r=lambda_r,
+            lambda_r=_lambda_r(lambda_r),
             epochs=epochs,
             batch_size=batch_size,
             epoch_fraction=epoch_fraction,

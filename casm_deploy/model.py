@@ -146,8 +146,11 @@ def build_masker(arch: str, num_classes: int, width: int = 64, upsample: str = "
     return Masker(encoder, Decoder(encoder.feature_channels, upsample=upsample))
 
 
-def load_torchvision_weights(encoder: Encoder, weights: str) -> list[str]:
+def load_encoder_weights(encoder: Encoder, weights: str) -> list[str]:
     """Load a local torchvision ResNet state dict (or a named torchvision weight, if cached).
+
+    A casm-deploy checkpoint works too: its encoder (the classifier) is loaded, so a CASM
+    phase can start from the classifier of an earlier run.
 
     Nothing is ever downloaded. The classification head is skipped when its shape differs
     (a different number of classes). Returns the names of the parameters left untouched.
@@ -162,7 +165,9 @@ def load_torchvision_weights(encoder: Encoder, weights: str) -> list[str]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise UserError(f"{path}: not a readable torchvision state dict ({error})") from None
-    if isinstance(state, dict) and "state_dict" in state:
+    if isinstance(state, dict) and "format" in state and "encoder" in state:
+        state = state["encoder"]  # a casm-deploy checkpoint: start from its classifier
+    elif isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     own = encoder.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}

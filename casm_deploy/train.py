@@ -42,7 +42,7 @@ from casm_deploy.metrics import (
     localization_scores,
     masks_to_boxes,
 )
-from casm_deploy.model import Encoder, Masker, build_masker, load_torchvision_weights
+from casm_deploy.model import Encoder, Masker, build_masker, load_encoder_weights
 
 console = Console()
 
@@ -376,6 +376,29 @@ def ensure_data(cfg: TrainConfig) -> None:
         generate(SynthConfig(out=cfg.data))
 
 
+def _trim_log(log_path: Path, last: dict) -> None:
+    """Make the log agree with a checkpoint: one line per finished epoch, none after `last`.
+
+    A kill between the checkpoint and its log line loses the line (it is restored from the
+    checkpoint); a kill in the middle of a write leaves a broken line (dropped).
+    """
+    kept = []
+    lines = log_path.read_text().splitlines() if log_path.exists() else []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        kept.append(record)
+        if (record["phase"], record.get("epoch")) == (last["phase"], last["epoch"]):
+            break
+    else:
+        kept.append(last)
+    tmp = log_path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(log_path)
+
+
 def _rng_state(rng: random.Random) -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "python": rng.getstate()}
 
@@ -395,11 +418,7 @@ def run(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     run_dir = Path(cfg.out) / cfg.run_name
-    ckpt_path, pool_path, log_path = (
-        run_dir / "checkpoint.pt",
-        run_dir / "pool.pt",
-        run_dir / "metrics.jsonl",
-    )
+    ckpt_path, log_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
     if ckpt_path.exists() and not cfg.resume:
         raise UserError(
             f"{run_dir}: a run is already there; pass --resume to continue it, "
@@ -417,7 +436,7 @@ def run(cfg: TrainConfig) -> Path:
     root = Path(cfg.data)
     masker = build_masker(cfg.arch, len(info.wnids), cfg.width, cfg.upsample)
     if cfg.weights:
-        load_torchvision_weights(masker.encoder, cfg.weights)
+        load_encoder_weights(masker.encoder, cfg.weights)
     if cfg.channels_last:
         masker = masker.to(memory_format=torch.channels_last)
 
@@ -461,9 +480,10 @@ def run(cfg: TrainConfig) -> Path:
         casm.load_state_dict(optimizers["casm"])
         casm.step_count = checkpoint["step"]
         _restore_rng(checkpoint["rng"], rng)
-        if pool_path.exists():
-            casm.pool.snapshots = load_file(pool_path)["snapshots"]
+        if checkpoint["pool_file"]:
+            casm.pool.snapshots = load_file(run_dir / checkpoint["pool_file"])["snapshots"]
         phase, epoch = checkpoint["phase"], checkpoint["epoch"]
+        _trim_log(log_path, checkpoint["metrics"])
         console.print(f"resuming [bold]{run_dir}[/] at {phase} epoch {epoch + 1}")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -484,8 +504,12 @@ def run(cfg: TrainConfig) -> Path:
     }
 
     def save(phase_: str, epoch_: int, metrics: dict) -> None:
-        if casm.pool.snapshots:  # the pool first: a checkpoint never points past its pool
-            save_atomic({"snapshots": casm.pool.snapshots, "step": casm.step_count}, pool_path)
+        # The pool goes to a file named by the step, written before the checkpoint that names
+        # it, so a kill at any point leaves a checkpoint and the pool of that same moment.
+        pool_file = None
+        if casm.pool.snapshots:
+            pool_file = f"pool-{casm.step_count}.pt"
+            save_atomic({"snapshots": casm.pool.snapshots}, run_dir / pool_file)
         save_atomic(
             {
                 "format": FORMAT,
@@ -503,11 +527,15 @@ def run(cfg: TrainConfig) -> Path:
                     "pretrain_schedule": pre_sched.state_dict(),
                     "casm": casm.state_dict(),
                 },
+                "pool_file": pool_file,
                 "rng": _rng_state(rng),
                 "metrics": metrics,
             },
             ckpt_path,
         )
+        for old in run_dir.glob("pool-*.pt"):
+            if old.name != pool_file:
+                old.unlink()
 
     def log(record: dict) -> None:
         with log_path.open("a") as f:
@@ -535,12 +563,12 @@ def run(cfg: TrainConfig) -> Path:
                     **train_metrics,
                     **val,
                 }
-                log(record)
                 save(
                     "pretrain" if e + 1 < cfg.pretrain_epochs else "casm",
                     e + 1 if e + 1 < cfg.pretrain_epochs else 0,
                     record,
                 )
+                log(record)
                 console.print(
                     f"pretrain {e + 1}/{cfg.pretrain_epochs}: "
                     f"train acc {train_metrics['train_acc']:.3f}, "
@@ -563,12 +591,12 @@ def run(cfg: TrainConfig) -> Path:
                     **train_metrics,
                     **val,
                 }
-                log(record)
                 save(
                     "casm" if e + 1 < cfg.epochs else "done",
                     e + 1 if e + 1 < cfg.epochs else cfg.epochs,
                     record,
                 )
+                log(record)
                 console.print(
                     f"CASM {e + 1}/{cfg.epochs}: val acc {val['val_acc']:.3f}, masked-out "
                     f"{val['val_acc_masked']:.3f}, area {val['val_mask_mean']:.3f}, "

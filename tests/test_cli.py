@@ -91,4 +91,4 @@ def test_train_smoke_on_a_tiny_data_set(tiny_data, tmp_path):
     checkpoint = torch.load(tmp_path / "smoke" / "checkpoint.pt", weights_only=True)
     assert checkpoint["config"]["reproduce"] == "FL"
     assert checkpoint["config"]["score"] == "classification"
-    assert (tmp_path / "smoke" / "pool.pt").exists()
+    assert (tmp_path / "smoke" / checkpoint["pool_file"]).exists()  # FL keeps a pool

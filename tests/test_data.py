@@ -57,13 +57,13 @@ def test_transform_box_matches_the_image_transform(tiny_data):
     import cv2
 
     image = np.zeros((90, 150, 3), np.uint8)
-    image[30:60, 100:140] = 255
+    image[30:60, 60:100] = 255
     path = tiny_data.parent / "probe.png"
     cv2.imwrite(str(path), image)
     dataset = ImageDataset([(path, 0)], size=48, train=False)
     crop = dataset[0][0][..., 0] > 127
     ys, xs = np.nonzero(crop)
-    box = transform_box([100, 30, 140, 60], 150, 90, 48)
+    box = transform_box([60, 30, 100, 60], 150, 90, 48)
     assert abs(xs.min() - box[0]) <= 1 and abs(xs.max() + 1 - box[2]) <= 1
     assert abs(ys.min() - box[1]) <= 1 and abs(ys.max() + 1 - box[3]) <= 1
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from casm_deploy.errors import UserError
-from casm_deploy.model import Decoder, Encoder, build_masker, load_torchvision_weights
+from casm_deploy.model import Decoder, Encoder, build_masker, load_encoder_weights
 
 
 @pytest.mark.parametrize(
@@ -42,7 +42,7 @@ def test_full_width_encoder_matches_torchvision_state_dict(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(reference.state_dict(), path)
     encoder = Encoder("resnet18", num_classes=4, width=64)
-    untouched = load_torchvision_weights(encoder, str(path))
+    untouched = load_encoder_weights(encoder, str(path))
     assert untouched == ["fc.bias", "fc.weight"]  # another number of classes: head kept
     assert torch.equal(encoder.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
 
@@ -53,19 +53,28 @@ def test_weights_of_another_width_are_refused(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
     with pytest.raises(UserError, match="width"):
-        load_torchvision_weights(Encoder("resnet18", 4, width=32), str(path))
+        load_encoder_weights(Encoder("resnet18", 4, width=32), str(path))
 
 
 def test_named_weights_without_network_say_which_file(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(UserError) as error:
-        load_torchvision_weights(Encoder("resnet50", 4), "IMAGENET1K_V2")
+        load_encoder_weights(Encoder("resnet50", 4), "IMAGENET1K_V2")
     message = str(error.value)
     assert "cannot download" in message and "resnet50-" in message and ".pth" in message
 
 
 def test_unknown_weight_name_and_arch():
     with pytest.raises(UserError, match="neither a file"):
-        load_torchvision_weights(Encoder("resnet18", 4), "no/such/file.pth")
+        load_encoder_weights(Encoder("resnet18", 4), "no/such/file.pth")
     with pytest.raises(UserError, match="unknown --arch"):
         Encoder("vgg16", 4)
+
+
+def test_weights_from_a_casm_deploy_checkpoint(tmp_path):
+    source = Encoder("resnet18", 4, width=16)
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": "casm-deploy/checkpoint", "encoder": source.state_dict()}, path)
+    target = Encoder("resnet18", 4, width=16)
+    assert load_encoder_weights(target, str(path)) == []
+    assert torch.equal(target.fc.weight, source.fc.weight)
