@@ -137,6 +137,7 @@ def train(
         _T.pretrain_lr
     ),
     lr: Annotated[float, typer.Option(help="Classifier SGD LR in the CASM phase.")] = _T.lr,
+    momentum: Annotated[float, typer.Option(help="Classifier SGD momentum.")] = _T.momentum,
     lr_decoder: Annotated[float, typer.Option(help="Decoder Adam LR.")] = _T.lr_decoder,
     lr_decay_every: Annotated[int, typer.Option(help="Epochs between x0.1 LR decays.")] = (
         _T.lr_decay_every
@@ -156,10 +157,17 @@ def train(
         _T.upsample
     ),
     weights: Annotated[
-        str, typer.Option(help="Local torchvision state-dict file (or a cached weights name).")
+        str,
+        typer.Option(
+            help="Start the classifier from a local torchvision state dict, a casm-deploy "
+            "checkpoint, or a torchvision weights name already in torch's cache."
+        ),
     ] = "",
     seed: Annotated[int, typer.Option(help="Random seed.")] = _T.seed,
     workers: Annotated[int, typer.Option(help="Data-loading processes.")] = _T.workers,
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda (auto: CUDA when available).")] = (
+        _T.device
+    ),
     channels_last: Annotated[bool, typer.Option(help="Channels-last memory format.")] = (
         _T.channels_last
     ),
@@ -184,6 +192,7 @@ def train(
             resume=resume,
             seed=seed,
             workers=workers,
+            device=device,
             channels_last=channels_last,
             pretrain_epochs=pretrain_epochs,
             pretrain_lr=pretrain_lr,
@@ -194,6 +203,7 @@ def train(
             batch_size=batch_size,
             epoch_fraction=epoch_fraction,
             lr=lr,
+            momentum=momentum,
             weight_decay=weight_decay,
             lr_decoder=lr_decoder,
             lr_decay_every=lr_decay_every,

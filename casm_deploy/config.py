@@ -71,6 +71,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 1  # data-loading processes (0: load in the main process)
     loader: str = "torch"
+    device: str = "auto"  # auto: CUDA when available, else CPU
     channels_last: bool = True
 
     # Classifier pre-training on clean images (Adam, one-cycle schedule).

@@ -230,7 +230,9 @@ def validate(masker: Masker, loader, boxes: list[list[list[int]]], image_size: i
     masker.eval()
     meter, stats = LocalizationMeter(), MaskStats()
     correct = correct_masked = seen = 0
+    device = masker.mean.device
     for images, labels, indices in loader:
+        images, labels = images.to(device), labels.to(device)
         masks, logits = masker(images)
         masked_logits, _ = masker.encoder(masker.normalize(images * (1 - masks)))
         right = logits.argmax(1).eq(labels)
@@ -238,7 +240,7 @@ def validate(masker: Masker, loader, boxes: list[list[list[int]]], image_size: i
         correct_masked += int(masked_logits.argmax(1).eq(labels).sum())
         seen += len(labels)
         stats.update(masks)
-        masks_np = masks[:, 0].numpy()
+        masks_np = masks[:, 0].cpu().numpy()
         for mask, box, index, ok in zip(
             masks_np, masks_to_boxes(masks_np), indices.tolist(), right.tolist(), strict=True
         ):
@@ -321,7 +323,9 @@ def _pretrain_epoch(masker, loader, optimizer, scheduler, progress, description)
     correct = seen = 0
     loss_sum = 0.0
     task = progress.add_task(description, total=len(loader), info="")
+    device = masker.mean.device
     for images, labels, _ in loader:
+        images, labels = images.to(device), labels.to(device)
         logits, _ = encoder(masker.normalize(images))
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -343,8 +347,9 @@ def _casm_epoch(casm: CASM, loader, progress, description) -> dict:
     sums = {"loss_clean": 0.0, "loss_masked": 0.0, "loss_mapping": 0.0}
     correct = correct_masked = seen = 0
     task = progress.add_task(description, total=len(loader), info="")
+    device = casm.masker.mean.device
     for images, labels, _ in loader:
-        out = casm.step(images, labels)
+        out = casm.step(images.to(device), labels.to(device))
         n = len(labels)
         seen += n
         correct += out.correct
@@ -365,6 +370,18 @@ def _casm_epoch(casm: CASM, loader, progress, description) -> dict:
         "train_acc_masked": correct_masked / seen,
         **{f"train_{k}": v for k, v in stats.result().items()},
     }
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> CUDA when available, else CPU; a CUDA device asked for must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a device (use auto, cpu or cuda)") from None
 
 
 def ensure_data(cfg: TrainConfig) -> None:
@@ -437,6 +454,8 @@ def run(cfg: TrainConfig) -> Path:
     masker = build_masker(cfg.arch, len(info.wnids), cfg.width, cfg.upsample)
     if cfg.weights:
         load_encoder_weights(masker.encoder, cfg.weights)
+    device = resolve_device(cfg.device)
+    masker = masker.to(device)
     if cfg.channels_last:
         masker = masker.to(memory_format=torch.channels_last)
 
@@ -537,9 +556,15 @@ def run(cfg: TrainConfig) -> Path:
             if old.name != pool_file:
                 old.unlink()
 
-    def log(record: dict) -> None:
+    def end_epoch(phase_: str, done: int, total: int, then: str, started_at: float, train_metrics):
+        """Validate, checkpoint (where to go on: the next epoch, or phase `then`), log."""
+        val = validate(masker, val_loader, boxes, cfg.image_size)
+        record = {"phase": phase_, "epoch": done, "seconds": time.time() - started_at}
+        record |= train_metrics | val
+        save(*((phase_, done) if done < total else (then, 0)), record)
         with log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        return val
 
     started = time.time()
     with _progress() as progress:
@@ -547,31 +572,13 @@ def run(cfg: TrainConfig) -> Path:
             for e in range(epoch, cfg.pretrain_epochs):
                 pretrain_loader.set_epoch(e)
                 t0 = time.time()
+                title = f"pretrain {e + 1}/{cfg.pretrain_epochs}"
                 train_metrics = _pretrain_epoch(
-                    masker,
-                    pretrain_loader,
-                    pre_opt,
-                    pre_sched,
-                    progress,
-                    f"pretrain {e + 1}/{cfg.pretrain_epochs}",
+                    masker, pretrain_loader, pre_opt, pre_sched, progress, title
                 )
-                val = validate(masker, val_loader, boxes, cfg.image_size)
-                record = {
-                    "phase": "pretrain",
-                    "epoch": e + 1,
-                    "seconds": time.time() - t0,
-                    **train_metrics,
-                    **val,
-                }
-                save(
-                    "pretrain" if e + 1 < cfg.pretrain_epochs else "casm",
-                    e + 1 if e + 1 < cfg.pretrain_epochs else 0,
-                    record,
-                )
-                log(record)
+                val = end_epoch("pretrain", e + 1, cfg.pretrain_epochs, "casm", t0, train_metrics)
                 console.print(
-                    f"pretrain {e + 1}/{cfg.pretrain_epochs}: "
-                    f"train acc {train_metrics['train_acc']:.3f}, "
+                    f"{title}: train acc {train_metrics['train_acc']:.3f}, "
                     f"val acc {val['val_acc']:.3f}"
                 )
             phase, epoch = "casm", 0
@@ -580,25 +587,11 @@ def run(cfg: TrainConfig) -> Path:
                 casm.set_epoch_lr(e)
                 casm_loader.set_epoch(1000 + e)  # other crops than the pre-training epochs
                 t0 = time.time()
-                train_metrics = _casm_epoch(
-                    casm, casm_loader, progress, f"CASM {cfg.reproduce} {e + 1}/{cfg.epochs}"
-                )
-                val = validate(masker, val_loader, boxes, cfg.image_size)
-                record = {
-                    "phase": "casm",
-                    "epoch": e + 1,
-                    "seconds": time.time() - t0,
-                    **train_metrics,
-                    **val,
-                }
-                save(
-                    "casm" if e + 1 < cfg.epochs else "done",
-                    e + 1 if e + 1 < cfg.epochs else cfg.epochs,
-                    record,
-                )
-                log(record)
+                title = f"CASM {cfg.reproduce} {e + 1}/{cfg.epochs}"
+                train_metrics = _casm_epoch(casm, casm_loader, progress, title)
+                val = end_epoch("casm", e + 1, cfg.epochs, "done", t0, train_metrics)
                 console.print(
-                    f"CASM {e + 1}/{cfg.epochs}: val acc {val['val_acc']:.3f}, masked-out "
+                    f"{title}: val acc {val['val_acc']:.3f}, masked-out "
                     f"{val['val_acc_masked']:.3f}, area {val['val_mask_mean']:.3f}, "
                     f"LE {val['val_LE']:.3f}, F1 {val['val_F1']:.3f}"
                 )

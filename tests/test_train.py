@@ -258,3 +258,26 @@ def test_run_writes_metrics_and_a_weights_only_checkpoint(tiny_data, tmp_path):
     masks, logits = masker(torch.rand(2, 3, 32, 32))
     assert masks.shape == (2, 1, 32, 32) and logits.shape == (2, 3)
     assert json.loads((run_dir / "config.json").read_text())["name"] == "t"
+
+
+def test_asking_for_cuda_without_it_is_a_user_error(monkeypatch):
+    from casm_deploy.errors import UserError
+    from casm_deploy.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(UserError, match="CUDA is not available"):
+        resolve_device("cuda")
+    with pytest.raises(UserError, match="not a device"):
+        resolve_device("gpu0")
+
+
+@pytest.mark.gpu
+def test_casm_step_on_cuda_keeps_the_pool_on_the_cpu():
+    masker = tiny_masker().cuda().to(memory_format=torch.channels_last)
+    casm = CASM(masker, TrainConfig(reproduce="L100", hp=1.0, smf=1), random.Random(0))
+    images, labels = batch()
+    for _ in range(2):
+        out = casm.step(images.cuda(), labels.cuda())
+    assert out.masks.device.type == "cuda"
+    assert all(t.device.type == "cpu" for t in casm.pool.snapshots[0].values())
