@@ -136,6 +136,21 @@ def transform_box(
     return [int(sx * x0 - cut_x), int(sy * y0 - cut_y), int(sx * x1 - cut_x), int(sy * y1 - cut_y)]
 
 
+def own_boxes(
+    image_path: Path, wnid: str, annotations: Path, size: int, policy: str = "center-crop"
+) -> list[list[int]]:
+    """The boxes of class `wnid` in `annotations/<image stem>.xml`, mapped to the model frame.
+
+    Raises:
+        UserError: the annotation is missing, malformed, or has no box of that class.
+    """
+    annotation = read_annotation(Path(annotations) / f"{Path(image_path).stem}.xml")
+    boxes = annotation.boxes_of(wnid)
+    if not boxes:
+        raise UserError(f"{image_path}: its annotation has no box of class {wnid}")
+    return [transform_box(b, annotation.width, annotation.height, size, policy) for b in boxes]
+
+
 def decode_image(path: str | Path) -> np.ndarray:
     """Decode an image file into RGB uint8 (H, W, 3).
 

@@ -33,7 +33,7 @@ from casm_deploy.config import (
     config_from_dict,
     config_to_dict,
 )
-from casm_deploy.data import build_loader, read_annotation, read_classes, transform_box
+from casm_deploy.data import build_loader, own_boxes, read_classes
 from casm_deploy.errors import UserError
 from casm_deploy.metrics import (
     LocalizationMeter,
@@ -258,20 +258,6 @@ def validate(masker: Masker, loader, boxes: list[list[list[int]]], image_size: i
     }
 
 
-def validation_boxes(loader, wnids: list[str], root: Path, image_size: int) -> list:
-    """Ground-truth boxes of each validation image's own class, in the model frame."""
-    boxes = []
-    for path, label in loader.dataset.samples:
-        annotation = read_annotation(root / "annotations" / f"{path.stem}.xml")
-        own = annotation.boxes_of(wnids[label])
-        if not own:
-            raise UserError(f"{path}: its annotation has no box of class {wnids[label]}")
-        boxes.append(
-            [transform_box(b, annotation.width, annotation.height, image_size) for b in own]
-        )
-    return boxes
-
-
 def center_baseline(boxes: list, image_size: int) -> dict:
     """LE / F1 of the reference's centre box (a 33/224 border) on the same validation boxes."""
     box = center_box(image_size, image_size)
@@ -478,7 +464,10 @@ def run(cfg: TrainConfig) -> Path:
         **loader_args,
     )
     val_loader = build_loader(root, "val", batch_size=128, train=False, **loader_args)
-    boxes = validation_boxes(val_loader, info.wnids, root, cfg.image_size)
+    boxes = [  # each validation image's boxes of its own class, in the model frame
+        own_boxes(path, info.wnids[label], root / "annotations", cfg.image_size)
+        for path, label in val_loader.dataset.samples
+    ]
 
     pre_opt = torch.optim.Adam(masker.encoder.parameters(), lr=cfg.pretrain_lr)
     pre_sched = torch.optim.lr_scheduler.OneCycleLR(

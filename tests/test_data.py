@@ -6,6 +6,7 @@ from casm_deploy.data import (
     ImageDataset,
     build_loader,
     list_images,
+    own_boxes,
     read_annotation,
     read_classes,
     transform_box,
@@ -119,3 +120,13 @@ def test_undecodable_image_names_the_file(tmp_path):
     path.write_bytes(b"not a jpeg")
     with pytest.raises(UserError, match="broken.JPEG"):
         ImageDataset([(path, 0)], 32, train=False)[0]
+
+
+def test_own_boxes_keeps_the_images_class_only(tmp_path):
+    (tmp_path / "img1.xml").write_text(XML)
+    assert own_boxes(tmp_path / "img1.JPEG", "n2", tmp_path, 64, "stretch") == [[0, 0, 1, 3]]
+    assert len(own_boxes(tmp_path / "img1.JPEG", "n1", tmp_path, 64)) == 2
+    with pytest.raises(UserError, match="no box of class n3"):
+        own_boxes(tmp_path / "img1.JPEG", "n3", tmp_path, 64)
+    with pytest.raises(UserError, match="img2.xml"):
+        own_boxes(tmp_path / "img2.JPEG", "n1", tmp_path, 64)
