@@ -140,6 +140,36 @@ class TrainConfig:
         return self.name or f"{self.reproduce.lower()}-{self.score}-s{self.seed}"
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """`casm-deploy eval`: the paper's localisation benchmark and the many-classifiers test."""
+
+    models: tuple[str, ...] = ()  # checkpoints to score
+    data: str = DEFAULT_DATA
+    annotations: str = ""  # empty: DATA/annotations
+    split: str = "val"
+    resize: str = "center-crop"  # or "stretch" (the reference's --break-ratio)
+    baselines: tuple[str, ...] = ()  # any of center, full, gradcam
+    classifiers: tuple[str, ...] = ()  # checkpoints whose classifiers judge the masked images
+    batch_size: int = 64
+    workers: int = 1
+    limit: int = 0  # score the first N images only (0: all)
+    json: str = ""  # write the scores here
+
+
+@dataclass(frozen=True)
+class VisualizeConfig:
+    """`casm-deploy visualize`: a Fig. 2 grid and an HTML gallery with boxes and IoU."""
+
+    models: tuple[str, ...] = ()
+    data: str = DEFAULT_DATA
+    out: str = "runs/visualize"
+    annotations: str = ""  # empty: DATA/annotations
+    resize: str = "center-crop"
+    num_images: int = 8
+    seed: int = 0
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config dataclass (tuples become lists)."""
     return json_ready(dataclasses.asdict(cfg))
@@ -165,10 +195,12 @@ def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
 
 __all__ = [
     "DEFAULT_DATA",
+    "EvalConfig",
     "PRESETS",
     "Preset",
     "SynthConfig",
     "TrainConfig",
+    "VisualizeConfig",
     "config_from_dict",
     "config_to_dict",
 ]
