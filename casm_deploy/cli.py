@@ -12,7 +12,14 @@ from typing import Annotated, Any
 
 import typer
 
-from casm_deploy.config import DEFAULT_DATA, PRESETS, SynthConfig, TrainConfig
+from casm_deploy.config import (
+    DEFAULT_DATA,
+    PRESETS,
+    EvalConfig,
+    SynthConfig,
+    TrainConfig,
+    VisualizeConfig,
+)
 from casm_deploy.errors import UserError
 
 app = typer.Typer(
@@ -27,6 +34,8 @@ app.add_typer(data_app, name="data")
 
 _S = SynthConfig()
 _T = TrainConfig()
+_E = EvalConfig()
+_V = VisualizeConfig()
 
 
 def _call(job: Callable[[], Any]) -> Any:
@@ -133,6 +142,12 @@ def train(
     pretrain_epochs: Annotated[
         int, typer.Option(help="Classifier pre-training epochs on clean images (0: none).")
     ] = _T.pretrain_epochs,
+    classifier_only: Annotated[
+        bool,
+        typer.Option(
+            help="Only pre-train a classifier (independent classifiers for eval --classifiers)."
+        ),
+    ] = False,
     pretrain_lr: Annotated[float, typer.Option(help="Pre-training Adam peak LR.")] = (
         _T.pretrain_lr
     ),
@@ -195,6 +210,7 @@ def train(
             device=device,
             channels_last=channels_last,
             pretrain_epochs=pretrain_epochs,
+            classifier_only=classifier_only,
             pretrain_lr=pretrain_lr,
             reproduce=reproduce,
             score=score,
@@ -214,6 +230,116 @@ def train(
             smf=smf,
         )
         job.run(cfg)
+
+    _call(go)
+
+
+def _models_and_data(paths: list[Path]) -> tuple[tuple[str, ...], str]:
+    """Split `MODEL... [DATA]`: files are models, one folder is the data (default data/synth)."""
+    folders = [p for p in paths if p.is_dir()]
+    if len(folders) > 1:
+        raise UserError(f"one data folder at most, got {', '.join(map(str, folders))}")
+    models = tuple(str(p) for p in paths if not p.is_dir())
+    return models, str(folders[0]) if folders else DEFAULT_DATA
+
+
+def _split_commas(values: list[str]) -> tuple[str, ...]:
+    return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
+
+
+@app.command("eval")
+def evaluate(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="MODEL... [DATA]: checkpoints, then optionally the data folder "
+            f"(default {DEFAULT_DATA}).",
+            show_default=False,
+        ),
+    ],
+    annotations: Annotated[str, typer.Option(help="ILSVRC XML folder [DATA/annotations].")] = "",
+    split: Annotated[str, typer.Option(help="Which split of DATA to score.")] = _E.split,
+    resize: Annotated[
+        str, typer.Option(help="center-crop (shorter side, then crop) or stretch.")
+    ] = _E.resize,
+    baseline: Annotated[
+        list[str],
+        typer.Option(help="center, full and/or gradcam (repeat or comma-separate)."),
+    ] = [],  # noqa: B006 (Typer reads the default, never mutates it)
+    classifiers: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated checkpoints whose classifiers judge clean, masked-in, "
+            "masked-out and inpainted images (train them with train --classifier-only)."
+        ),
+    ] = "",
+    batch: Annotated[int, typer.Option(help="Images per batch.")] = _E.batch_size,
+    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = _E.workers,
+    limit: Annotated[int, typer.Option(help="Score the first N images only (0: all).")] = 0,
+    json: Annotated[
+        str,
+        typer.Option(
+            help="Write the first model's scores here (keys LE, OM, F1, F1a, mask_mean, "
+            "mask_std, mask_entropy, mask_tv, n_images); other methods beside it."
+        ),
+    ] = "",
+) -> None:
+    """Score masks as the paper: LE, OM, F1 on ILSVRC boxes, with baselines and classifiers."""
+    from casm_deploy import evaluate as job
+
+    def go() -> None:
+        models, data = _models_and_data(paths)
+        cfg = EvalConfig(
+            models=models,
+            data=data,
+            annotations=annotations,
+            split=split,
+            resize=resize,
+            baselines=_split_commas(baseline),
+            classifiers=_split_commas([classifiers]),
+            batch_size=batch,
+            workers=workers,
+            limit=limit,
+            json=json,
+        )
+        job.run(cfg)
+
+    _call(go)
+
+
+@app.command()
+def visualize(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="MODEL... [DATA]: checkpoints, then optionally the data folder.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path(_V.out),
+    annotations: Annotated[str, typer.Option(help="ILSVRC XML folder [DATA/annotations].")] = "",
+    resize: Annotated[str, typer.Option(help="center-crop or stretch.")] = _V.resize,
+    num_images: Annotated[int, typer.Option(help="How many validation images.")] = (_V.num_images),
+    seed: Annotated[int, typer.Option(help="Which images (a seeded choice).")] = _V.seed,
+) -> None:
+    """Draw the paper's Fig. 2 grid and an HTML gallery with predicted and true boxes."""
+    from casm_deploy import visualize as job
+
+    def go() -> None:
+        models, data = _models_and_data(paths)
+        written = job.run(
+            VisualizeConfig(
+                models=models,
+                data=data,
+                out=str(out),
+                annotations=annotations,
+                resize=resize,
+                num_images=num_images,
+                seed=seed,
+            )
+        )
+        for kind, path in written.items():
+            typer.echo(f"{kind}: {path}")
 
     _call(go)
 

@@ -75,6 +75,7 @@ class TrainConfig:
     channels_last: bool = True
 
     # Classifier pre-training on clean images (Adam, one-cycle schedule).
+    classifier_only: bool = False  # stop after pre-training (classifiers for the Fig. 3 test)
     pretrain_epochs: int = 10
     pretrain_lr: float = 2e-3
     pretrain_batch_size: int = 64
@@ -137,7 +138,15 @@ class TrainConfig:
 
     @property
     def run_name(self) -> str:
-        return self.name or f"{self.reproduce.lower()}-{self.score}-s{self.seed}"
+        if self.name:
+            return self.name
+        if self.classifier_only:
+            return f"classifier-s{self.seed}"
+        return f"{self.reproduce.lower()}-{self.score}-s{self.seed}"
+
+    @property
+    def casm_epochs(self) -> int:
+        return 0 if self.classifier_only else self.epochs
 
 
 @dataclass(frozen=True)

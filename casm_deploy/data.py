@@ -295,11 +295,17 @@ def build_loader(
     fraction: float = 1.0,
     policy: str = "center-crop",
     loader: str = "torch",
+    limit: int = 0,
 ) -> TorchLoader:
-    """The training and validation data loader (the one place another backend plugs in)."""
+    """The training and validation data loader (the one place another backend plugs in).
+
+    `limit` keeps the first N images of the split (0: all of them).
+    """
     if loader != "torch":
         raise UserError(f"--loader {loader!r} is not available; use torch")
     samples = list_images(root, split, wnids)
+    if limit > 0:
+        samples = samples[:limit]
     dataset = ImageDataset(samples, image_size, train=train, seed=seed, policy=policy)
     return TorchLoader(
         dataset, batch_size, shuffle=train, workers=workers, fraction=fraction, drop_last=train

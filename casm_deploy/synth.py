@@ -556,28 +556,14 @@ def _run(cfg: SynthConfig, items: list, progress: bool) -> None:
     """Render `items`, in chunks, in-process or over a pool of `cfg.workers` processes."""
     import multiprocessing
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from casm_deploy.ui import progress as progress_bar
 
     workers = max(1, cfg.workers)
     size = max(1, min(200, len(items) // (workers * 8)))
     chunks = [(cfg, items[j : j + size]) for j in range(0, len(items), size)]
-    bar = Progress(
-        TextColumn("synth"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not progress,
-    )
+    bar = progress_bar(disable=not progress)
     with bar:
-        task = bar.add_task("synth", total=len(items))
+        task = bar.add_task("synth", total=len(items), info="")
         if workers == 1:
             for chunk in chunks:
                 bar.advance(task, _write_chunk(chunk))

@@ -20,8 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from casm_deploy import __version__
@@ -43,8 +41,7 @@ from casm_deploy.metrics import (
     masks_to_boxes,
 )
 from casm_deploy.model import Encoder, Masker, build_masker, load_encoder_weights
-
-console = Console()
+from casm_deploy.ui import console, progress
 
 
 class ThinningPool:
@@ -293,22 +290,11 @@ def print_summary(log_path: Path) -> None:
     console.print(table)
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-    )
-
-
-def _pretrain_epoch(masker, loader, optimizer, scheduler, progress, description) -> dict:
+def _pretrain_epoch(masker, loader, optimizer, scheduler, bars, description) -> dict:
     encoder = masker.encoder.train()
     correct = seen = 0
     loss_sum = 0.0
-    task = progress.add_task(description, total=len(loader), info="")
+    task = bars.add_task(description, total=len(loader), info="")
     device = masker.mean.device
     for images, labels, _ in loader:
         images, labels = images.to(device), labels.to(device)
@@ -321,18 +307,16 @@ def _pretrain_epoch(masker, loader, optimizer, scheduler, progress, description)
         correct += int(logits.argmax(1).eq(labels).sum())
         seen += len(labels)
         loss_sum += loss.item() * len(labels)
-        progress.update(
-            task, advance=1, info=f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f}"
-        )
-    progress.remove_task(task)
+        bars.update(task, advance=1, info=f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f}")
+    bars.remove_task(task)
     return {"train_loss": loss_sum / seen, "train_acc": correct / seen}
 
 
-def _casm_epoch(casm: CASM, loader, progress, description) -> dict:
+def _casm_epoch(casm: CASM, loader, bars, description) -> dict:
     stats = MaskStats()
     sums = {"loss_clean": 0.0, "loss_masked": 0.0, "loss_mapping": 0.0}
     correct = correct_masked = seen = 0
-    task = progress.add_task(description, total=len(loader), info="")
+    task = bars.add_task(description, total=len(loader), info="")
     device = casm.masker.mean.device
     for images, labels, _ in loader:
         out = casm.step(images.to(device), labels.to(device))
@@ -343,13 +327,13 @@ def _casm_epoch(casm: CASM, loader, progress, description) -> dict:
         for key in sums:
             sums[key] += getattr(out, key) * n
         stats.update(out.masks)
-        progress.update(
+        bars.update(
             task,
             advance=1,
             info=f"acc {correct / seen:.3f} masked {correct_masked / seen:.3f} "
             f"area {out.masks.mean():.3f}",
         )
-    progress.remove_task(task)
+    bars.remove_task(task)
     return {
         **{f"train_{k}": v / seen for k, v in sums.items()},
         "train_acc": correct / seen,
@@ -556,29 +540,30 @@ def run(cfg: TrainConfig) -> Path:
         return val
 
     started = time.time()
-    with _progress() as progress:
+    with progress() as bars:
         if phase == "pretrain":
             for e in range(epoch, cfg.pretrain_epochs):
                 pretrain_loader.set_epoch(e)
                 t0 = time.time()
                 title = f"pretrain {e + 1}/{cfg.pretrain_epochs}"
                 train_metrics = _pretrain_epoch(
-                    masker, pretrain_loader, pre_opt, pre_sched, progress, title
+                    masker, pretrain_loader, pre_opt, pre_sched, bars, title
                 )
-                val = end_epoch("pretrain", e + 1, cfg.pretrain_epochs, "casm", t0, train_metrics)
+                then = "casm" if cfg.casm_epochs else "done"
+                val = end_epoch("pretrain", e + 1, cfg.pretrain_epochs, then, t0, train_metrics)
                 console.print(
                     f"{title}: train acc {train_metrics['train_acc']:.3f}, "
                     f"val acc {val['val_acc']:.3f}"
                 )
             phase, epoch = "casm", 0
         if phase == "casm":
-            for e in range(epoch, cfg.epochs):
+            for e in range(epoch, cfg.casm_epochs):
                 casm.set_epoch_lr(e)
                 casm_loader.set_epoch(1000 + e)  # other crops than the pre-training epochs
                 t0 = time.time()
-                title = f"CASM {cfg.reproduce} {e + 1}/{cfg.epochs}"
-                train_metrics = _casm_epoch(casm, casm_loader, progress, title)
-                val = end_epoch("casm", e + 1, cfg.epochs, "done", t0, train_metrics)
+                title = f"CASM {cfg.reproduce} {e + 1}/{cfg.casm_epochs}"
+                train_metrics = _casm_epoch(casm, casm_loader, bars, title)
+                val = end_epoch("casm", e + 1, cfg.casm_epochs, "done", t0, train_metrics)
                 console.print(
                     f"{title}: val acc {val['val_acc']:.3f}, masked-out "
                     f"{val['val_acc_masked']:.3f}, area {val['val_mask_mean']:.3f}, "

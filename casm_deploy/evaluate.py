@@ -1,0 +1,260 @@
+"""`casm-deploy eval`: the paper's localisation benchmark (LE / OM / F1), baselines, and the
+classification of masked images by many classifiers (§3.3, Fig. 3).
+
+One streamed pass over the data: each batch is decoded once, every method (the models, then
+the centre / full / Grad-CAM baselines) masks it, and the masks go through the one scorer in
+`metrics.py`. Memory stays bounded whatever the number of images.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from casm_deploy.checkpoint import load_masker
+from casm_deploy.config import EvalConfig, config_to_dict
+from casm_deploy.data import build_loader, own_boxes, read_classes
+from casm_deploy.errors import UserError
+from casm_deploy.gradcam import gradcam
+from casm_deploy.masking import binarize, inpaint, masked_in, masked_out
+from casm_deploy.metrics import (
+    LocalizationMeter,
+    MaskStats,
+    center_box,
+    localization_scores,
+    masks_to_boxes,
+)
+from casm_deploy.model import Masker
+from casm_deploy.ui import console, progress
+
+BASELINES = ("center", "full", "gradcam")
+SCORE_KEYS = ("LE", "OM", "F1", "F1a", "mask_mean", "mask_std", "mask_entropy", "mask_tv")
+VARIANTS = ("clean", "masked_in", "masked_out", "inpainted")
+
+
+@dataclass
+class Method:
+    """A way to get masks for a batch, with the classifier whose top-1 decides OM."""
+
+    name: str
+    masks: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # images -> masks, logits
+    labels: list[int]  # data label -> the classifier's label (-1: a class it does not know)
+    is_model: bool = False  # a trained mapping (the many-classifiers test applies to these)
+    meter: LocalizationMeter = field(default_factory=LocalizationMeter)
+    stats: MaskStats = field(default_factory=MaskStats)
+
+    def result(self) -> dict:
+        return {
+            **{k: v for k, v in self.meter.result().items() if k != "n_images"},
+            **self.stats.result(),
+            "n_images": self.meter.n_images,
+        }
+
+
+def run_name(path: str | Path) -> str:
+    """A model's display name: its run folder for `runs/<name>/checkpoint.pt`, else the stem."""
+    path = Path(path)
+    return path.parent.name if path.stem == "checkpoint" and path.parent.name else path.stem
+
+
+def label_map(model_wnids: list[str], data_wnids: list[str]) -> list[int]:
+    """For each data label, the model's label of the same wnid, or -1 (an unseen class)."""
+    index = {wnid: i for i, wnid in enumerate(model_wnids)}
+    return [index.get(wnid, -1) for wnid in data_wnids]
+
+
+def constant_masks(box: list[int], size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Masks that are 1 inside `box` and 0 elsewhere, for every image (centre / full)."""
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., box[1] : box[3], box[0] : box[2]] = 1.0
+    return lambda images: mask.expand(len(images), 1, size, size)
+
+
+def build_methods(cfg: EvalConfig, data_wnids: list[str]) -> tuple[list[Method], int]:
+    """The models of `cfg.models`, then the baselines on the first model's classifier."""
+    if not cfg.models:
+        raise UserError("eval needs at least one model (a checkpoint)")
+    unknown = sorted(set(cfg.baselines) - set(BASELINES))
+    if unknown:
+        raise UserError(f"unknown --baseline {', '.join(unknown)}; use {', '.join(BASELINES)}")
+    methods, sizes = [], set()
+    for path in cfg.models:
+        masker, spec = load_masker(path)
+        sizes.add(spec["image_size"])
+        labels = label_map(spec["wnids"], data_wnids)
+        methods.append(Method(run_name(path), masker, labels, is_model=True))
+    if len(sizes) > 1:
+        raise UserError(f"the models were trained at different sizes {sorted(sizes)}")
+    size = sizes.pop()
+    first: Masker = methods[0].masks
+    labels = methods[0].labels
+
+    def with_logits(make_masks):
+        def masks_and_logits(images):
+            return make_masks(images), first(images)[1]
+
+        return masks_and_logits
+
+    for baseline in cfg.baselines:
+        if baseline == "center":
+            fn = with_logits(constant_masks(center_box(size, size), size))
+        elif baseline == "full":
+            fn = with_logits(constant_masks([0, 0, size, size], size))
+        else:
+            fn = lambda images: gradcam(first, images)  # noqa: E731
+        methods.append(Method(baseline, fn, labels))
+    return methods, size
+
+
+def load_classifiers(paths: tuple[str, ...], data_wnids: list[str]) -> list[tuple]:
+    """(name, masker, label map) of each classifier checkpoint (its encoder is what is used)."""
+    classifiers = []
+    for path in paths:
+        masker, spec = load_masker(path)
+        classifiers.append((run_name(path), masker, label_map(spec["wnids"], data_wnids)))
+    return classifiers
+
+
+@torch.no_grad()
+def run(cfg: EvalConfig) -> dict:
+    """Score every method on `cfg.data`; print the tables; write `cfg.json` when given.
+
+    Returns:
+        {"scores": {method: {LE, OM, F1, F1a, mask_*, n_images}},
+         "classifiers": {mask model: {classifier: {clean, masked_in, masked_out, inpainted}}}}
+    """
+    info = read_classes(cfg.data)
+    annotations = Path(cfg.annotations) if cfg.annotations else Path(cfg.data) / "annotations"
+    if not annotations.is_dir():
+        raise UserError(f"{annotations}: no annotations folder (pass --annotations DIR)")
+    if cfg.resize not in ("center-crop", "stretch"):
+        raise UserError(f"--resize must be center-crop or stretch, not {cfg.resize!r}")
+    methods, size = build_methods(cfg, info.wnids)
+    classifiers = load_classifiers(cfg.classifiers, info.wnids)
+    loader = build_loader(
+        cfg.data,
+        cfg.split,
+        info.wnids,
+        size,
+        cfg.batch_size,
+        train=False,
+        workers=cfg.workers,
+        policy=cfg.resize,
+        limit=cfg.limit,
+    )
+    # counts[mask model][classifier][variant] = [right, seen] over images of known classes
+    counts = {
+        m.name: {c[0]: {v: [0, 0] for v in VARIANTS} for c in classifiers}
+        for m in methods
+        if m.is_model
+    }
+
+    with progress(transient=True) as bars:
+        task = bars.add_task(f"eval {cfg.split}", total=len(loader), info="")
+        for images, labels, indices in loader:
+            samples = [loader.dataset.samples[i] for i in indices.tolist()]
+            gt_boxes = [
+                own_boxes(p, info.wnids[y], annotations, size, cfg.resize) for p, y in samples
+            ]
+            for method in methods:
+                masks, logits = method.masks(images)
+                score_batch(method, masks, logits, labels, gt_boxes)
+                if method.name in counts and classifiers:
+                    count_classifications(counts[method.name], classifiers, images, masks, labels)
+            bars.advance(task)
+
+    scores = {m.name: m.result() for m in methods}
+    accuracy = {
+        mask: {
+            clf: {v: (r / n if n else None) for v, (r, n) in by_variant.items()}
+            for clf, by_variant in by_clf.items()
+        }
+        for mask, by_clf in counts.items()
+        if classifiers
+    }
+    print_tables(scores, accuracy, methods[0].name, cfg)
+    if cfg.json:
+        write_json(Path(cfg.json), scores, accuracy, methods[0].name, cfg)
+    return {"scores": scores, "classifiers": accuracy}
+
+
+def score_batch(method: Method, masks, logits, labels, gt_boxes) -> None:
+    """LE / OM / F1 and mask statistics of one batch, into the method's meters."""
+    masks_np = masks[:, 0].float().cpu().numpy()
+    predicted = logits.argmax(1).tolist()
+    for mask, box, gt, label, guess in zip(
+        masks_np, masks_to_boxes(masks_np), gt_boxes, labels.tolist(), predicted, strict=True
+    ):
+        scores = localization_scores(mask, box, gt)
+        known = method.labels[label]
+        correct = None if known < 0 else guess == known
+        method.meter.update(scores["hit"], scores["f1"], scores["f1a"], correct)
+    method.stats.update(masks)
+
+
+def count_classifications(counts, classifiers, images, masks, labels) -> None:
+    """Each classifier's top-1 on clean, masked-in, masked-out and inpainted masked-out images."""
+    binary = binarize(masks)
+    variants = {
+        "clean": images,
+        "masked_in": masked_in(images, binary),
+        "masked_out": masked_out(images, binary),
+        "inpainted": inpaint(masked_out(images, binary), binary),
+    }
+    for name, classifier, label_of in classifiers:
+        targets = torch.tensor([label_of[y] for y in labels.tolist()])
+        known = targets >= 0
+        if not known.any():
+            continue
+        for variant, batch in variants.items():
+            logits, _ = classifier.encoder(classifier.normalize(batch[known]))
+            right = int(logits.argmax(1).eq(targets[known]).sum())
+            counts[name][variant][0] += right
+            counts[name][variant][1] += int(known.sum())
+
+
+def print_tables(scores: dict, accuracy: dict, first: str, cfg: EvalConfig) -> None:
+    table = Table(title=f"{cfg.data} ({cfg.split}, {cfg.resize})")
+    table.add_column("method", no_wrap=True)
+    for header in ("LE", "OM", "F1", "F1a", "area", "std", "entropy", "TV", "images"):
+        table.add_column(header, justify="right")
+    for name, result in scores.items():
+        cells = [
+            f"{result[k]:.3f}" if isinstance(result[k], float) else str(result[k])
+            for k in (*SCORE_KEYS, "n_images")
+        ]
+        table.add_row(name, *["-" if c == "None" else c for c in cells])
+    console.print(table)
+    if cfg.baselines:
+        console.print(f"OM of the baselines uses the classifier of {first}.")
+    for mask_model, by_classifier in accuracy.items():
+        table = Table(title=f"accuracy of classifiers on images masked by {mask_model}")
+        table.add_column("classifier", no_wrap=True)
+        for variant in VARIANTS:
+            table.add_column(variant, justify="right")
+        for name, by_variant in by_classifier.items():
+            table.add_row(
+                name, *["-" if by_variant[v] is None else f"{by_variant[v]:.3f}" for v in VARIANTS]
+            )
+        console.print(table)
+
+
+def write_json(path: Path, scores: dict, accuracy: dict, first: str, cfg: EvalConfig) -> None:
+    """`path` holds the first model's scores, with exactly the documented keys; the other
+    methods go to `<stem>.<method>.json` beside it, the classifier accuracies to
+    `<stem>.classifiers.json`, and the resolved config to `<stem>.config.json`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(scores[first], indent=2) + "\n")
+    for name, result in scores.items():
+        if name != first:
+            path.with_name(f"{path.stem}.{name}.json").write_text(json.dumps(result, indent=2))
+    if accuracy:
+        path.with_name(f"{path.stem}.classifiers.json").write_text(json.dumps(accuracy, indent=2))
+    path.with_name(f"{path.stem}.config.json").write_text(
+        json.dumps(config_to_dict(cfg), indent=2) + "\n"
+    )

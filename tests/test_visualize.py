@@ -1,0 +1,150 @@
+"""visualize.run: grid size, an HTML gallery whose images exist, the JSON record, user errors."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+
+from casm_deploy import visualize
+from casm_deploy.checkpoint import FORMAT, VERSION
+from casm_deploy.config import SynthConfig, VisualizeConfig
+from casm_deploy.data import read_classes
+from casm_deploy.errors import UserError
+from casm_deploy.model import build_masker
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    from casm_deploy.synth import generate
+
+    out = tmp_path_factory.mktemp("vis") / "synth"
+    generate(
+        SynthConfig(
+            out=str(out),
+            num_classes=3,
+            train_per_class=2,
+            val_per_class=3,
+            min_side=40,
+            max_side=48,
+            workers=1,
+        ),
+        progress=False,
+    )
+    return out
+
+
+def write_checkpoint(path: Path, data: Path, image_size: int = 32, seed: int = 0) -> str:
+    """A checkpoint of the real schema (the keys `load_masker` reads) with random weights."""
+    torch.manual_seed(seed)
+    info = read_classes(data)
+    masker = build_masker("resnet18", len(info.wnids), width=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": {
+                "arch": "resnet18",
+                "width": 8,
+                "num_classes": len(info.wnids),
+                "upsample": "nearest",
+                "image_size": image_size,
+                "wnids": info.wnids,
+                "names": info.names,
+            },
+            "encoder": masker.encoder.state_dict(),
+            "decoder": masker.decoder.state_dict(),
+        },
+        path,
+    )
+    return str(path)
+
+
+class _ImageSources(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+
+def test_run_writes_grid_gallery_and_json(small_data, tmp_path):
+    first = write_checkpoint(tmp_path / "run-a" / "checkpoint.pt", small_data)
+    second = write_checkpoint(tmp_path / "run-b" / "checkpoint.pt", small_data, seed=1)
+    import cv2
+
+    one = visualize.run(
+        VisualizeConfig(
+            models=(first,), data=str(small_data), out=str(tmp_path / "one"), num_images=4
+        )
+    )
+    two = visualize.run(
+        VisualizeConfig(
+            models=(first, second), data=str(small_data), out=str(tmp_path / "two"), num_images=4
+        )
+    )
+    grid_one, grid_two = cv2.imread(one["grid"]), cv2.imread(two["grid"])
+    cell = visualize.cell_size(32)
+    assert cell >= 128
+    assert grid_one.shape[:2] == visualize.grid_shape(4, 1, 32)
+    assert grid_two.shape[:2] == visualize.grid_shape(4, 2, 32)
+    assert grid_one.shape[1] == visualize.LABEL_WIDTH + 4 * (cell + visualize.PAD)
+    assert grid_two.shape[0] - grid_one.shape[0] == 4 * (cell + visualize.PAD)
+
+    parser = _ImageSources()
+    parser.feed(Path(two["html"]).read_text())
+    assert len(parser.sources) == 4 * 2 * 2  # per image and model: boxes + heatmap
+    for src in parser.sources:
+        assert not Path(src).is_absolute()
+        assert (Path(two["html"]).parent / src).is_file()
+
+    record = json.loads(Path(two["json"]).read_text())
+    assert record["config"]["models"] == [first, second]
+    assert record["config"]["annotations"] == str(small_data / "annotations")
+    images = record["images"]
+    assert len(images) == 4
+    assert len({image["class"] for image in images}) == 3  # spread over the classes
+    for image in images:
+        assert Path(image["path"]).is_file() and image["boxes"]
+        assert [m["model"] for m in image["models"]] == ["run-a", "run-b"]
+        for result in image["models"]:
+            assert 0.0 <= result["iou"] <= 1.0
+            assert result["hit"] == (result["iou"] > 0.5)
+            assert result["box"] is None or len(result["box"]) == 4
+
+    again = visualize.run(
+        VisualizeConfig(
+            models=(first,), data=str(small_data), out=str(tmp_path / "again"), num_images=4
+        )
+    )
+    paths = [i["path"] for i in json.loads(Path(again["json"]).read_text())["images"]]
+    assert paths == [i["path"] for i in images]  # the same seed picks the same images
+
+
+def test_models_of_different_sizes_are_refused(small_data, tmp_path):
+    a = write_checkpoint(tmp_path / "a" / "checkpoint.pt", small_data, image_size=32)
+    b = write_checkpoint(tmp_path / "b" / "checkpoint.pt", small_data, image_size=64)
+    cfg = VisualizeConfig(models=(a, b), data=str(small_data), out=str(tmp_path / "out"))
+    with pytest.raises(UserError, match="image size"):
+        visualize.run(cfg)
+
+
+def test_missing_checkpoint_is_named(small_data, tmp_path):
+    missing = str(tmp_path / "nowhere" / "checkpoint.pt")
+    cfg = VisualizeConfig(models=(missing,), data=str(small_data), out=str(tmp_path / "out"))
+    with pytest.raises(UserError, match="nowhere"):
+        visualize.run(cfg)
+
+
+def test_pick_samples_is_seeded_and_spread():
+    samples = [(Path(f"{label}-{i}.png"), label) for label in range(3) for i in range(5)]
+    picked = visualize.pick_samples(samples, 6, seed=3)
+    assert picked == visualize.pick_samples(samples, 6, seed=3)
+    assert sorted(label for _, label in picked) == [0, 0, 1, 1, 2, 2]
+    assert len(visualize.pick_samples(samples, 100, seed=0)) == 15
