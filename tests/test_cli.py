@@ -92,3 +92,35 @@ def test_train_smoke_on_a_tiny_data_set(tiny_data, tmp_path):
     assert checkpoint["config"]["reproduce"] == "FL"
     assert checkpoint["config"]["score"] == "classification"
     assert (tmp_path / "smoke" / checkpoint["pool_file"]).exists()  # FL keeps a pool
+
+
+def test_eval_and_visualize_commands(tiny_data, tmp_path, make_checkpoint):
+    model = make_checkpoint(tmp_path / "run" / "checkpoint.pt", tiny_data)
+    scores = tmp_path / "scores.json"
+    args = [
+        "eval",
+        model,
+        str(tiny_data),
+        "--baseline",
+        "center,full",
+        "--baseline",
+        "gradcam",
+        "--workers",
+        "0",
+        "--json",
+        str(scores),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "gradcam" in result.output and scores.exists()
+    assert (tmp_path / "scores.gradcam.json").exists()
+    shown = runner.invoke(app, ["visualize", model, str(tiny_data), "--out", str(tmp_path / "v")])
+    assert shown.exit_code == 0, shown.output
+    assert (tmp_path / "v" / "grid.png").exists() and (tmp_path / "v" / "index.html").exists()
+
+
+def test_eval_usage_errors(tiny_data, tmp_path):
+    missing = runner.invoke(app, ["eval", str(tmp_path / "none.pt"), str(tiny_data)])
+    assert missing.exit_code == 2 and "none.pt" in missing.output
+    two_folders = runner.invoke(app, ["eval", str(tiny_data), str(tmp_path)])
+    assert two_folders.exit_code == 2 and "one data folder" in two_folders.output

@@ -7,14 +7,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-import torch
 
 from casm_deploy import visualize
-from casm_deploy.checkpoint import FORMAT, VERSION
 from casm_deploy.config import SynthConfig, VisualizeConfig
-from casm_deploy.data import read_classes
 from casm_deploy.errors import UserError
-from casm_deploy.model import build_masker
 
 
 @pytest.fixture(scope="module")
@@ -37,33 +33,6 @@ def small_data(tmp_path_factory) -> Path:
     return out
 
 
-def write_checkpoint(path: Path, data: Path, image_size: int = 32, seed: int = 0) -> str:
-    """A checkpoint of the real schema (the keys `load_masker` reads) with random weights."""
-    torch.manual_seed(seed)
-    info = read_classes(data)
-    masker = build_masker("resnet18", len(info.wnids), width=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "format": FORMAT,
-            "version": VERSION,
-            "model": {
-                "arch": "resnet18",
-                "width": 8,
-                "num_classes": len(info.wnids),
-                "upsample": "nearest",
-                "image_size": image_size,
-                "wnids": info.wnids,
-                "names": info.names,
-            },
-            "encoder": masker.encoder.state_dict(),
-            "decoder": masker.decoder.state_dict(),
-        },
-        path,
-    )
-    return str(path)
-
-
 class _ImageSources(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
@@ -74,9 +43,9 @@ class _ImageSources(HTMLParser):
             self.sources.append(dict(attrs)["src"])
 
 
-def test_run_writes_grid_gallery_and_json(small_data, tmp_path):
-    first = write_checkpoint(tmp_path / "run-a" / "checkpoint.pt", small_data)
-    second = write_checkpoint(tmp_path / "run-b" / "checkpoint.pt", small_data, seed=1)
+def test_run_writes_grid_gallery_and_json(small_data, tmp_path, make_checkpoint):
+    first = make_checkpoint(tmp_path / "run-a" / "checkpoint.pt", small_data)
+    second = make_checkpoint(tmp_path / "run-b" / "checkpoint.pt", small_data, seed=1)
     import cv2
 
     one = visualize.run(
@@ -127,9 +96,9 @@ def test_run_writes_grid_gallery_and_json(small_data, tmp_path):
     assert paths == [i["path"] for i in images]  # the same seed picks the same images
 
 
-def test_models_of_different_sizes_are_refused(small_data, tmp_path):
-    a = write_checkpoint(tmp_path / "a" / "checkpoint.pt", small_data, image_size=32)
-    b = write_checkpoint(tmp_path / "b" / "checkpoint.pt", small_data, image_size=64)
+def test_models_of_different_sizes_are_refused(small_data, tmp_path, make_checkpoint):
+    a = make_checkpoint(tmp_path / "a" / "checkpoint.pt", small_data, image_size=32)
+    b = make_checkpoint(tmp_path / "b" / "checkpoint.pt", small_data, image_size=64)
     cfg = VisualizeConfig(models=(a, b), data=str(small_data), out=str(tmp_path / "out"))
     with pytest.raises(UserError, match="image size"):
         visualize.run(cfg)

@@ -1,0 +1,147 @@
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from casm_deploy import evaluate
+from casm_deploy.config import EvalConfig, SynthConfig
+from casm_deploy.errors import UserError
+from casm_deploy.evaluate import Method, label_map, score_batch
+
+KEYS = {"LE", "OM", "F1", "F1a", "mask_mean", "mask_std", "mask_entropy", "mask_tv", "n_images"}
+
+
+def test_scores_of_constructed_masks():
+    """Two images: a mask exactly on the box (hit, F1 1), and a mask off the box (miss, F1 0)."""
+    masks = torch.zeros(2, 1, 8, 8)
+    masks[0, 0, 2:6, 2:6] = 1.0
+    masks[1, 0, 0:2, 6:8] = 1.0
+    logits = torch.tensor([[5.0, 0.0], [5.0, 0.0]])  # both predicted class 0
+    method = Method("m", None, labels=[0, 1])
+    score_batch(method, masks, logits, torch.tensor([0, 1]), [[[2, 2, 6, 6]], [[2, 2, 6, 6]]])
+    result = method.result()
+    assert result["LE"] == 0.5 and result["OM"] == 0.5  # image 2 also misclassified
+    assert result["F1"] == pytest.approx(0.5, abs=1e-5)
+    assert result["mask_mean"] == pytest.approx((16 / 64 + 4 / 64) / 2)
+    assert result["n_images"] == 2
+
+
+def test_unknown_classes_are_left_out_of_om_only():
+    method = Method("m", None, labels=[0, -1])
+    masks = torch.zeros(2, 1, 8, 8)
+    masks[:, 0, 2:6, 2:6] = 1.0
+    score_batch(method, masks, torch.zeros(2, 3), torch.tensor([0, 1]), [[[2, 2, 6, 6]]] * 2)
+    result = method.result()
+    assert result["LE"] == 0 and result["OM"] == 0 and result["n_images"] == 2
+    assert label_map(["a", "b"], ["b", "c", "a"]) == [1, -1, 0]
+
+
+@pytest.fixture(scope="module")
+def centred_data(tmp_path_factory):
+    """A hand-made ImageNet-layout set: 4 val images whose object sits in the centre."""
+    root = tmp_path_factory.mktemp("centred")
+    (root / "classes.txt").write_text("n001 square\nn002 disk\n")
+    for i, wnid in enumerate(["n001", "n001", "n002", "n002"]):
+        folder = root / "val" / wnid
+        folder.mkdir(parents=True, exist_ok=True)
+        image = np.full((80, 80, 3), 90, np.uint8)
+        image[15:65, 15:65] = (200, 40, 40)
+        cv2.imwrite(str(folder / f"img{i}.png"), image)
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"img{i}.xml").write_text(
+            "<annotation><size><width>80</width><height>80</height></size>"
+            f"<object><name>{wnid}</name><bndbox><xmin>15</xmin><ymin>15</ymin>"
+            "<xmax>65</xmax><ymax>65</ymax></bndbox></object>"
+            "<object><name>n999</name><bndbox><xmin>0</xmin><ymin>0</ymin>"
+            "<xmax>5</xmax><ymax>5</ymax></bndbox></object></annotation>"
+        )
+    return root
+
+
+def test_centred_objects_give_the_centre_baseline_le_zero(centred_data, tmp_path, make_checkpoint):
+    model = make_checkpoint(tmp_path / "run" / "checkpoint.pt", centred_data, image_size=64)
+    out = tmp_path / "scores.json"
+    cfg = EvalConfig(
+        models=(model,),
+        data=str(centred_data),
+        baselines=("center", "full"),
+        batch_size=3,
+        workers=0,
+        json=str(out),
+    )
+    result = evaluate.run(cfg)
+    assert result["scores"]["center"]["LE"] == 0.0
+    # In the 64 px frame the object is [12, 12, 52, 52]: IoU 0.76 with the centre box
+    # [9, 9, 55, 55], 0.39 with the full frame.
+    assert result["scores"]["full"]["LE"] == 1.0
+    assert set(json.loads(out.read_text())) == KEYS
+    assert set(json.loads((tmp_path / "scores.center.json").read_text())) == KEYS
+    assert json.loads((tmp_path / "scores.config.json").read_text())["baselines"] == [
+        "center",
+        "full",
+    ]
+
+
+def test_eval_on_synthetic_data_with_classifiers_and_gradcam(tiny_data, tmp_path, make_checkpoint):
+    model = make_checkpoint(tmp_path / "casm" / "checkpoint.pt", tiny_data)
+    judge = make_checkpoint(tmp_path / "judge" / "checkpoint.pt", tiny_data, seed=3)
+    cfg = EvalConfig(
+        models=(model,),
+        data=str(tiny_data),
+        baselines=("gradcam",),
+        classifiers=(judge,),
+        batch_size=5,
+        workers=0,
+        resize="stretch",
+    )
+    result = evaluate.run(cfg)
+    for scores in result["scores"].values():
+        assert scores["n_images"] == 12
+        assert all(0 <= scores[k] <= 1 for k in KEYS - {"n_images"})
+    accuracy = result["classifiers"]["casm"]["judge"]
+    assert set(accuracy) == {"clean", "masked_in", "masked_out", "inpainted"}
+    assert all(0 <= v <= 1 for v in accuracy.values())
+
+
+def test_a_model_of_a_subset_of_classes(tmp_path, make_checkpoint):
+    """The unseen-class case: data with classes the model never saw still gets LE and F1."""
+    from casm_deploy.synth import generate
+
+    small = SynthConfig(
+        out=str(tmp_path / "seen"),
+        classes=("disk", "square"),
+        train_per_class=1,
+        val_per_class=2,
+        min_side=40,
+        max_side=48,
+        workers=1,
+    )
+    wide = SynthConfig(
+        out=str(tmp_path / "all"),
+        classes=("disk", "square", "star"),
+        train_per_class=1,
+        val_per_class=2,
+        min_side=40,
+        max_side=48,
+        workers=1,
+    )
+    generate(small, progress=False)
+    generate(wide, progress=False)
+    model = make_checkpoint(tmp_path / "m" / "checkpoint.pt", tmp_path / "seen")
+    result = evaluate.run(EvalConfig(models=(model,), data=wide.out, workers=0))
+    scores = result["scores"]["m"]
+    assert scores["n_images"] == 6 and scores["LE"] is not None and scores["OM"] is not None
+
+
+def test_bad_input_is_a_user_error(tiny_data, tmp_path, make_checkpoint):
+    model = make_checkpoint(tmp_path / "m" / "checkpoint.pt", tiny_data)
+    with pytest.raises(UserError, match="baseline"):
+        evaluate.run(EvalConfig(models=(model,), data=str(tiny_data), baselines=("random",)))
+    with pytest.raises(UserError, match="annotations"):
+        evaluate.run(EvalConfig(models=(model,), data=str(tiny_data), annotations="/nowhere"))
+    with pytest.raises(UserError, match="at least one model"):
+        evaluate.run(EvalConfig(data=str(tiny_data)))
+    with pytest.raises(UserError, match="no such file"):
+        evaluate.run(EvalConfig(models=(str(tmp_path / "x.pt"),), data=str(tiny_data)))
