@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,40 @@ def load_masker(path: str | Path) -> tuple[Masker, dict[str, Any]]:
     """The Masker of a checkpoint file and its model description (`checkpoint["model"]`)."""
     checkpoint = load_checkpoint(path)
     return masker_from_checkpoint(checkpoint), checkpoint["model"]
+
+
+@dataclass
+class NamedMasker:
+    """A loaded model among several to compare, under a unique display name."""
+
+    name: str
+    path: str
+    masker: Masker
+    spec: dict[str, Any]
+
+
+def display_name(path: str | Path) -> str:
+    """`runs/<name>/checkpoint.pt` -> `<name>`; any other file -> its stem."""
+    path = Path(path)
+    return path.parent.name if path.stem == "checkpoint" and path.parent.name else path.stem
+
+
+def load_maskers(paths: tuple[str, ...] | list[str]) -> list[NamedMasker]:
+    """Load models to compare side by side: unique names (`run`, `run#2`), one image size.
+
+    Raises:
+        UserError: a file cannot be loaded, or the models were trained at different sizes.
+    """
+    models: list[NamedMasker] = []
+    for path in paths:
+        masker, spec = load_masker(path)
+        name, base, copy = display_name(path), display_name(path), 1
+        while name in {m.name for m in models}:
+            copy += 1
+            name = f"{base}#{copy}"
+        models.append(NamedMasker(name, str(path), masker, spec))
+    sizes = {m.spec["image_size"] for m in models}
+    if len(sizes) > 1:
+        listing = ", ".join(f"{m.path}: {m.spec['image_size']} px" for m in models)
+        raise UserError(f"the models must share one image size to be compared ({listing})")
+    return models

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from casm_deploy.checkpoint import load_masker
+from casm_deploy.checkpoint import load_maskers
 from casm_deploy.config import EvalConfig, config_to_dict
 from casm_deploy.data import build_loader, own_boxes, read_classes
 from casm_deploy.errors import UserError
@@ -42,7 +42,7 @@ class Method:
     """A way to get masks for a batch, with the classifier whose top-1 decides OM."""
 
     name: str
-    masks: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # images -> masks, logits
+    masks: Callable[[torch.Tensor], tuple]  # images -> masks, logits (None: the first model's)
     labels: list[int]  # data label -> the classifier's label (-1: a class it does not know)
     is_model: bool = False  # a trained mapping (the many-classifiers test applies to these)
     meter: LocalizationMeter = field(default_factory=LocalizationMeter)
@@ -56,23 +56,20 @@ class Method:
         }
 
 
-def run_name(path: str | Path) -> str:
-    """A model's display name: its run folder for `runs/<name>/checkpoint.pt`, else the stem."""
-    path = Path(path)
-    return path.parent.name if path.stem == "checkpoint" and path.parent.name else path.stem
-
-
 def label_map(model_wnids: list[str], data_wnids: list[str]) -> list[int]:
     """For each data label, the model's label of the same wnid, or -1 (an unseen class)."""
     index = {wnid: i for i, wnid in enumerate(model_wnids)}
     return [index.get(wnid, -1) for wnid in data_wnids]
 
 
-def constant_masks(box: list[int], size: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Masks that are 1 inside `box` and 0 elsewhere, for every image (centre / full)."""
+def constant_masks(box: list[int], size: int) -> Callable[[torch.Tensor], tuple]:
+    """Masks that are 1 inside `box` and 0 elsewhere, for every image (centre / full).
+
+    They come with no logits: OM then uses those of the first model on the same batch.
+    """
     mask = torch.zeros(1, 1, size, size)
     mask[..., box[1] : box[3], box[0] : box[2]] = 1.0
-    return lambda images: mask.expand(len(images), 1, size, size)
+    return lambda images: (mask.expand(len(images), 1, size, size), None)
 
 
 def build_methods(cfg: EvalConfig, data_wnids: list[str]) -> tuple[list[Method], int]:
@@ -82,29 +79,19 @@ def build_methods(cfg: EvalConfig, data_wnids: list[str]) -> tuple[list[Method],
     unknown = sorted(set(cfg.baselines) - set(BASELINES))
     if unknown:
         raise UserError(f"unknown --baseline {', '.join(unknown)}; use {', '.join(BASELINES)}")
-    methods, sizes = [], set()
-    for path in cfg.models:
-        masker, spec = load_masker(path)
-        sizes.add(spec["image_size"])
-        labels = label_map(spec["wnids"], data_wnids)
-        methods.append(Method(run_name(path), masker, labels, is_model=True))
-    if len(sizes) > 1:
-        raise UserError(f"the models were trained at different sizes {sorted(sizes)}")
-    size = sizes.pop()
+    models = load_maskers(cfg.models)
+    size = models[0].spec["image_size"]
+    methods = [
+        Method(m.name, m.masker, label_map(m.spec["wnids"], data_wnids), is_model=True)
+        for m in models
+    ]
     first: Masker = methods[0].masks
     labels = methods[0].labels
-
-    def with_logits(make_masks):
-        def masks_and_logits(images):
-            return make_masks(images), first(images)[1]
-
-        return masks_and_logits
-
     for baseline in cfg.baselines:
         if baseline == "center":
-            fn = with_logits(constant_masks(center_box(size, size), size))
+            fn = constant_masks(center_box(size, size), size)
         elif baseline == "full":
-            fn = with_logits(constant_masks([0, 0, size, size], size))
+            fn = constant_masks([0, 0, size, size], size)
         else:
             fn = lambda images: gradcam(first, images)  # noqa: E731
         methods.append(Method(baseline, fn, labels))
@@ -113,11 +100,7 @@ def build_methods(cfg: EvalConfig, data_wnids: list[str]) -> tuple[list[Method],
 
 def load_classifiers(paths: tuple[str, ...], data_wnids: list[str]) -> list[tuple]:
     """(name, masker, label map) of each classifier checkpoint (its encoder is what is used)."""
-    classifiers = []
-    for path in paths:
-        masker, spec = load_masker(path)
-        classifiers.append((run_name(path), masker, label_map(spec["wnids"], data_wnids)))
-    return classifiers
+    return [(m.name, m.masker, label_map(m.spec["wnids"], data_wnids)) for m in load_maskers(paths)]
 
 
 @torch.no_grad()
@@ -161,8 +144,10 @@ def run(cfg: EvalConfig) -> dict:
             gt_boxes = [
                 own_boxes(p, info.wnids[y], annotations, size, cfg.resize) for p, y in samples
             ]
-            for method in methods:
-                masks, logits = method.masks(images)
+            outputs = [method.masks(images) for method in methods]
+            first_logits = outputs[0][1]  # the first method is always a model
+            for method, (masks, logits) in zip(methods, outputs, strict=True):
+                logits = first_logits if logits is None else logits
                 score_batch(method, masks, logits, labels, gt_boxes)
                 if method.name in counts and classifiers:
                     count_classifications(counts[method.name], classifiers, images, masks, labels)

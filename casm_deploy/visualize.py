@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from casm_deploy import masking
-from casm_deploy.checkpoint import load_masker
+from casm_deploy.checkpoint import NamedMasker, load_maskers
 from casm_deploy.config import VisualizeConfig, config_to_dict
 from casm_deploy.data import ImageDataset, list_images, own_boxes, read_classes
 from casm_deploy.errors import UserError
@@ -34,14 +34,6 @@ TEXT = (235, 235, 235)
 PRED_COLOR = (255, 64, 64)  # RGB: predicted box
 GT_COLOR = (64, 255, 64)  # RGB: ground-truth boxes
 FONT_SCALE = 0.4
-
-
-@dataclasses.dataclass
-class _Model:
-    name: str  # the run folder name
-    path: str
-    masker: torch.nn.Module
-    spec: dict[str, Any]
 
 
 def cell_size(image_size: int) -> int:
@@ -71,7 +63,7 @@ def run(cfg: VisualizeConfig) -> dict[str, str]:
         raise UserError(f"unknown resize policy {cfg.resize!r}: use center-crop or stretch")
     if cfg.num_images < 1:
         raise UserError(f"--num-images must be at least 1, not {cfg.num_images}")
-    models = _load_models(cfg.models)
+    models = load_maskers(cfg.models)
     size = models[0].spec["image_size"]
 
     info = read_classes(cfg.data)
@@ -230,29 +222,12 @@ def heatmap(mask: np.ndarray, scale: int) -> np.ndarray:
     return _upscale(colored, mask.shape[0] * scale)
 
 
-def _load_models(paths: tuple[str, ...]) -> list[_Model]:
-    models = []
-    for path in paths:
-        masker, spec = load_masker(path)  # UserError for missing or foreign files
-        name = Path(path).resolve().parent.name or str(path)
-        taken, base, copy = {m.name for m in models}, name, 1
-        while name in taken:  # two runs of the same folder name: keep the labels apart
-            copy += 1
-            name = f"{base}#{copy}"
-        models.append(_Model(name, str(path), masker.eval(), spec))
-    sizes = {m.spec["image_size"] for m in models}
-    if len(sizes) > 1:
-        listing = ", ".join(f"{m.path}: {m.spec['image_size']} px" for m in models)
-        raise UserError(f"the models must share one image size to be compared ({listing})")
-    return models
-
-
 def _gallery(
     out: Path,
     pixels: np.ndarray,
     heatmaps: list[np.ndarray],
     records: list[dict[str, Any]],
-    models: list[_Model],
+    models: list[NamedMasker],
     image_size: int,
 ) -> str:
     """Write the gallery's images under `out/images/` and return the HTML page."""
