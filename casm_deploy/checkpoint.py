@@ -3,7 +3,7 @@
 `train` writes it atomically at every epoch end; `eval`, `export` and `infer` rebuild the Masker
 from it with `load_masker`. Keys: format, version, package_version, model (arch, width,
 num_classes, upsample, image_size, wnids, names), config, phase, epoch, step, encoder, decoder,
-optimizers, rng, metrics. The thinning pool is a sidecar file (`pool.pt`) beside it.
+optimizers, pool_file, rng, metrics. The thinning pool is the file `pool_file` beside it.
 """
 
 from __future__ import annotations

@@ -400,7 +400,8 @@ def run(cfg: TrainConfig) -> Path:
     """Train a CASM into `cfg.out/<run name>/` and return that folder.
 
     Writes `config.json`, `metrics.jsonl` (one line per epoch of either phase) and
-    `checkpoint.pt` (atomically, at every epoch end), plus `pool.pt` when the pool is used.
+    `checkpoint.pt` (atomically, at every epoch end), plus `pool-<step>.pt`, the thinning
+    pool that the checkpoint names, when the pool is used.
     """
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -415,7 +416,10 @@ def run(cfg: TrainConfig) -> Path:
         if not ckpt_path.exists():
             raise UserError(f"{ckpt_path}: nothing to resume")
         # A resumed run goes on with the settings it started with, whatever the flags say now.
-        stored = json.loads((run_dir / "config.json").read_text())
+        stored_path = run_dir / "config.json"
+        if not stored_path.is_file():
+            raise UserError(f"{stored_path}: missing; cannot tell how the run was started")
+        stored = json.loads(stored_path.read_text())
         cfg = dataclasses.replace(config_from_dict(TrainConfig, stored), resume=True)
 
     ensure_data(cfg)

@@ -15,11 +15,11 @@ COLUMNS = ["val_acc", "val_acc_masked", "val_LE", "val_OM", "val_F1", "val_mask_
 
 def main(run_dirs: list[str]) -> None:
     print(
-        "| run | preset | lambda_r | epochs | minutes | "
+        "| run | preset | lambda_r | epochs | minutes | pretrained acc | "
         + " | ".join(c.removeprefix("val_") for c in COLUMNS)
         + " |"
     )
-    print("|---" * (5 + len(COLUMNS)) + "|")
+    print("|---" * (6 + len(COLUMNS)) + "|")
     baseline = None
     for run_dir in map(Path, run_dirs):
         log = run_dir / "metrics.jsonl"
@@ -33,16 +33,18 @@ def main(run_dirs: list[str]) -> None:
         if not last:
             continue
         minutes = sum(r["seconds"] for r in trained) / 60
+        pretrained = [r for r in records if r["phase"] == "pretrain"][-1:]
+        pre_acc = f"{pretrained[0]['val_acc']:.3f}" if pretrained else "-"
         cells = [f"{last[0][c]:.3f}" if last[0].get(c) is not None else "-" for c in COLUMNS]
         epochs = f"{last[0]['phase']} {last[0]['epoch']}"
         lambda_r = "paper" if config["lambda_r"] is None else config["lambda_r"]
         print(
             f"| {run_dir.name} | {config['reproduce']} | {lambda_r} | {epochs} | "
-            f"{minutes:.1f} | " + " | ".join(cells) + " |"
+            f"{minutes:.1f} | {pre_acc} | " + " | ".join(cells) + " |"
         )
     if baseline:
         cells = [f"{baseline[c]:.3f}" if c in baseline else "-" for c in COLUMNS]
-        print("| centre box | - | - | - | - | " + " | ".join(cells) + " |")
+        print("| centre box | - | - | - | - | - | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
