@@ -57,11 +57,15 @@ def load_file(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
-        raise UserError(
-            f"{path}: refused: it carries pickled objects or code that a weights-only load does "
-            f"not allow ({first}). Only load files from sources you trust."
-        ) from None
+        # A weights-only load names the global it refused ("Unsupported global: posix.system");
+        # other unpickling errors mean bytes that are not a pickle at all.
+        refused = [line for line in str(error).splitlines() if "global" in line.lower()]
+        if refused:
+            raise UserError(
+                f"{path}: refused: it carries pickled objects or code that a weights-only load "
+                f"does not allow ({refused[0].strip()}). Only load files from sources you trust."
+            ) from None
+        raise UserError(f"{path}: not a readable checkpoint (not a torch file)") from None
     except Exception as error:  # torch raises many types for foreign bytes (KeyError, ...)
         raise UserError(f"{path}: not a readable checkpoint, or truncated ({error})") from None
 

@@ -14,8 +14,10 @@ import typer
 
 from casm_deploy.config import (
     DEFAULT_DATA,
+    PRECISIONS,
     PRESETS,
     EvalConfig,
+    ExportConfig,
     SynthConfig,
     TrainConfig,
     VisualizeConfig,
@@ -36,6 +38,7 @@ _S = SynthConfig()
 _T = TrainConfig()
 _E = EvalConfig()
 _V = VisualizeConfig()
+_X = ExportConfig()
 
 
 def _call(job: Callable[[], Any]) -> Any:
@@ -342,6 +345,85 @@ def visualize(
             typer.echo(f"{kind}: {path}")
 
     _call(go)
+
+
+EXIT_PARITY_FAILED = 3  # `export`: the files were written but one failed its parity check
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A casm-deploy checkpoint (runs/<name>/checkpoint.pt).")
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path(_X.out),
+    onnx: Annotated[
+        bool, typer.Option("--onnx", help="Also write masker.onnx (int8 and --triton imply it).")
+    ] = _X.onnx,
+    torchscript: Annotated[bool, typer.Option(help="Write masker.ts (TorchScript).")] = (
+        _X.torchscript
+    ),
+    pt2: Annotated[
+        bool, typer.Option("--pt2", help="Also write masker.pt2, a torch.export program.")
+    ] = _X.pt2,
+    triton: Annotated[
+        bool,
+        typer.Option("--triton", help="Also write a Triton model repository in OUT/triton."),
+    ] = _X.triton,
+    precision: Annotated[str, typer.Option(help=f"{'|'.join(PRECISIONS)}.")] = _X.precision,
+    opset: Annotated[int, typer.Option(help="ONNX opset (>= 18; bf16 uses >= 22).")] = _X.opset,
+    max_batch: Annotated[int, typer.Option(help="Triton's max_batch_size.")] = _X.max_batch,
+    device: Annotated[str, typer.Option(help="cpu|cuda: where to trace and check.")] = _X.device,
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            "--parity-data",
+            help="ImageNet-layout folder for the parity check (val) and int8 calibration "
+            "(train); default: the checkpoint's training data.",
+        ),
+    ] = _X.data,
+    calibration_images: Annotated[
+        int, typer.Option(help="int8: training images that calibrate the activations.")
+    ] = _X.calibration_images,
+    triton_name: Annotated[str, typer.Option(help="Model name in the Triton repository.")] = (
+        _X.triton_name
+    ),
+) -> None:
+    """Export a checkpoint to TorchScript, ONNX, torch.export; check parity with eager fp32.
+
+    Writes OUT/masker.ts (and .onnx, .pt2) with their metadata and OUT/export.json. Exit status:
+    0 when every file passes its parity check (a precision this machine cannot run is reported
+    as skipped), 3 when one fails it or none could run here, 2 on bad input (a missing or
+    unsafe checkpoint, no parity data).
+    """
+    from casm_deploy import export as job
+
+    def go() -> dict[str, Any]:
+        cfg = ExportConfig(
+            checkpoint=str(checkpoint),
+            out=str(out),
+            torchscript=torchscript,
+            onnx=onnx,
+            pt2=pt2,
+            triton=triton,
+            precision=precision,
+            opset=opset,
+            max_batch=max_batch,
+            device=device,
+            data=data,
+            calibration_images=calibration_images,
+            triton_name=triton_name,
+        )
+        return job.run(cfg)
+
+    report = _call(go)["parity"]
+    if not report["passed"]:
+        typer.secho(
+            f"error: parity {report['verdict']} (details in {out / 'export.json'})",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(EXIT_PARITY_FAILED)
 
 
 def main() -> None:

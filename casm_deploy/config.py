@@ -179,6 +179,55 @@ class VisualizeConfig:
     seed: int = 0
 
 
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`casm-deploy export`: TorchScript / ONNX / torch.export files, metadata and a parity check.
+
+    Parity is always checked, against the eager fp32 model, on real validation images of the
+    checkpoint's training data (or `data`) plus random inputs.
+    """
+
+    checkpoint: str = ""
+    out: str = "export/default"
+    torchscript: bool = True
+    onnx: bool = False  # int8 and --triton imply it
+    pt2: bool = False  # a torch.export program, TorchScript's successor
+    triton: bool = False  # a Triton model repository in OUT/triton
+    precision: str = "fp32"
+    opset: int = 18  # the lowest the dynamo exporter supports; bf16 needs 22
+    max_batch: int = 256  # Triton's max_batch_size; the graphs take any batch
+    device: str = "cpu"  # where the export is traced and checked: cpu or cuda
+    data: str = ""  # parity (val) and int8 calibration (train) images; empty: the training data
+    parity_images: int = 64  # real images (val, topped up from train when val is smaller)
+    parity_random: int = 16  # uniform random images on top
+    calibration_images: int = 128  # int8: training images that set the activation ranges
+    triton_name: str = "casm_masker"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}"
+            )
+        if self.opset < 18:
+            raise ValueError(f"--opset must be at least 18 (the dynamo exporter), not {self.opset}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda, not {self.device!r}")
+        if self.max_batch < 1:
+            raise ValueError(f"--max-batch must be at least 1, not {self.max_batch}")
+        if self.parity_images < 64:
+            raise ValueError(f"parity needs at least 64 real images, not {self.parity_images}")
+        if self.calibration_images < 1:
+            raise ValueError(f"calibration needs at least 1 image, not {self.calibration_images}")
+
+    @property
+    def writes_onnx(self) -> bool:
+        return self.onnx or self.triton or self.precision == "int8"
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config dataclass (tuples become lists)."""
     return json_ready(dataclasses.asdict(cfg))
@@ -205,6 +254,8 @@ def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
 __all__ = [
     "DEFAULT_DATA",
     "EvalConfig",
+    "ExportConfig",
+    "PRECISIONS",
     "PRESETS",
     "Preset",
     "SynthConfig",

@@ -33,10 +33,11 @@ def test_truncated_and_foreign_files(tmp_path):
     truncated.write_bytes(good.read_bytes()[:300])
     with pytest.raises(UserError, match="truncated.pt"):
         load_file(truncated)
-    text = tmp_path / "notes.txt"
-    text.write_text("hello")
-    with pytest.raises(UserError, match="notes.txt"):
-        load_file(text)
+    for i, content in enumerate(["hello", "a longer text that is no pickle at all"]):
+        text = tmp_path / f"notes{i}.txt"
+        text.write_text(content)
+        with pytest.raises(UserError, match=f"notes{i}.txt: not a readable checkpoint"):
+            load_file(text)
     plain = tmp_path / "plain.pt"
     torch.save({"w": torch.zeros(1)}, plain)
     with pytest.raises(UserError, match="not a casm-deploy checkpoint"):
