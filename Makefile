@@ -1,5 +1,5 @@
 # make demo: set up .venv, generate the embedded data, train the default CASM and Baseline F,
-# score them with the baselines and draw the Fig. 2 grid.
+# score them with the baselines, draw the Fig. 2 grid and export the CASM to TorchScript and ONNX.
 # make test: set up .venv if needed and run the test suite (lint included).
 PYTHON ?= python3
 VENV := .venv
@@ -29,6 +29,7 @@ demo: $(STAMP)
 		--baseline center,full,gradcam --json runs/demo/eval.json
 	$(BIN)/casm-deploy visualize runs/demo/checkpoint.pt runs/demo-f/checkpoint.pt \
 		--out runs/demo/figures
+	$(BIN)/casm-deploy export runs/demo/checkpoint.pt --onnx --out runs/demo/export
 
 test: $(STAMP)
 	$(BIN)/ruff check .
