@@ -9,28 +9,8 @@ from pathlib import Path
 import pytest
 
 from casm_deploy import visualize
-from casm_deploy.config import SynthConfig, VisualizeConfig
+from casm_deploy.config import VisualizeConfig
 from casm_deploy.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory) -> Path:
-    from casm_deploy.synth import generate
-
-    out = tmp_path_factory.mktemp("vis") / "synth"
-    generate(
-        SynthConfig(
-            out=str(out),
-            num_classes=3,
-            train_per_class=2,
-            val_per_class=3,
-            min_side=40,
-            max_side=48,
-            workers=1,
-        ),
-        progress=False,
-    )
-    return out
 
 
 class _ImageSources(HTMLParser):
@@ -43,19 +23,19 @@ class _ImageSources(HTMLParser):
             self.sources.append(dict(attrs)["src"])
 
 
-def test_run_writes_grid_gallery_and_json(small_data, tmp_path, make_checkpoint):
-    first = make_checkpoint(tmp_path / "run-a" / "checkpoint.pt", small_data)
-    second = make_checkpoint(tmp_path / "run-b" / "checkpoint.pt", small_data, seed=1)
+def test_run_writes_grid_gallery_and_json(tiny_data, tmp_path, make_checkpoint):
+    first = make_checkpoint(tmp_path / "run-a" / "checkpoint.pt", tiny_data)
+    second = make_checkpoint(tmp_path / "run-b" / "checkpoint.pt", tiny_data, seed=1)
     import cv2
 
     one = visualize.run(
         VisualizeConfig(
-            models=(first,), data=str(small_data), out=str(tmp_path / "one"), num_images=4
+            models=(first,), data=str(tiny_data), out=str(tmp_path / "one"), num_images=4
         )
     )
     two = visualize.run(
         VisualizeConfig(
-            models=(first, second), data=str(small_data), out=str(tmp_path / "two"), num_images=4
+            models=(first, second), data=str(tiny_data), out=str(tmp_path / "two"), num_images=4
         )
     )
     grid_one, grid_two = cv2.imread(one["grid"]), cv2.imread(two["grid"])
@@ -75,7 +55,7 @@ def test_run_writes_grid_gallery_and_json(small_data, tmp_path, make_checkpoint)
 
     record = json.loads(Path(two["json"]).read_text())
     assert record["config"]["models"] == [first, second]
-    assert record["config"]["annotations"] == str(small_data / "annotations")
+    assert record["config"]["annotations"] == str(tiny_data / "annotations")
     images = record["images"]
     assert len(images) == 4
     assert len({image["class"] for image in images}) == 3  # spread over the classes
@@ -89,24 +69,24 @@ def test_run_writes_grid_gallery_and_json(small_data, tmp_path, make_checkpoint)
 
     again = visualize.run(
         VisualizeConfig(
-            models=(first,), data=str(small_data), out=str(tmp_path / "again"), num_images=4
+            models=(first,), data=str(tiny_data), out=str(tmp_path / "again"), num_images=4
         )
     )
     paths = [i["path"] for i in json.loads(Path(again["json"]).read_text())["images"]]
     assert paths == [i["path"] for i in images]  # the same seed picks the same images
 
 
-def test_models_of_different_sizes_are_refused(small_data, tmp_path, make_checkpoint):
-    a = make_checkpoint(tmp_path / "a" / "checkpoint.pt", small_data, image_size=32)
-    b = make_checkpoint(tmp_path / "b" / "checkpoint.pt", small_data, image_size=64)
-    cfg = VisualizeConfig(models=(a, b), data=str(small_data), out=str(tmp_path / "out"))
+def test_models_of_different_sizes_are_refused(tiny_data, tmp_path, make_checkpoint):
+    a = make_checkpoint(tmp_path / "a" / "checkpoint.pt", tiny_data, image_size=32)
+    b = make_checkpoint(tmp_path / "b" / "checkpoint.pt", tiny_data, image_size=64)
+    cfg = VisualizeConfig(models=(a, b), data=str(tiny_data), out=str(tmp_path / "out"))
     with pytest.raises(UserError, match="image size"):
         visualize.run(cfg)
 
 
-def test_missing_checkpoint_is_named(small_data, tmp_path):
+def test_missing_checkpoint_is_named(tiny_data, tmp_path):
     missing = str(tmp_path / "nowhere" / "checkpoint.pt")
-    cfg = VisualizeConfig(models=(missing,), data=str(small_data), out=str(tmp_path / "out"))
+    cfg = VisualizeConfig(models=(missing,), data=str(tiny_data), out=str(tmp_path / "out"))
     with pytest.raises(UserError, match="nowhere"):
         visualize.run(cfg)
 
