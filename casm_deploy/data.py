@@ -19,6 +19,14 @@ from torch.utils.data import DataLoader, Dataset
 from casm_deploy.errors import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+RESIZE_POLICIES = ("center-crop", "stretch")  # the paper's appendix: crop, or break the ratio
+
+
+def check_policy(policy: str) -> str:
+    """`policy` if it is a resize policy the images and the boxes both know, else a UserError."""
+    if policy not in RESIZE_POLICIES:
+        raise UserError(f"unknown resize policy {policy!r}: use center-crop or stretch")
+    return policy
 
 
 @dataclass(frozen=True)
@@ -124,14 +132,12 @@ def transform_box(
     appendix); `stretch`: straight to `size` x `size` ("break ratio"). Truncates to int as the
     reference `score.py` does; the result may extend outside the frame.
     """
-    if policy == "stretch":
+    if check_policy(policy) == "stretch":
         sx, sy, cut_x, cut_y = size / width, size / height, 0.0, 0.0
-    elif policy == "center-crop":
+    else:
         scale = size / min(width, height)
         sx = sy = scale
         cut_x, cut_y = (width * scale - size) / 2, (height * scale - size) / 2
-    else:
-        raise UserError(f"unknown resize policy {policy!r}: use center-crop or stretch")
     x0, y0, x1, y1 = box
     return [int(sx * x0 - cut_x), int(sy * y0 - cut_y), int(sx * x1 - cut_x), int(sy * y1 - cut_y)]
 
@@ -205,13 +211,8 @@ class ImageDataset(Dataset):
         seed: int = 0,
         policy: str = "center-crop",
     ):
-        self.samples, self.size, self.train, self.seed, self.policy = (
-            samples,
-            size,
-            train,
-            seed,
-            policy,
-        )
+        self.samples, self.size, self.train, self.seed = samples, size, train, seed
+        self.policy = check_policy(policy)
         self.epoch = 0
 
     def __len__(self) -> int:

@@ -20,7 +20,13 @@ import torch
 from casm_deploy import masking
 from casm_deploy.checkpoint import NamedMasker, load_maskers
 from casm_deploy.config import VisualizeConfig, config_to_dict
-from casm_deploy.data import ImageDataset, list_images, own_boxes, read_classes
+from casm_deploy.data import (
+    ImageDataset,
+    check_policy,
+    list_images,
+    own_boxes,
+    read_classes,
+)
 from casm_deploy.errors import UserError
 from casm_deploy.metrics import clip_box, localization_scores, masks_to_boxes
 
@@ -59,8 +65,7 @@ def run(cfg: VisualizeConfig) -> dict[str, str]:
     """
     if not cfg.models:
         raise UserError("visualize needs at least one model checkpoint")
-    if cfg.resize not in ("center-crop", "stretch"):
-        raise UserError(f"unknown resize policy {cfg.resize!r}: use center-crop or stretch")
+    check_policy(cfg.resize)
     if cfg.num_images < 1:
         raise UserError(f"--num-images must be at least 1, not {cfg.num_images}")
     models = load_maskers(cfg.models)

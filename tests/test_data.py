@@ -51,6 +51,8 @@ def test_transform_box_stretch_by_hand():
     assert transform_box([10, 20, 60, 80], 200, 100, 64, "stretch") == [3, 12, 19, 51]
     with pytest.raises(UserError):
         transform_box([0, 0, 1, 1], 10, 10, 64, "squash")
+    with pytest.raises(UserError, match="squash"):  # the images refuse it as the boxes do
+        ImageDataset([], 64, train=False, policy="squash")
 
 
 def test_transform_box_matches_the_image_transform(tiny_data):
