@@ -18,7 +18,7 @@ from rich.table import Table
 
 from casm_deploy.checkpoint import load_maskers
 from casm_deploy.config import EvalConfig, config_to_dict
-from casm_deploy.data import build_loader, own_boxes, read_classes
+from casm_deploy.data import build_loader, check_policy, own_boxes, read_classes
 from casm_deploy.errors import UserError
 from casm_deploy.gradcam import gradcam
 from casm_deploy.masking import binarize, inpaint, masked_in, masked_out
@@ -115,8 +115,7 @@ def run(cfg: EvalConfig) -> dict:
     annotations = Path(cfg.annotations) if cfg.annotations else Path(cfg.data) / "annotations"
     if not annotations.is_dir():
         raise UserError(f"{annotations}: no annotations folder (pass --annotations DIR)")
-    if cfg.resize not in ("center-crop", "stretch"):
-        raise UserError(f"--resize must be center-crop or stretch, not {cfg.resize!r}")
+    check_policy(cfg.resize)
     methods, size = build_methods(cfg, info.wnids)
     classifiers = load_classifiers(cfg.classifiers, info.wnids)
     loader = build_loader(
@@ -185,11 +184,12 @@ def score_batch(method: Method, masks, logits, labels, gt_boxes) -> None:
 def count_classifications(counts, classifiers, images, masks, labels) -> None:
     """Each classifier's top-1 on clean, masked-in, masked-out and inpainted masked-out images."""
     binary = binarize(masks)
+    out = masked_out(images, binary)
     variants = {
         "clean": images,
         "masked_in": masked_in(images, binary),
-        "masked_out": masked_out(images, binary),
-        "inpainted": inpaint(masked_out(images, binary), binary),
+        "masked_out": out,
+        "inpainted": inpaint(out, binary),
     }
     for name, classifier, label_of in classifiers:
         targets = torch.tensor([label_of[y] for y in labels.tolist()])
