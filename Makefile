@@ -1,5 +1,6 @@
 # make demo: set up .venv, generate the embedded data, train the default CASM and Baseline F,
-# score them with the baselines, draw the Fig. 2 grid and export the CASM to TorchScript and ONNX.
+# score them with the baselines, draw the Fig. 2 grid, export the CASM to TorchScript and ONNX
+# (export/default) and extract masks and boxes for the validation images with it (out/).
 # make test: set up .venv if needed and run the test suite (lint included).
 PYTHON ?= python3
 VENV := .venv
@@ -29,7 +30,9 @@ demo: $(STAMP)
 		--baseline center,full,gradcam --json runs/demo/eval.json
 	$(BIN)/casm-deploy visualize runs/demo/checkpoint.pt runs/demo-f/checkpoint.pt \
 		--out runs/demo/figures
-	$(BIN)/casm-deploy export runs/demo/checkpoint.pt --onnx --out runs/demo/export
+	$(BIN)/casm-deploy export runs/demo/checkpoint.pt --onnx --out export/default
+	$(BIN)/casm-deploy infer data/synth/val --model export/default/masker.onnx --batch 256 \
+		--out out --overwrite
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -4,3 +4,12 @@ Data flow: synth/data -> model -> train -> checkpoint -> export -> infer, scored
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `casm_deploy.Masker` loads on first use: importing the package stays instant (no torch).
+    if name == "Masker":
+        from casm_deploy.predict import Masker
+
+        return Masker
+    raise AttributeError(f"module 'casm_deploy' has no attribute {name!r}")

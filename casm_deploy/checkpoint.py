@@ -4,6 +4,8 @@
 from it with `load_masker`. Keys: format, version, package_version, model (arch, width,
 num_classes, upsample, image_size, wnids, names), config, phase, epoch, step, encoder, decoder,
 optimizers, pool_file, rng, metrics. The thinning pool is the file `pool_file` beside it.
+`optimizers["casm"]["scaler"]` (the fp16 gradient scaler; {} otherwise) is optional: files
+written before `--amp` lack it and load as they are, so VERSION stays 1.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from casm_deploy.config import (
     PRESETS,
     EvalConfig,
     ExportConfig,
+    InferConfig,
     SynthConfig,
     TrainConfig,
     VisualizeConfig,
@@ -39,6 +40,7 @@ _T = TrainConfig()
 _E = EvalConfig()
 _V = VisualizeConfig()
 _X = ExportConfig()
+_I = InferConfig()
 
 
 def _call(job: Callable[[], Any]) -> Any:
@@ -189,13 +191,22 @@ def train(
     channels_last: Annotated[bool, typer.Option(help="Channels-last memory format.")] = (
         _T.channels_last
     ),
+    amp: Annotated[
+        str,
+        typer.Option(help="Mixed precision: off|bf16|fp16 (fp16: CUDA, with a gradient scaler)."),
+    ] = _T.amp,
+    loader: Annotated[str, typer.Option(help="Data loader: torch|dali|auto.")] = _T.loader,
     out: Annotated[Path, typer.Option(help="Folder of runs.")] = Path(_T.out),
     name: Annotated[str, typer.Option(help="Run name (default: <preset>-<score>-s<seed>).")] = "",
     resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = (
         False
     ),
 ) -> None:
-    """Pre-train the classifier, then train a CASM into OUT/NAME (checkpoint, metrics.jsonl)."""
+    """Pre-train the classifier, then train a CASM into OUT/NAME (checkpoint, metrics.jsonl).
+
+    Several processes: `torchrun --nproc-per-node N -m casm_deploy train ...` (DDP: gloo on
+    CPU, NCCL on GPU); --batch-size is per process.
+    """
     from casm_deploy import train as job
 
     def go() -> None:
@@ -212,6 +223,8 @@ def train(
             workers=workers,
             device=device,
             channels_last=channels_last,
+            amp=amp,
+            loader=loader,
             pretrain_epochs=pretrain_epochs,
             classifier_only=classifier_only,
             pretrain_lr=pretrain_lr,
@@ -424,6 +437,85 @@ def export(
             err=True,
         )
         raise typer.Exit(EXIT_PARITY_FAILED)
+
+
+EXIT_SOME_FAILED = 3  # `infer`: every file is recorded, but some could not be processed
+
+
+@app.command()
+def infer(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    model: Annotated[
+        Path, typer.Option(help="masker.onnx or masker.ts (casm-deploy export) or a checkpoint.")
+    ] = Path(_I.model),
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path(_I.out),
+    batch: Annotated[int, typer.Option(help="Images per model call.")] = _I.batch,
+    backend: Annotated[
+        str, typer.Option(help="auto|onnx|torchscript|eager (auto: from the file name).")
+    ] = _I.backend,
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda (auto: CUDA if present).")] = (
+        _I.device
+    ),
+    workers: Annotated[
+        int, typer.Option(help="Decoding and writing threads (0: one per CPU core).")
+    ] = _I.workers,
+    decoder: Annotated[
+        str,
+        typer.Option(
+            help="opencv, or dali (JPEGs through NVIDIA DALI: nvJPEG on a GPU); "
+            "auto: dali when running on CUDA and DALI is installed."
+        ),
+    ] = _I.decoder,
+    masks: Annotated[
+        str, typer.Option(help="png (8-bit), npy (float32) or none: OUT/masks/<path>.<ext>.")
+    ] = _I.masks,
+    mask_size: Annotated[
+        str, typer.Option(help="original (each image's size) or model (the input size).")
+    ] = _I.mask_size,
+    overlay: Annotated[
+        bool, typer.Option("--overlay", help="Also OUT/overlays/<path>.jpg: mask and box drawn.")
+    ] = _I.overlay,
+    coco: Annotated[str, typer.Option(help="Also write COCO-style detections to this file.")] = (
+        _I.coco
+    ),
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Delete OUT's earlier results and start over.")
+    ] = _I.overwrite,
+) -> None:
+    """Masks, boxes and labels for every image file under FOLDER.
+
+    Image files are .jpg .jpeg .png .bmp .webp .tif .tiff in any case; other files are not
+    read. Writes OUT/masks/<path>.png, OUT/boxes.jsonl (one line per file: status ok or error
+    with its reason; boxes [x0, y0, x1, y1] in original pixels) and OUT/summary.json.
+
+    Run the same command again after an interruption to do only the files not yet recorded.
+
+    Exit status: 0 every file ok; 3 some files could not be read or written (see boxes.jsonl);
+    2 bad usage (missing folder or model, OUT holding another run's results).
+    """
+    from casm_deploy import infer as job
+
+    def go() -> dict[str, Any]:
+        cfg = InferConfig(
+            dir=str(folder),
+            model=str(model),
+            out=str(out),
+            batch=batch,
+            backend=backend,
+            device=device,
+            workers=workers,
+            decoder=decoder,
+            masks=masks,
+            mask_size=mask_size,
+            overlay=overlay,
+            coco=coco,
+            overwrite=overwrite,
+        )
+        return job.run(cfg)
+
+    summary = _call(go)
+    if summary["error"]:
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 def main() -> None:

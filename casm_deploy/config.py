@@ -70,9 +70,10 @@ class TrainConfig:
     resume: bool = False
     seed: int = 0
     workers: int = 1  # data-loading processes (0: load in the main process)
-    loader: str = "torch"
+    loader: str = "torch"  # torch | dali | auto (the data module picks)
     device: str = "auto"  # auto: CUDA when available, else CPU
     channels_last: bool = True
+    amp: str = "off"  # off | bf16 | fp16 (fp16: CUDA only, with a gradient scaler)
 
     # Classifier pre-training on clean images (Adam, one-cycle schedule).
     classifier_only: bool = False  # stop after pre-training (classifiers for the Fig. 3 test)
@@ -112,6 +113,10 @@ class TrainConfig:
             raise ValueError(f"--upsample must be nearest or bilinear, not {self.upsample!r}")
         if not 0 < self.epoch_fraction <= 1:
             raise ValueError(f"--epoch-fraction must be in (0, 1], not {self.epoch_fraction}")
+        if self.amp not in ("off", "bf16", "fp16"):
+            raise ValueError(f"--amp must be off, bf16 or fp16, not {self.amp!r}")
+        if self.loader not in ("torch", "dali", "auto"):
+            raise ValueError(f"--loader must be torch, dali or auto, not {self.loader!r}")
 
     @property
     def preset(self) -> Preset:
@@ -228,6 +233,40 @@ class ExportConfig:
         return self.onnx or self.triton or self.precision == "int8"
 
 
+@dataclass(frozen=True)
+class InferConfig:
+    """`casm-deploy infer`: masks, boxes and labels for every image file under a folder.
+
+    Resumable: OUT/boxes.jsonl records each file once; a rerun does only what is not in it.
+    """
+
+    dir: str = ""
+    model: str = "export/default/masker.onnx"
+    out: str = "out"
+    batch: int = 256
+    backend: str = "auto"  # auto: from the model file's suffix
+    device: str = "auto"  # auto: CUDA when there is one
+    workers: int = 0  # decoding and writing threads; 0: one per CPU core
+    decoder: str = "auto"  # opencv, or dali for JPEGs (auto: dali on CUDA when installed)
+    masks: str = "png"  # png (8-bit), npy (float32) or none
+    mask_size: str = "original"  # original (each image's size) or model (S x S)
+    overlay: bool = False  # also OUT/overlays/<path>.jpg: the image, its mask and box
+    coco: str = ""  # also write COCO-style detections here
+    overwrite: bool = False  # start over: delete OUT's earlier results
+
+    def __post_init__(self) -> None:
+        if self.batch < 1:
+            raise ValueError(f"--batch must be at least 1, not {self.batch}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be 0 (one per core) or more, not {self.workers}")
+        if self.masks not in ("png", "npy", "none"):
+            raise ValueError(f"--masks must be png, npy or none, not {self.masks!r}")
+        if self.decoder not in ("auto", "opencv", "dali"):
+            raise ValueError(f"--decoder must be auto, opencv or dali, not {self.decoder!r}")
+        if self.mask_size not in ("original", "model"):
+            raise ValueError(f"--mask-size must be original or model, not {self.mask_size!r}")
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config dataclass (tuples become lists)."""
     return json_ready(dataclasses.asdict(cfg))
@@ -255,6 +294,7 @@ __all__ = [
     "DEFAULT_DATA",
     "EvalConfig",
     "ExportConfig",
+    "InferConfig",
     "PRECISIONS",
     "PRESETS",
     "Preset",

@@ -1,8 +1,9 @@
 """Reading an ImageNet-layout data set: classes, image lists, ILSVRC boxes, and the torch loader.
 
-`build_loader` is the one entry point the training uses; it yields `(images, labels, indices)`
-with images float in [0, 1], (B, 3, S, S), channels-last. Loaders only decode and resize: the
-normalisation lives inside the Masker. Box transforms mirror the image transforms exactly.
+`build_loader` is the one entry point the training uses (the torch loader here, DALI's in
+dali.py); it yields `(images, labels, indices)` with images float in [0, 1], (B, 3, S, S),
+channels-last. Loaders only decode and resize: the normalisation lives inside the Masker. Box
+transforms mirror the image transforms exactly.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,8 +20,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from casm_deploy.errors import UserError
 
+if TYPE_CHECKING:
+    from casm_deploy.dali import DALILoader
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 RESIZE_POLICIES = ("center-crop", "stretch")  # the paper's appendix: crop, or break the ratio
+LOADERS = ("torch", "dali", "auto")  # auto: DALI when it imports, else torch
 
 
 def check_policy(policy: str) -> str:
@@ -235,6 +241,33 @@ class ImageDataset(Dataset):
         return np.ascontiguousarray(image), label, index
 
 
+def epoch_order(
+    n: int, *, shuffle: bool, seed: int, epoch: int, fraction: float = 1.0, multiple: int = 1
+) -> list[int]:
+    """The sample indices of one epoch over all shards, in loading order (every loader's order).
+
+    Shuffled: a permutation seeded by (seed, epoch), cut to `fraction` of the samples, then to a
+    multiple of `multiple` (the number of shards, when the last batch is dropped, so that every
+    shard gets as many batches). Not shuffled: 0..n-1.
+    """
+    if not shuffle:
+        return list(range(n))
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    keep = max(1, int(n * fraction))
+    if keep >= multiple:
+        keep -= keep % multiple
+    return order[:keep]
+
+
+def shard_bounds(n: int, shard_id: int, num_shards: int) -> tuple[int, int]:
+    """The `[start, end)` block of an n-sample list that shard `shard_id` reads.
+
+    Contiguous blocks, split as DALI's file reader splits its list, so both loaders shard alike.
+    """
+    return n * shard_id // num_shards, n * (shard_id + 1) // num_shards
+
+
 class TorchLoader:
     """Iterates `(images, labels, indices)` batches from an ImageDataset.
 
@@ -250,20 +283,32 @@ class TorchLoader:
         workers: int,
         fraction: float = 1.0,
         drop_last: bool = False,
+        shard_id: int = 0,
+        num_shards: int = 1,
     ):
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
         self.workers, self.fraction, self.drop_last = workers, fraction, drop_last
+        self.shard_id, self.num_shards = shard_id, num_shards
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.epoch = epoch
 
+    @property
+    def samples(self) -> list[tuple[Path, int]]:
+        return self.dataset.samples
+
     def indices(self) -> list[int]:
-        n = len(self.dataset)
-        if not self.shuffle:
-            return list(range(n))
-        generator = torch.Generator().manual_seed(self.dataset.seed * 100_003 + self.dataset.epoch)
-        order = torch.randperm(n, generator=generator)
-        return order[: max(1, int(n * self.fraction))].tolist()
+        """This epoch's sample indices for this shard, in loading order."""
+        order = epoch_order(
+            len(self.dataset),
+            shuffle=self.shuffle,
+            seed=self.dataset.seed,
+            epoch=self.dataset.epoch,
+            fraction=self.fraction,
+            multiple=self.num_shards if self.drop_last else 1,
+        )
+        start, end = shard_bounds(len(order), self.shard_id, self.num_shards)
+        return order[start:end]
 
     def __len__(self) -> int:
         n = len(self.indices())
@@ -297,17 +342,64 @@ def build_loader(
     policy: str = "center-crop",
     loader: str = "torch",
     limit: int = 0,
-) -> TorchLoader:
-    """The training and validation data loader (the one place another backend plugs in).
+    shard_id: int = 0,
+    num_shards: int = 1,
+    device: str = "cpu",
+) -> TorchLoader | DALILoader:
+    """The training and validation data loader: a TorchLoader or a `dali.DALILoader`.
 
-    `limit` keeps the first N images of the split (0: all of them).
+    Both yield the same `(images, labels, indices)` batches and have `len`, `set_epoch` and
+    `samples`. `loader`: "torch", "dali", or "auto" (DALI when it imports, else torch).
+    `limit` keeps the first N images of the split (0: all of them). `shard_id` / `num_shards`
+    (global rank / world size) give each process its block of every epoch; `device` is where
+    DALI decodes (cpu, auto, cuda, cuda:N; the torch loader always decodes on the CPU).
+
+    Raises:
+        UserError: an unknown loader, or "dali" where DALI does not import.
     """
+    if loader not in LOADERS:
+        raise UserError(f"--loader {loader!r}: choose one of {', '.join(LOADERS)}")
+    if not 0 <= shard_id < num_shards:
+        raise UserError(f"shard {shard_id} of {num_shards}: need 0 <= shard_id < num_shards")
     if loader != "torch":
-        raise UserError(f"--loader {loader!r} is not available; use torch")
+        from casm_deploy.dali import dali_available
+
+        if dali_available():
+            loader = "dali"
+        elif loader == "dali":
+            raise UserError(
+                "--loader dali: NVIDIA DALI does not import here; "
+                "install it with `pip install nvidia-dali-cuda120` or use --loader torch"
+            )
+        else:
+            loader = "torch"
     samples = list_images(root, split, wnids)
     if limit > 0:
         samples = samples[:limit]
+    if loader == "dali":
+        from casm_deploy.dali import DALILoader
+
+        return DALILoader(
+            samples,
+            image_size,
+            batch_size,
+            train=train,
+            workers=workers,
+            seed=seed,
+            fraction=fraction,
+            policy=policy,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            device=device,
+        )
     dataset = ImageDataset(samples, image_size, train=train, seed=seed, policy=policy)
     return TorchLoader(
-        dataset, batch_size, shuffle=train, workers=workers, fraction=fraction, drop_last=train
+        dataset,
+        batch_size,
+        shuffle=train,
+        workers=workers,
+        fraction=fraction,
+        drop_last=train,
+        shard_id=shard_id,
+        num_shards=num_shards,
     )

@@ -4,13 +4,17 @@
 pool, the mask from detached features, a masked-out pass through the current classifier or a
 snapshot from the pool, a classifier step on the masked-out loss (Eq. 8), and a decoder step on
 the entropy (or classification) score plus the area term on non-trivially confused images.
+Optional mixed precision (`--amp`) and multi-process data-parallel training under torchrun.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import datetime
 import json
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -19,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -42,6 +47,109 @@ from casm_deploy.metrics import (
 )
 from casm_deploy.model import Encoder, Masker, build_masker, load_encoder_weights
 from casm_deploy.ui import console, progress
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(amp: str, device_type: str) -> torch.dtype | None:
+    """The autocast dtype of `--amp` on this device (None: fp32), or a UserError.
+
+    Raises:
+        UserError: fp16 off CUDA (CPU autocast is for bf16), or bf16 on a GPU without it.
+    """
+    if amp not in AMP_DTYPES:
+        raise UserError(f"--amp must be one of {', '.join(AMP_DTYPES)}, not {amp!r}")
+    if amp == "fp16" and device_type != "cuda":
+        raise UserError("--amp fp16 needs a CUDA device (use --amp bf16 on the CPU)")
+    if amp == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--amp bf16: this GPU does not support bfloat16 (use --amp fp16)")
+    return AMP_DTYPES[amp]
+
+
+def autocast(device_type: str, dtype: torch.dtype | None):
+    """`torch.autocast` to `dtype`, or nothing at all when `dtype` is None (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
+
+
+# Multi-process training. The models are not wrapped in DistributedDataParallel: DDP reduces
+# gradients in hooks that `.backward()` fires, and CASM takes its masked-out and mapping
+# gradients with `torch.autograd.grad`, which fires none. So every rank averages its gradients
+# itself (one all-reduce per optimiser step, `average_gradients`) before the optimisers step,
+# which keeps the weights identical on every rank, as DDP would.
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job; world 1 is a plain single process."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def distributed_from_env() -> Distributed:
+    """Read torchrun's RANK, LOCAL_RANK and WORLD_SIZE (absent: a single process)."""
+    return Distributed(
+        rank=int(os.environ.get("RANK", 0)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        world=int(os.environ.get("WORLD_SIZE", 1)),
+    )
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def average_gradients(grads: list[torch.Tensor]) -> None:
+    """Replace each rank's gradients, in place, by their mean over the ranks (a no-op alone).
+
+    One flat buffer, so one all-reduce per optimiser step, divided before the sum as DDP does.
+    Under fp16 the gradients are still scaled here: an inf on one rank becomes an inf on all, so
+    every rank skips the same step.
+    """
+    if not _is_distributed() or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads]) / dist.get_world_size()
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def average_buffers(module: nn.Module) -> None:
+    """Average the BatchNorm running statistics over the ranks (a no-op alone).
+
+    Each rank updates them on its own shard. The running averages are linear in the batch
+    statistics, so averaging them only when they are read (a pool snapshot, validation, a
+    checkpoint) gives the same as averaging after every step.
+    """
+    if not _is_distributed():
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer /= dist.get_world_size()
+
+
+def broadcast_module(module: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank (a no-op alone)."""
+    if not _is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor, src=0)
+
+
+def barrier() -> None:
+    if _is_distributed():
+        dist.barrier()
 
 
 class ThinningPool:
@@ -117,10 +225,18 @@ class StepOutput:
 
 
 class CASM:
-    """The state of the CASM phase: Masker, optimisers, thinning pool, and the step counter."""
+    """The state of the CASM phase: Masker, optimisers, thinning pool, and the step counter.
+
+    With `cfg.amp` the forward passes run under autocast and the losses in fp32; the weights,
+    the optimiser states and the pool snapshots stay fp32. fp16 adds a gradient scaler
+    (`self.scaler`, disabled otherwise, so the fp32 step is exactly the plain one).
+    """
 
     def __init__(self, masker: Masker, cfg: TrainConfig, rng: random.Random):
         self.masker, self.cfg = masker, cfg
+        device_type = masker.mean.device.type
+        self.amp_dtype = amp_dtype(cfg.amp, device_type)
+        self.scaler = torch.amp.GradScaler(device_type, enabled=cfg.amp == "fp16")
         self.trainable = not cfg.fixed_classifier
         encoder_params = list(masker.encoder.parameters())
         self.opt_classifier = torch.optim.SGD(
@@ -149,32 +265,45 @@ class CASM:
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
         """One step of Algorithm 1 on a batch of images in [0, 1]."""
-        masker, cfg = self.masker, self.cfg
+        masker, cfg, scaler = self.masker, self.cfg, self.scaler
         encoder, decoder = masker.encoder, masker.decoder
         encoder.train(self.trainable)
         decoder.train()
+        # Forward passes under autocast (a no-op in fp32), losses in fp32.
+        amp = autocast(images.device.type, self.amp_dtype)
 
         # 1. The classifier on clean images, and its SGD step.
-        with torch.set_grad_enabled(self.trainable):
+        with torch.set_grad_enabled(self.trainable), amp:
             logits, features = encoder(masker.normalize(images))
-            loss_clean = F.cross_entropy(logits, labels)
+        logits = logits.float()
+        loss_clean = F.cross_entropy(logits, labels)
         if self.trainable:
             self.opt_classifier.zero_grad(set_to_none=True)
-            loss_clean.backward()
-            self.opt_classifier.step()
+            scaler.scale(loss_clean).backward()
+            average_gradients([p.grad for p in encoder.parameters() if p.grad is not None])
+            scaler.step(self.opt_classifier)
+            # GradScaler allows one step per optimiser between updates, and the classifier
+            # steps again below: so one update here, one at the end.
+            scaler.update()
 
         # 2. The thinning pool keeps snapshots of the classifier just updated.
         if self.pool.should_store(self.step_count):
+            average_buffers(encoder)  # every rank stores the same snapshot
             self.pool.store(encoder)
 
         # 3. The mask from the detached features, and the masked-out images.
-        masks = decoder([f.detach() for f in features], size=images.shape[-2:])
+        with amp:
+            masks = decoder([f.detach() for f in features], size=images.shape[-2:])
+        masks = masks.float()
         masked_out = images * (1 - masks)
 
         # 4. The classifier of the masked pass: a snapshot with probability hp, else the current.
+        # The draw comes from an RNG seeded alike on every rank, so all ranks run the same graph.
         index = self.pool.draw()
         classifier = encoder if index is None else self.pool_classifier(index)
-        masked_logits, _ = classifier(masker.normalize(masked_out))
+        with amp:
+            masked_logits, _ = classifier(masker.normalize(masked_out))
+        masked_logits = masked_logits.float()
         loss_masked = F.cross_entropy(masked_logits, labels)
         loss_map = mapping_loss(
             logits.detach(), masked_logits, labels, masks, cfg.resolved_lambda_r, cfg.score
@@ -183,22 +312,29 @@ class CASM:
         # 5. All gradients first, then the steps: the classifier's on the masked-out loss
         # (Eq. 8) and the decoder's on the mapping loss. The decoder's gradient is taken for
         # the decoder alone, so the mapping loss never moves the encoder.
+        # Under fp16 each loss is scaled, and the gradients are unscaled before the clipping.
         decoder_params = [p for p in decoder.parameters() if p.requires_grad]
         update_classifier = self.trainable and index is None
+        grads: tuple[torch.Tensor, ...] = ()
         if update_classifier:
             encoder_params = [p for p in encoder.parameters() if p.requires_grad]
-            grads = torch.autograd.grad(loss_masked, encoder_params, retain_graph=True)
-        decoder_grads = torch.autograd.grad(loss_map, decoder_params)
+            grads = torch.autograd.grad(
+                scaler.scale(loss_masked), encoder_params, retain_graph=True
+            )
+        decoder_grads = torch.autograd.grad(scaler.scale(loss_map), decoder_params)
+        average_gradients([*grads, *decoder_grads])
         if update_classifier:
             self.opt_classifier.zero_grad(set_to_none=True)
             for p, g in zip(encoder_params, grads, strict=True):
                 p.grad = g
-            self.opt_classifier.step()
+            scaler.step(self.opt_classifier)
         self.opt_decoder.zero_grad(set_to_none=True)
         for p, g in zip(decoder_params, decoder_grads, strict=True):
             p.grad = g
+        scaler.unscale_(self.opt_decoder)
         nn.utils.clip_grad_norm_(decoder_params, cfg.grad_clip)
-        self.opt_decoder.step()
+        scaler.step(self.opt_decoder)
+        scaler.update()
         self.step_count += 1
 
         return StepOutput(
@@ -214,11 +350,14 @@ class CASM:
         return {
             "classifier": self.opt_classifier.state_dict(),
             "decoder": self.opt_decoder.state_dict(),
+            "scaler": self.scaler.state_dict(),  # {} unless fp16
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.opt_classifier.load_state_dict(state["classifier"])
         self.opt_decoder.load_state_dict(state["decoder"])
+        if state.get("scaler"):  # absent from checkpoints older than --amp, empty unless fp16
+            self.scaler.load_state_dict(state["scaler"])
 
 
 @torch.no_grad()
@@ -290,7 +429,8 @@ def print_summary(log_path: Path) -> None:
     console.print(table)
 
 
-def _pretrain_epoch(masker, loader, optimizer, scheduler, bars, description) -> dict:
+def _pretrain_epoch(masker, loader, optimizer, scheduler, casm, bars, description) -> dict:
+    """One epoch of the classifier on clean images, with the CASM phase's AMP and scaler."""
     encoder = masker.encoder.train()
     correct = seen = 0
     loss_sum = 0.0
@@ -298,11 +438,15 @@ def _pretrain_epoch(masker, loader, optimizer, scheduler, bars, description) -> 
     device = masker.mean.device
     for images, labels, _ in loader:
         images, labels = images.to(device), labels.to(device)
-        logits, _ = encoder(masker.normalize(images))
+        with autocast(device.type, casm.amp_dtype):
+            logits, _ = encoder(masker.normalize(images))
+        logits = logits.float()
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        casm.scaler.scale(loss).backward()
+        average_gradients([p.grad for p in encoder.parameters() if p.grad is not None])
+        casm.scaler.step(optimizer)
+        casm.scaler.update()
         scheduler.step()
         correct += int(logits.argmax(1).eq(labels).sum())
         seen += len(labels)
@@ -342,16 +486,45 @@ def _casm_epoch(casm: CASM, loader, bars, description) -> dict:
     }
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> CUDA when available, else CPU; a CUDA device asked for must exist."""
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """`auto` -> CUDA when available, else CPU; a CUDA device asked for must exist.
+
+    Under torchrun (`local_rank` given) a bare `cuda` means this process's GPU, cuda:LOCAL_RANK.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name!r}: not a device (use auto, cpu or cuda)") from None
+    if device == torch.device("cuda") and local_rank is not None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def init_distributed(device_name: str) -> tuple[Distributed, torch.device]:
+    """Join the torchrun job this process belongs to, if any, and pick its device.
+
+    NCCL between GPUs, gloo between CPU processes. Returns the job's shape (world 1 when not
+    under torchrun) and this process's device.
+    """
+    job = distributed_from_env()
+    if job.world == 1:
+        return job, resolve_device(device_name)
+    device = resolve_device(device_name, job.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # Validation runs on rank 0 alone while the others wait at a barrier: allow an hour.
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            rank=job.rank,
+            world_size=job.world,
+            timeout=datetime.timedelta(hours=1),
+        )
+    return job, device
 
 
 def ensure_data(cfg: TrainConfig) -> None:
@@ -402,11 +575,13 @@ def run(cfg: TrainConfig) -> Path:
     Writes `config.json`, `metrics.jsonl` (one line per epoch of either phase) and
     `checkpoint.pt` (atomically, at every epoch end), plus `pool-<step>.pt`, the thinning
     pool that the checkpoint names, when the pool is used.
+
+    Under torchrun (`torchrun --nproc-per-node N -m casm_deploy train ...`) every process trains
+    on its own shard of each epoch with the same weights (gradients averaged at every step);
+    rank 0 alone validates, writes the files and shows progress while the others wait.
     """
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
     run_dir = Path(cfg.out) / cfg.run_name
-    ckpt_path, log_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
+    ckpt_path = run_dir / "checkpoint.pt"
     if ckpt_path.exists() and not cfg.resume:
         raise UserError(
             f"{run_dir}: a run is already there; pass --resume to continue it, "
@@ -422,16 +597,36 @@ def run(cfg: TrainConfig) -> Path:
         stored = json.loads(stored_path.read_text())
         cfg = dataclasses.replace(config_from_dict(TrainConfig, stored), resume=True)
 
-    ensure_data(cfg)
+    # Every rank has made the checks above before any rank can pass this line (torchrun's
+    # rendezvous), so no rank sees the files that rank 0 writes next.
+    joined = dist.is_available() and dist.is_initialized()
+    job, device = init_distributed(cfg.device)
+    try:
+        return _train(cfg, job, device)
+    finally:
+        if not joined and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)  # the pool's RNG: the same draws on every rank
+    run_dir = Path(cfg.out) / cfg.run_name
+    ckpt_path, log_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
+
+    if job.main:
+        ensure_data(cfg)
+    barrier()
     info = read_classes(cfg.data)
     root = Path(cfg.data)
     masker = build_masker(cfg.arch, len(info.wnids), cfg.width, cfg.upsample)
     if cfg.weights:
         load_encoder_weights(masker.encoder, cfg.weights)
-    device = resolve_device(cfg.device)
     masker = masker.to(device)
     if cfg.channels_last:
         masker = masker.to(memory_format=torch.channels_last)
+    broadcast_module(masker)  # the same seed gives the same weights; this makes sure of it
+    casm = CASM(masker, cfg, rng)  # early: it refuses an --amp this device cannot run
 
     loader_args = dict(
         wnids=info.wnids,
@@ -439,9 +634,12 @@ def run(cfg: TrainConfig) -> Path:
         workers=cfg.workers,
         seed=cfg.seed,
         loader=cfg.loader,
+        device=str(device),  # where DALI decodes: this rank's GPU
     )
+    # Each rank trains on its own disjoint block of every epoch; validation is rank 0's alone.
+    shard = dict(shard_id=job.rank, num_shards=job.world)
     pretrain_loader = build_loader(
-        root, "train", batch_size=cfg.pretrain_batch_size, train=True, **loader_args
+        root, "train", batch_size=cfg.pretrain_batch_size, train=True, **loader_args, **shard
     )
     casm_loader = build_loader(
         root,
@@ -450,11 +648,21 @@ def run(cfg: TrainConfig) -> Path:
         train=True,
         fraction=cfg.epoch_fraction,
         **loader_args,
+        **shard,
     )
+    for name, loader_, size, epochs in (
+        ("pre-training", pretrain_loader, cfg.pretrain_batch_size, cfg.pretrain_epochs),
+        ("CASM", casm_loader, cfg.batch_size, cfg.casm_epochs),
+    ):
+        if epochs and len(loader_) == 0:  # the last partial batch is dropped
+            where = f" on each of {job.world} processes" if job.world > 1 else ""
+            raise UserError(
+                f"{root}: too few training images for one {name} batch of {size}{where}"
+            )
     val_loader = build_loader(root, "val", batch_size=128, train=False, **loader_args)
     boxes = [  # each validation image's boxes of its own class, in the model frame
         own_boxes(path, info.wnids[label], root / "annotations", cfg.image_size)
-        for path, label in val_loader.dataset.samples
+        for path, label in val_loader.samples
     ]
 
     pre_opt = torch.optim.Adam(masker.encoder.parameters(), lr=cfg.pretrain_lr)
@@ -463,10 +671,9 @@ def run(cfg: TrainConfig) -> Path:
         max_lr=cfg.pretrain_lr,
         total_steps=max(1, cfg.pretrain_epochs * len(pretrain_loader)),
     )
-    casm = CASM(masker, cfg, rng)
     phase, epoch = ("pretrain", 0) if cfg.pretrain_epochs > 0 else ("casm", 0)
 
-    if cfg.resume:
+    if cfg.resume:  # every rank loads the same checkpoint
         checkpoint = load_checkpoint(ckpt_path)
         masker.encoder.load_state_dict(checkpoint["encoder"])
         masker.decoder.load_state_dict(checkpoint["decoder"])
@@ -479,9 +686,10 @@ def run(cfg: TrainConfig) -> Path:
         if checkpoint["pool_file"]:
             casm.pool.snapshots = load_file(run_dir / checkpoint["pool_file"])["snapshots"]
         phase, epoch = checkpoint["phase"], checkpoint["epoch"]
-        _trim_log(log_path, checkpoint["metrics"])
-        console.print(f"resuming [bold]{run_dir}[/] at {phase} epoch {epoch + 1}")
-    else:
+        if job.main:
+            _trim_log(log_path, checkpoint["metrics"])
+            console.print(f"resuming [bold]{run_dir}[/] at {phase} epoch {epoch + 1}")
+    elif job.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         log_path.unlink(missing_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
@@ -534,31 +742,39 @@ def run(cfg: TrainConfig) -> Path:
                 old.unlink()
 
     def end_epoch(phase_: str, done: int, total: int, then: str, started_at: float, train_metrics):
-        """Validate, checkpoint (where to go on: the next epoch, or phase `then`), log."""
-        val = validate(masker, val_loader, boxes, cfg.image_size)
-        record = {"phase": phase_, "epoch": done, "seconds": time.time() - started_at}
-        record |= train_metrics | val
-        save(*((phase_, done) if done < total else (then, 0)), record)
-        with log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Validate, checkpoint (where to go on: the next epoch, or phase `then`), log.
+
+        Rank 0 alone, with rank 0's training metrics (its shard); the others return None.
+        """
+        average_buffers(masker)  # the BatchNorm statistics of all the ranks' shards
+        val = None
+        if job.main:
+            val = validate(masker, val_loader, boxes, cfg.image_size)
+            record = {"phase": phase_, "epoch": done, "seconds": time.time() - started_at}
+            record |= train_metrics | val
+            save(*((phase_, done) if done < total else (then, 0)), record)
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        barrier()
         return val
 
     started = time.time()
-    with progress() as bars:
+    with progress(disable=not job.main) as bars:
         if phase == "pretrain":
             for e in range(epoch, cfg.pretrain_epochs):
                 pretrain_loader.set_epoch(e)
                 t0 = time.time()
                 title = f"pretrain {e + 1}/{cfg.pretrain_epochs}"
                 train_metrics = _pretrain_epoch(
-                    masker, pretrain_loader, pre_opt, pre_sched, bars, title
+                    masker, pretrain_loader, pre_opt, pre_sched, casm, bars, title
                 )
                 then = "casm" if cfg.casm_epochs else "done"
                 val = end_epoch("pretrain", e + 1, cfg.pretrain_epochs, then, t0, train_metrics)
-                console.print(
-                    f"{title}: train acc {train_metrics['train_acc']:.3f}, "
-                    f"val acc {val['val_acc']:.3f}"
-                )
+                if val is not None:
+                    console.print(
+                        f"{title}: train acc {train_metrics['train_acc']:.3f}, "
+                        f"val acc {val['val_acc']:.3f}"
+                    )
             phase, epoch = "casm", 0
         if phase == "casm":
             for e in range(epoch, cfg.casm_epochs):
@@ -568,11 +784,13 @@ def run(cfg: TrainConfig) -> Path:
                 title = f"CASM {cfg.reproduce} {e + 1}/{cfg.casm_epochs}"
                 train_metrics = _casm_epoch(casm, casm_loader, bars, title)
                 val = end_epoch("casm", e + 1, cfg.casm_epochs, "done", t0, train_metrics)
-                console.print(
-                    f"{title}: val acc {val['val_acc']:.3f}, masked-out "
-                    f"{val['val_acc_masked']:.3f}, area {val['val_mask_mean']:.3f}, "
-                    f"LE {val['val_LE']:.3f}, F1 {val['val_F1']:.3f}"
-                )
-    console.print(f"done in {time.time() - started:.0f} s: {ckpt_path}")
-    print_summary(log_path)
+                if val is not None:
+                    console.print(
+                        f"{title}: val acc {val['val_acc']:.3f}, masked-out "
+                        f"{val['val_acc_masked']:.3f}, area {val['val_mask_mean']:.3f}, "
+                        f"LE {val['val_LE']:.3f}, F1 {val['val_F1']:.3f}"
+                    )
+    if job.main:
+        console.print(f"done in {time.time() - started:.0f} s: {ckpt_path}")
+        print_summary(log_path)
     return run_dir

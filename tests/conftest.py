@@ -38,7 +38,7 @@ def tiny_data(tmp_path_factory):
     return out
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_checkpoint():
     """Writes a checkpoint of the real schema with random weights for a data set's classes."""
 

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import json
 import random
 
@@ -281,3 +282,142 @@ def test_casm_step_on_cuda_keeps_the_pool_on_the_cpu():
         out = casm.step(images.cuda(), labels.cuda())
     assert out.masks.device.type == "cuda"
     assert all(t.device.type == "cpu" for t in casm.pool.snapshots[0].values())
+
+
+# Mixed precision ------------------------------------------------------------------------------
+
+
+def real_batch(data, size=48, n=16):
+    from casm_deploy.data import build_loader, read_classes
+
+    loader = build_loader(data, "train", read_classes(data).wnids, size, n, train=True, workers=0)
+    images, labels, _ = next(iter(loader))
+    return images, labels
+
+
+def one_step(masker, cfg, images, labels):
+    casm = CASM(copy.deepcopy(masker), cfg, random.Random(0))
+    return casm, casm.step(images, labels)
+
+
+def test_bf16_step_matches_fp32(tiny_data):
+    """A CASM step under CPU bf16 autocast gives the fp32 losses within 1%.
+
+    bf16 keeps 8 significant bits (a relative rounding error of 2**-9, 0.2%, per operation);
+    through the network the losses move by at most 0.4% here. The classifier is fixed (F, eval
+    mode): a trained one normalises with the batch statistics of 16 images, which amplifies the
+    rounding of a random-init network's low-variance channels several-fold, and its masked pass
+    follows a bf16 SGD step, so only its clean loss is compared (below).
+    """
+    images, labels = real_batch(tiny_data)
+    masker = tiny_masker().to(memory_format=torch.channels_last)
+    _, ref = one_step(masker, TrainConfig(reproduce="F"), images, labels)
+    casm, out = one_step(masker, TrainConfig(reproduce="F", amp="bf16"), images, labels)
+    assert casm.amp_dtype == torch.bfloat16 and out.loss_clean != ref.loss_clean  # bf16 ran
+    # The same decisions (right on clean, fooled when masked) keep the area term comparable.
+    assert (out.correct, out.correct_masked) == (ref.correct, ref.correct_masked)
+    for key in ("loss_clean", "loss_masked", "loss_mapping"):
+        assert getattr(out, key) == pytest.approx(getattr(ref, key), rel=1e-2), key
+    assert out.masks.dtype == torch.float32
+
+
+def test_bf16_trained_classifier_keeps_weights_and_pool_in_fp32(tiny_data):
+    images, labels = real_batch(tiny_data)
+    masker = tiny_masker().to(memory_format=torch.channels_last)
+    cfg = TrainConfig(reproduce="L100", hp=1.0, smf=1)  # a snapshot every step, always drawn
+    _, ref = one_step(masker, cfg, images, labels)
+    casm, out = one_step(masker, dataclasses.replace(cfg, amp="bf16"), images, labels)
+    assert out.loss_clean == pytest.approx(ref.loss_clean, rel=1e-2)  # the same weights so far
+    out = casm.step(images, labels)  # the masked pass through a snapshot
+    assert all(torch.isfinite(torch.tensor(v)) for v in (out.loss_masked, out.loss_mapping))
+    assert len(casm.pool.snapshots) == 2
+    for snapshot in casm.pool.snapshots:
+        assert all(t.dtype == torch.float32 for t in snapshot.values() if t.is_floating_point())
+    assert all(p.dtype == torch.float32 for p in casm.masker.parameters())
+    assert casm.scaler.state_dict() == {}  # bf16 needs no gradient scaler
+
+
+def test_gradient_scaler_leaves_the_step_unchanged():
+    """Each loss is scaled and its gradients unscaled (before the clipping): with a power-of-two
+    scale and fp32 arithmetic, scaling is exact, so the step is bit-identical to the plain one."""
+    images, labels = batch()
+    cfg = TrainConfig(reproduce="L100", hp=0.5, smf=1, grad_clip=0.1)  # the clipping bites
+    plain = CASM(tiny_masker(), cfg, random.Random(0))
+    scaled = CASM(tiny_masker(), cfg, random.Random(0))
+    scaled.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for _ in range(4):  # both kinds of masked pass: the current classifier and a snapshot
+        plain.step(images, labels)
+        scaled.step(images, labels)
+    for part in ("encoder", "decoder"):
+        a = getattr(plain.masker, part).state_dict()
+        b = getattr(scaled.masker, part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    assert scaled.scaler.get_scale() == 2.0**12  # no overflow, no growth yet
+
+
+def test_gradient_scaler_state_is_saved_and_restored():
+    images, labels = batch()
+    casm = CASM(tiny_masker(), TrainConfig(reproduce="L"), random.Random(0))
+    casm.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    casm.step(images, labels)
+    state = casm.state_dict()
+    assert state["scaler"]["scale"] == 2.0**12  # two updates per step: after each classifier step
+
+    resumed = CASM(tiny_masker(), TrainConfig(reproduce="L"), random.Random(0))
+    resumed.scaler = torch.amp.GradScaler("cpu", growth_interval=1)
+    resumed.load_state_dict(state)
+    assert resumed.scaler.get_scale() == 2.0**12
+    # A checkpoint from before --amp has no scaler: it still loads.
+    old = {k: v for k, v in state.items() if k != "scaler"}
+    CASM(tiny_masker(), TrainConfig(reproduce="L"), random.Random(0)).load_state_dict(old)
+
+
+def test_fp16_on_the_cpu_is_a_user_error():
+    from casm_deploy.errors import UserError
+
+    with pytest.raises(UserError, match="fp16 needs a CUDA device"):
+        CASM(tiny_masker(), TrainConfig(amp="fp16"), random.Random(0))
+    with pytest.raises(ValueError, match="--amp"):
+        TrainConfig(amp="fp8")
+
+
+def test_run_under_bf16_writes_fp32_checkpoint_and_pool(tiny_data, tmp_path):
+    from casm_deploy.checkpoint import load_checkpoint
+    from casm_deploy.train import run
+
+    cfg = TrainConfig(
+        data=str(tiny_data),
+        out=str(tmp_path),
+        name="bf16",
+        width=8,
+        image_size=32,
+        pretrain_epochs=1,
+        epochs=1,
+        batch_size=8,
+        pretrain_batch_size=8,
+        workers=0,
+        smf=2,
+        amp="bf16",
+    )
+    run_dir = run(cfg)
+    checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
+    assert checkpoint["config"]["amp"] == "bf16"
+    for part in ("encoder", "decoder"):
+        tensors = checkpoint[part].values()
+        assert all(t.dtype == torch.float32 for t in tensors if t.is_floating_point())
+    pool = torch.load(run_dir / checkpoint["pool_file"], weights_only=True)["snapshots"]
+    assert all(t.dtype == torch.float32 for s in pool for t in s.values() if t.is_floating_point())
+
+
+@pytest.mark.gpu
+def test_fp16_step_on_cuda_scales_and_keeps_fp32_weights():
+    masker = tiny_masker().cuda().to(memory_format=torch.channels_last)
+    casm = CASM(masker, TrainConfig(reproduce="L100", hp=0.5, smf=1, amp="fp16"), random.Random(0))
+    assert casm.scaler.is_enabled()
+    images, labels = batch()
+    for _ in range(3):
+        out = casm.step(images.cuda(), labels.cuda())
+    assert all(torch.isfinite(torch.tensor(v)) for v in (out.loss_clean, out.loss_mapping))
+    assert all(p.dtype == torch.float32 for p in masker.parameters())
+    assert casm.state_dict()["scaler"]["scale"] > 0
+    assert all(t.dtype == torch.float32 for t in casm.pool.snapshots[0].values())

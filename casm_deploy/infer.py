@@ -1,0 +1,519 @@
+"""`casm-deploy infer`: every image file under a folder -> masks, boxes and labels; resumable.
+
+scan (streamed) -> read_image in threads, a few batches ahead -> backend (this thread) ->
+mask files written in threads -> boxes.jsonl appended and fsync'd per batch, the record of
+what is done -> summary.json (and COCO detections) from the whole record at the end.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from casm_deploy import __version__
+from casm_deploy.config import InferConfig, config_to_dict
+from casm_deploy.errors import UserError
+from casm_deploy.images import (
+    Entry,
+    ImageError,
+    decode,
+    is_jpeg,
+    read_encoded,
+    read_image,
+    scan,
+)
+from casm_deploy.predict import Masker, resize_mask
+from casm_deploy.ui import console, progress
+
+RECORD = "boxes.jsonl"
+IDENTITY = "infer.json"  # what produced OUT: a rerun must match it to resume
+RESULTS = (RECORD, "summary.json", IDENTITY, "masks", "overlays")
+AHEAD = 2  # batches decoded ahead of the model, and batches being written behind it
+OVERLAY_SIDE = 512  # longest side of an overlay image
+
+
+class OutputError(Exception):
+    """An output file that cannot or must not be written; the message is the reason."""
+
+
+def run(cfg: InferConfig) -> dict[str, Any]:
+    """Run the model over every image under `cfg.dir`; returns the content of summary.json.
+
+    Raises:
+        UserError: the folder, the model or OUT cannot be used (nothing is written then).
+    """
+    root = Path(cfg.dir)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder")
+    masker = Masker.load(cfg.model, cfg.backend, cfg.device)
+    info = masker.info
+    out = Path(cfg.out)
+    done = prepare_out(out, cfg, masker)
+    todo = sum(1 for entry in scan(root, exclude=out) if entry.rel not in done)
+    console.print(
+        f"{root}: {todo} image files to do, {len(done)} already in {out / RECORD}; "
+        f"{info.backend} {info.precision} on {info.provider}, batch {cfg.batch}"
+    )
+    writer = Writer(out, cfg)
+    workers = cfg.workers or os.cpu_count() or 1
+    jpeg = jpeg_stage(cfg, info.device, masker.image_size, workers)
+    decoder = "OpenCV" if jpeg is None else f"OpenCV, and DALI for JPEGs ({jpeg.decoder.device})"
+    console.print(f"decoding: {decoder} with {workers} threads")
+    counts = {"ok": 0, "error": 0}
+    started = time.perf_counter()
+    with (
+        ThreadPoolExecutor(workers, thread_name_prefix="infer") as pool,
+        open(out / RECORD, "a", encoding="utf-8") as record,
+        progress() as bars,
+    ):
+        task = bars.add_task("infer", total=todo, info="")
+        entries = (entry for entry in scan(root, exclude=out) if entry.rel not in done)
+        pending: deque[list[tuple[dict[str, Any], Future | None]]] = deque()
+        batches = batched(entries, cfg.batch)
+        for batch in decode_ahead(pool, batches, masker.image_size, jpeg):
+            pending.append(process(batch, masker, writer, pool))
+            while len(pending) > AHEAD or (pending and all_done(pending[0])):
+                finished = append_records(record, pending.popleft(), counts)
+                bars.update(task, advance=finished, info=_rate(counts, started))
+        while pending:
+            finished = append_records(record, pending.popleft(), counts)
+            bars.update(task, advance=finished, info=_rate(counts, started))
+    if jpeg is not None:
+        jpeg.close()
+    seconds = time.perf_counter() - started
+    summary = write_summary(out, cfg, masker, counts, seconds)
+    if cfg.coco:
+        write_coco(out / RECORD, Path(cfg.coco), masker)
+    show(summary, out)
+    return summary
+
+
+# --- the pipeline -----------------------------------------------------------------------------
+
+
+def batched(entries: Iterable[Entry], size: int) -> Iterator[list[Entry]]:
+    iterator = iter(entries)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def decode_ahead(
+    pool: ThreadPoolExecutor,
+    batches: Iterable[list[Entry]],
+    size: int,
+    jpeg: JpegStage | None = None,
+) -> Iterator[list[tuple[Entry, Future]]]:
+    """Each batch with one decoding future per file, submitted AHEAD batches before it is
+    needed, so decoding overlaps the model while at most AHEAD + 1 batches are in memory.
+
+    Without `jpeg`, the pool's threads decode every file with OpenCV. With it, they read and
+    check the files and decode all but JPEGs; the JPEGs of a batch go to DALI in one call.
+    """
+    queue: deque[list[tuple[Entry, Future]]] = deque()
+    for batch in batches:
+        if jpeg is None:
+            futures = [pool.submit(read_image, entry.path, size) for entry in batch]
+        else:
+            futures = jpeg.submit([pool.submit(prepare, entry.path, size) for entry in batch])
+        queue.append(list(zip(batch, futures, strict=True)))
+        if len(queue) > AHEAD:
+            yield queue.popleft()
+    yield from queue
+
+
+def prepare(path: Path, size: int) -> tuple[str, np.ndarray, int, int]:
+    """("jpeg", its bytes, w, h) for a JPEG, left for DALI; ("image", decoded, w, h) otherwise."""
+    data, width, height = read_encoded(path)
+    if is_jpeg(data):
+        return "jpeg", data, width, height
+    return "image", decode(data, width, height, size), width, height
+
+
+class JpegStage:
+    """The JPEGs of each batch decoded by DALI (nvJPEG on a GPU) in one thread of its own."""
+
+    def __init__(self, decoder: Any, size: int):
+        self.decoder, self.size = decoder, size
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="dali")
+
+    def submit(self, prepared: list[Future]) -> list[Future]:
+        results: list[Future] = [Future() for _ in prepared]
+        self.thread.submit(self._decode, prepared, results)
+        return results
+
+    def _decode(self, prepared: list[Future], results: list[Future]) -> None:
+        jpegs = []
+        for future, result in zip(prepared, results, strict=True):
+            try:
+                kind, payload, width, height = future.result()
+            except Exception as error:
+                result.set_exception(error)
+                continue
+            if kind == "image":
+                result.set_result((payload, width, height))
+            else:
+                jpegs.append((payload, width, height, result))
+        if not jpegs:
+            return
+        try:
+            images = self.decoder([data for data, *_ in jpegs])
+        except Exception:  # one file DALI cannot decode fails the batch: OpenCV names it
+            images = None
+        for k, (data, width, height, result) in enumerate(jpegs):
+            try:
+                image = images[k] if images is not None else decode(data, width, height, self.size)
+                result.set_result((image, width, height))
+            except Exception as error:
+                result.set_exception(error)
+
+    def close(self) -> None:
+        self.thread.shutdown()
+
+
+def jpeg_stage(cfg: InferConfig, device: str, size: int, workers: int) -> JpegStage | None:
+    """The DALI stage `--decoder` asks for (auto: on CUDA when DALI is installed), or None."""
+    from casm_deploy import dali
+
+    if cfg.decoder == "opencv" or (cfg.decoder == "auto" and device != "cuda"):
+        return None
+    if not dali.dali_available():
+        if cfg.decoder == "dali":
+            raise UserError("--decoder dali: NVIDIA DALI is not installed (nvidia-dali-cuda120)")
+        return None
+    device_id = torch_device_index() if device == "cuda" else None
+    return JpegStage(dali.JpegDecoder(size, cfg.batch, device_id, workers), size)
+
+
+def torch_device_index() -> int:
+    import torch
+
+    return torch.cuda.current_device()
+
+
+def process(
+    batch: list[tuple[Entry, Future]], masker: Masker, writer: Writer, pool: ThreadPoolExecutor
+) -> list[tuple[dict[str, Any], Future | None]]:
+    """Run the model on a batch's decoded images; each file's record and its writing future."""
+    rows: list[dict[str, Any]] = []
+    images, sizes, good = [], [], []
+    for entry, future in batch:
+        try:
+            image, width, height = future.result()
+        except ImageError as error:
+            rows.append({"path": entry.rel, "status": "error", "error": str(error)})
+            continue
+        except Exception as error:  # a decoder crash on one file must not stop the run
+            reason = f"cannot decode ({type(error).__name__}: {error})"
+            rows.append({"path": entry.rel, "status": "error", "error": reason})
+            continue
+        rows.append({"path": entry.rel, "status": "ok"})
+        images.append(image)
+        sizes.append((width, height))
+        good.append(len(rows) - 1)
+    jobs: list[Future | None] = [None] * len(rows)
+    if images:
+        masks, logits = masker.run(np.stack(images))  # (B, S, S), (B, K)
+        described = masker.describe(masks, logits, sizes)
+        for i, mask, row in zip(good, masks, described, strict=True):
+            rows[i].update(row)
+            entry = batch[i][0]
+            jobs[i] = pool.submit(writer.write, entry, mask, row)
+    return list(zip(rows, jobs, strict=True))
+
+
+def all_done(batch: list[tuple[dict[str, Any], Future | None]]) -> bool:
+    return all(job is None or job.done() for _, job in batch)
+
+
+def append_records(
+    record: io.TextIOBase, batch: list[tuple[dict[str, Any], Future | None]], counts: dict
+) -> int:
+    """Wait for the batch's files, then append its records in one write, flushed and fsync'd:
+    a file is recorded only once its outputs are on disk."""
+    lines = []
+    for row, job in batch:
+        if job is not None:
+            try:
+                job.result()
+            except OutputError as error:
+                row = {"path": row["path"], "status": "error", "error": str(error)}
+            except OSError as error:
+                reason = f"cannot write its outputs ({error.strerror or error})"
+                row = {"path": row["path"], "status": "error", "error": reason}
+        counts[row["status"]] += 1
+        lines.append(json.dumps(row) + "\n")
+    record.write("".join(lines))
+    record.flush()
+    os.fsync(record.fileno())
+    return len(lines)
+
+
+def _rate(counts: dict[str, int], started: float) -> str:
+    seconds = max(time.perf_counter() - started, 1e-9)
+    return f"{(counts['ok'] + counts['error']) / seconds:.0f} img/s, {counts['error']} errors"
+
+
+# --- OUT: resuming, and writing inside it only ------------------------------------------------
+
+
+def identity(cfg: InferConfig, masker: Masker) -> dict[str, Any]:
+    """What must match for a rerun to continue OUT's results rather than mix runs."""
+    return {
+        "dir": str(Path(cfg.dir).resolve()),
+        "model_sha256": masker.info.sha256,
+        "masks": cfg.masks,
+        "mask_size": cfg.mask_size,
+        "overlay": cfg.overlay,
+    }
+
+
+def prepare_out(out: Path, cfg: InferConfig, masker: Masker) -> set[str]:
+    """Make OUT ready and return the paths it has already recorded.
+
+    A new or empty OUT starts fresh; an OUT of the same run resumes; `--overwrite` deletes an
+    earlier run's results first. A folder of anything else is refused (nothing is deleted).
+    """
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    marker = out / IDENTITY
+    wanted = identity(cfg, masker)
+    if out.is_dir() and any(out.iterdir()):
+        if not marker.is_file():
+            raise UserError(
+                f"--out {out}: not empty and not an infer output (no {IDENTITY}); "
+                "choose a new or empty folder"
+            )
+        if cfg.overwrite:
+            remove_results(out)
+        else:
+            try:
+                previous = json.loads(marker.read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                raise UserError(f"{marker}: unreadable ({error}); use --overwrite") from None
+            changed = [key for key, value in wanted.items() if previous.get(key) != value]
+            if changed:
+                raise UserError(
+                    f"--out {out} holds results of another run (changed: {', '.join(changed)}"
+                    "); use --overwrite to start over, or another --out"
+                )
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(marker, (json.dumps(wanted, indent=2) + "\n").encode())
+    return read_record(out / RECORD)
+
+
+def remove_results(out: Path) -> None:
+    import shutil
+
+    for name in RESULTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def read_record(path: Path) -> set[str]:
+    """The paths recorded in boxes.jsonl. A line cut short by a kill is removed from the file
+    (its file is done again)."""
+    if not path.is_file():
+        return set()
+    done: set[str] = set()
+    good_end = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                done.add(json.loads(line)["path"])
+            except (ValueError, KeyError, TypeError):
+                break
+            good_end += len(line)
+    if good_end < path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return done
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write through a temporary file and a rename: a reader sees the old file or the new one.
+
+    The temporary name is fixed, so a kill leaves no stray file behind for long (the next
+    write of the same output replaces it); a link planted there is removed, not followed.
+    """
+    temporary = path.with_name(f".{path.name}.partial")
+    if os.path.lexists(temporary):
+        os.unlink(temporary)
+    with open(temporary, "xb") as f:
+        f.write(data)
+    os.replace(temporary, path)
+
+
+class Writer:
+    """Writes one file's mask (and overlay) under OUT, and never anywhere else."""
+
+    def __init__(self, out: Path, cfg: InferConfig):
+        self.out = out
+        self.real_out = out.resolve()
+        self.cfg = cfg
+
+    def target(self, folder: str, rel: str, suffix: str) -> Path:
+        """OUT/folder/rel+suffix, after checking that it stays inside OUT.
+
+        Raises:
+            OutputError: the path would leave OUT (`..`, an absolute path, or a symbolic link
+                on the way that points outside).
+        """
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or ".." in parts:
+            raise OutputError(f"output path {rel!r} would leave the output folder")
+        path = self.out / folder / (rel + suffix)
+        existing = path.parent
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.resolve().is_relative_to(self.real_out):
+            raise OutputError(f"output folder {existing} leads outside {self.out} (a link)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def write(self, entry: Entry, mask: np.ndarray, row: dict[str, Any]) -> None:
+        import cv2
+
+        width, height = row["width"], row["height"]
+        full = resize_mask(mask, width, height) if self.cfg.mask_size == "original" else mask
+        if self.cfg.masks == "png":
+            ok, png = cv2.imencode(".png", np.rint(full * 255).astype(np.uint8))
+            if not ok:
+                raise OutputError("cannot encode the mask as PNG")
+            write_atomic(self.target("masks", entry.rel, ".png"), png.tobytes())
+        elif self.cfg.masks == "npy":
+            buffer = io.BytesIO()
+            np.save(buffer, full.astype(np.float32))
+            write_atomic(self.target("masks", entry.rel, ".npy"), buffer.getvalue())
+        if self.cfg.overlay:
+            jpeg = overlay(entry.path, mask, row["box"], width, height)
+            write_atomic(self.target("overlays", entry.rel, ".jpg"), jpeg)
+
+
+def overlay(path: Path, mask: np.ndarray, box: list[int] | None, width: int, height: int) -> bytes:
+    """The image (longest side at most OVERLAY_SIDE) dimmed where the mask is low, with its box."""
+    import cv2
+
+    scale = min(1.0, OVERLAY_SIDE / max(width, height))
+    w, h = max(1, round(width * scale)), max(1, round(height * scale))
+    image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
+    image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+    weight = resize_mask(mask, w, h)[:, :, None]
+    shown = (image * (0.3 + 0.7 * weight)).astype(np.uint8)  # salient pixels stay bright
+    if box is not None:
+        x0, y0, x1, y1 = (round(v * scale) for v in box)
+        cv2.rectangle(shown, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), (0, 255, 0), 1)
+    ok, jpeg = cv2.imencode(".jpg", shown, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not ok:
+        raise OutputError("cannot encode the overlay")
+    return jpeg.tobytes()
+
+
+# --- the results ------------------------------------------------------------------------------
+
+
+def read_rows(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def write_summary(
+    out: Path, cfg: InferConfig, masker: Masker, counts: dict[str, int], seconds: float
+) -> dict[str, Any]:
+    """OUT/summary.json: counts over the whole record (every run into OUT), speed of this one."""
+    totals = {"ok": 0, "error": 0}
+    for row in read_rows(out / RECORD):
+        totals[row["status"]] += 1
+    info = masker.info
+    done = counts["ok"] + counts["error"]
+    summary = {
+        **totals,
+        "files": totals["ok"] + totals["error"],
+        "this_run": {**counts, "seconds": round(seconds, 3)},
+        "images_per_second": round(done / seconds, 2) if done and seconds > 0 else None,
+        "backend": info.backend,
+        "provider": info.provider,
+        "device": info.device,
+        "precision": info.precision,
+        "model": info.path,
+        "model_sha256": info.sha256,
+        "image_size": info.image_size,
+        "package_version": __version__,
+        "config": config_to_dict(cfg),
+    }
+    write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    return summary
+
+
+def write_coco(record: Path, path: Path, masker: Masker) -> None:
+    """COCO-style detections: `images`, `categories` (ids = class index + 1) and one
+    `annotations` entry with a `score` per image with a box (the results list of COCO's API)."""
+    images, annotations = [], []
+    for image_id, row in enumerate(read_rows(record), start=1):
+        if row["status"] != "ok":
+            continue
+        images.append(
+            {
+                "id": image_id,
+                "file_name": row["path"],
+                "width": row["width"],
+                "height": row["height"],
+            }
+        )
+        if row["box"] is not None:
+            x0, y0, x1, y1 = row["box"]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": row["class_index"] + 1,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "score": row["score"],
+                    "iscrowd": 0,
+                }
+            )
+    info = masker.info
+    categories = [
+        {"id": k + 1, "name": info.label(k)[1], "supercategory": info.label(k)[0]}
+        for k in range(info.num_classes)
+    ]
+    coco = {"images": images, "annotations": annotations, "categories": categories}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, (json.dumps(coco) + "\n").encode())
+
+
+def show(summary: dict[str, Any], out: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"casm-deploy infer -> {out}")
+    for column in ("ok", "error", "this run", "img/s", "backend", "provider", "precision"):
+        table.add_column(column)
+    run_ = summary["this_run"]
+    table.add_row(
+        str(summary["ok"]),
+        str(summary["error"]),
+        f"{run_['ok'] + run_['error']} files in {run_['seconds']:.1f} s",
+        f"{summary['images_per_second'] or 0:.1f}",
+        summary["backend"],
+        summary["provider"],
+        summary["precision"],
+    )
+    console.print(table)
+    if summary["error"]:
+        console.print(f"{summary['error']} files failed: their reasons are in {out / RECORD}")
