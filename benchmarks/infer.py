@@ -1,10 +1,17 @@
 """End-to-end `casm-deploy infer` against the model alone: does decoding hide behind compute?
 
-Usage: python benchmarks/infer.py [--export export/default] [--data data/synth/train]
-       [--images 4096] [--batch 256] [--backends onnx,torchscript]
-Prints a table and writes benchmarks/results/infer.json. Model-only runs the same backend on
-the same images, already decoded and resized in memory, at the same batch size; end-to-end is
-`infer.run` from files on disk to PNG masks and boxes.jsonl (and once with --masks none).
+Usage: python benchmarks/infer.py [--cases demo,224] [--images 8192] [--images-224 1024]
+       [--batch 256]
+Prints a table and writes benchmarks/results/infer.json.
+
+Two cases: `demo`, the trained demo mapping (export/default, 64 px, half-width ResNet-18) on
+the embedded data's ~100 px training images; `224`, a full-width ResNet-18 mapping at 224 px
+(random weights cost what trained ones do) on generated 375-500 px JPEGs, ImageNet's sizes.
+Model-only runs the same backend on the same images, decoded and resized in memory before the
+clock starts, at the same batch size; end-to-end is `infer.run` from the files on disk to PNG
+masks and boxes.jsonl (and once with --masks none). Also the CPU time per image of the model
+(its images/s over all cores) and of infer's own stages, one thread each, which on a CPU-only
+machine share the model's cores.
 """
 
 from __future__ import annotations
@@ -22,12 +29,13 @@ import numpy as np
 import torch
 
 from casm_deploy import infer
-from casm_deploy.config import InferConfig
-from casm_deploy.images import read_image, scan
+from casm_deploy.config import InferConfig, SynthConfig
+from casm_deploy.images import decode, read_encoded, read_image, scan
 from casm_deploy.predict import Masker
 from casm_deploy.ui import console
 
 FILES = {"onnx": "masker.onnx", "torchscript": "masker.ts"}
+BIG_DATA = Path("data/bench-infer-500")  # gitignored, like every data/ folder
 
 
 def model_only(masker: Masker, images: np.ndarray, batch: int) -> float:
@@ -39,64 +47,169 @@ def model_only(masker: Masker, images: np.ndarray, batch: int) -> float:
     return len(images) / (time.perf_counter() - start)
 
 
+def stage_costs(masker: Masker, entries: list, writer_out: Path) -> dict[str, float]:
+    """CPU milliseconds per image of infer's own stages, one thread, on up to 256 images."""
+    entries = entries[:256]
+    start = time.perf_counter()
+    encoded = [read_encoded(e.path) for e in entries]
+    read = time.perf_counter() - start
+    start = time.perf_counter()
+    images = np.stack([decode(data, w, h, masker.image_size) for data, w, h in encoded])
+    decoded = time.perf_counter() - start
+    masks, logits = masker.run(images)
+    sizes = [(w, h) for _, w, h in encoded]
+    start = time.perf_counter()
+    rows = [
+        masker.describe(masks[k : k + 1], logits[k : k + 1], [sizes[k]])[0]
+        for k in range(len(entries))
+    ]
+    described = time.perf_counter() - start
+    writer = infer.Writer(writer_out, InferConfig(dir=".", out=str(writer_out)))
+    start = time.perf_counter()
+    for entry, mask, row in zip(entries, masks, rows, strict=True):
+        writer.write(entry, mask, row)
+    written = time.perf_counter() - start
+    per_image = 1000 / len(entries)
+    return {
+        "read_and_check_ms": round(read * per_image, 3),
+        "decode_and_resize_ms": round(decoded * per_image, 3),
+        "box_and_label_ms": round(described * per_image, 3),
+        "write_png_ms": round(written * per_image, 3),
+    }
+
+
 def end_to_end(model: Path, folder: Path, batch: int, masks: str) -> float:
     """Images per second of `infer.run` (its processing loop, as summary.json reports it)."""
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory(dir=".") as out:  # on the disk users write to
         cfg = InferConfig(dir=str(folder), model=str(model), out=out, batch=batch, masks=masks)
         summary = infer.run(cfg)
-    assert summary["error"] == 0, "benchmark images must all decode"
+    if summary["error"]:
+        raise SystemExit(f"{folder}: {summary['error']} files failed; benchmark images must decode")
     return summary["images_per_second"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--export", default="export/default", help="casm-deploy export's OUT")
-    parser.add_argument("--data", default="data/synth/train", help="a folder of images")
-    parser.add_argument("--images", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--backends", default="onnx,torchscript")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "infer.json"))
-    args = parser.parse_args()
+def export_224(folder: Path) -> Path:
+    """A random-weight full-width ResNet-18 mapping at 224 px, exported without parity."""
+    from casm_deploy.checkpoint import FORMAT, VERSION, load_checkpoint, masker_from_checkpoint
+    from casm_deploy.data import read_classes
+    from casm_deploy.export import base_metadata, export_onnx, export_torchscript, sha256_file
+    from casm_deploy.model import build_masker
 
-    entries = list(islice(scan(args.data), args.images))
-    if len(entries) < args.images:
-        raise SystemExit(f"{args.data}: {len(entries)} images, the benchmark wants {args.images}")
+    torch.manual_seed(0)
+    info = read_classes(BIG_DATA)
+    spec = {
+        "arch": "resnet18",
+        "width": 64,
+        "num_classes": len(info.wnids),
+        "upsample": "nearest",
+        "image_size": 224,
+        "wnids": info.wnids,
+        "names": info.names,
+    }
+    masker = build_masker("resnet18", len(info.wnids), width=64)
+    checkpoint = folder / "checkpoint.pt"
+    state = {"format": FORMAT, "version": VERSION, "model": spec}
+    state |= {"encoder": masker.encoder.state_dict(), "decoder": masker.decoder.state_dict()}
+    torch.save(state, checkpoint)
+    state = load_checkpoint(checkpoint)
+    masker = masker_from_checkpoint(state)
+    meta = {**base_metadata(state, sha256_file(checkpoint)), "precision": "fp32"}
+    example = torch.rand(2, 3, 224, 224)
+    export_torchscript(masker, example, folder / FILES["torchscript"], meta)
+    export_onnx(masker, example, folder / FILES["onnx"], 18, meta)
+    return folder
+
+
+def linked(entries: list, folder: Path) -> Path:
+    """A folder of links to exactly these files (infer reads a folder)."""
+    for entry in entries:
+        link = folder / entry.rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(entry.path.resolve())
+    return folder
+
+
+def run_case(
+    name: str, export: Path, data: Path, count: int, args: argparse.Namespace
+) -> list[dict]:
+    entries = list(islice(scan(data), count))
+    if len(entries) < count:
+        raise SystemExit(f"{data}: {len(entries)} images, the benchmark wants {count}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "images"  # exactly these files, as links: infer reads a folder
-        for entry in entries:
-            link = folder / entry.rel
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(entry.path.resolve())
+        folder = linked(entries, Path(tmp) / "images")
         for backend in args.backends.split(","):
-            model = Path(args.export) / FILES[backend]
+            model = export / FILES[backend]
             if not model.is_file():
                 raise SystemExit(f"{model}: missing; run `make demo` or casm-deploy export first")
             masker = Masker.load(model, device="cpu")
             images = np.stack([read_image(e.path, masker.image_size)[0] for e in entries])
             alone = model_only(masker, images, args.batch)
+            with tempfile.TemporaryDirectory(dir=".") as out:
+                costs = stage_costs(masker, entries, Path(out))
             png = end_to_end(model, folder, args.batch, "png")
             bare = end_to_end(model, folder, args.batch, "none")
             rows.append(
                 {
+                    "case": name,
                     "backend": backend,
-                    "precision": masker.info.precision,
+                    "image_size": masker.image_size,
+                    "images": len(entries),
                     "batch": args.batch,
                     "model_only": round(alone, 1),
                     "end_to_end_png": round(png, 1),
                     "end_to_end_no_masks": round(bare, 1),
                     "ratio_png": round(png / alone, 3),
                     "ratio_no_masks": round(bare / alone, 3),
+                    "model_core_ms": round(1000 * (os.cpu_count() or 1) / alone, 3),
+                    "pipeline_core_ms": costs,
                 }
             )
-    console.print(f"{args.images} images of {args.data}, batch {args.batch}, images/s")
-    header = f"{'backend':<12}{'model only':>12}{'infer png':>12}{'ratio':>8}"
-    print(header + f"{'infer none':>12}{'ratio':>8}")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="demo,224")
+    parser.add_argument("--export", default="export/default", help="the demo case's export")
+    parser.add_argument("--data", default="data/synth/train", help="the demo case's images")
+    parser.add_argument("--images", type=int, default=8192, help="the demo case's count")
+    parser.add_argument("--images-224", type=int, default=1024, help="the 224 case's count")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--backends", default="onnx,torchscript")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "infer.json"))
+    args = parser.parse_args()
+
+    rows = []
+    for case in args.cases.split(","):
+        if case == "demo":
+            rows += run_case(case, Path(args.export), Path(args.data), args.images, args)
+            continue
+        per_class = -(-args.images_224 // 10)
+        cfg = SynthConfig(
+            out=str(BIG_DATA), train_per_class=per_class, val_per_class=1, min_side=375,
+            max_side=500, overwrite=True,
+        )  # fmt: skip
+        if sum(1 for _ in islice(scan(BIG_DATA / "train"), args.images_224)) < args.images_224:
+            from casm_deploy.synth import generate
+
+            generate(cfg, progress=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            model = export_224(Path(tmp))
+            rows += run_case(case, model, BIG_DATA / "train", args.images_224, args)
+
+    print(f"\nimages/s, batch {args.batch}, {os.cpu_count()} CPU cores")
+    print(f"{'case':<6}{'backend':<13}{'model only':>11}{'infer png':>11}{'ratio':>7}", end="")
+    print(f"{'infer none':>12}{'ratio':>7}")
     for r in rows:
         print(
-            f"{r['backend']:<12}{r['model_only']:>12.0f}{r['end_to_end_png']:>12.0f}"
-            f"{r['ratio_png']:>8.2f}{r['end_to_end_no_masks']:>12.0f}{r['ratio_no_masks']:>8.2f}"
+            f"{r['case']:<6}{r['backend']:<13}{r['model_only']:>11.0f}{r['end_to_end_png']:>11.0f}"
+            f"{r['ratio_png']:>7.2f}{r['end_to_end_no_masks']:>12.0f}{r['ratio_no_masks']:>7.2f}"
         )
+    print("\nCPU ms per image: the model (all cores) and infer's own stages (one thread)")
+    for r in rows:
+        stages = ", ".join(f"{k[:-3]} {v:.2f}" for k, v in r["pipeline_core_ms"].items())
+        print(f"{r['case']:<6}{r['backend']:<13}model {r['model_core_ms']:.2f}; {stages}")
     import onnxruntime
 
     result = {
@@ -113,6 +226,7 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    console.print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

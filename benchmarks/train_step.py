@@ -1,6 +1,7 @@
 """CASM training-step throughput on this machine: each preset, channels-last on and off.
 
 Usage: python benchmarks/train_step.py [--arch resnet18] [--width 32] [--size 64] [--batch 64]
+       [--amp off|bf16] [--presets F,L,...]
 Prints a table and writes benchmarks/results/train_step.json. Random images: this measures the
 model and the optimiser steps, not the data loader.
 """
@@ -29,7 +30,8 @@ def measure(preset: str, channels_last: bool, args: argparse.Namespace) -> float
         masker = masker.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (args.batch,))
-    casm = CASM(masker, TrainConfig(reproduce=preset, smf=5), random.Random(0))
+    cfg = TrainConfig(reproduce=preset, smf=5, amp=args.amp, channels_last=channels_last)
+    casm = CASM(masker, cfg, random.Random(0))
     for _ in range(args.warmup):
         casm.step(images, labels)
     start = time.perf_counter()
@@ -46,12 +48,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
+    parser.add_argument("--amp", default="off", help="off or bf16 (fp16 needs CUDA)")
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--out", default="", help="default: results/train_step[_AMP].json")
     args = parser.parse_args()
+    suffix = "" if args.amp == "off" else f"_{args.amp}"
+    args.out = args.out or str(Path(__file__).parent / "results" / f"train_step{suffix}.json")
 
     rows = []
     print(f"{'preset':<8}{'layout':<16}{'images/s':>10}")
-    for preset in PRESETS:
+    for preset in args.presets.split(","):
         for channels_last in (True, False):
             rate = measure(preset, channels_last, args)
             layout = "channels-last" if channels_last else "contiguous"

@@ -147,6 +147,9 @@ class OnnxBackend(Backend):
             providers = [(p, options.get(p, {})) for p in gpu] + providers
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: fallbacks are reported below, not logged
+        # Idle ORT threads sleep instead of spinning: infer's decoding and writing threads
+        # share the cores with the model, and spinning threads would take their time.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as error:

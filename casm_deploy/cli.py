@@ -486,7 +486,7 @@ def infer(
 
     Image files are .jpg .jpeg .png .bmp .webp .tif .tiff in any case; other files are not
     read. Writes OUT/masks/<path>.png, OUT/boxes.jsonl (one line per file: status ok or error
-    with its reason; boxes [x0, y0, x1, y1] in original pixels) and OUT/summary.json.
+    with its reason; boxes as x0, y0, x1, y1 in original pixels) and OUT/summary.json.
 
     Run the same command again after an interruption to do only the files not yet recorded.
 

@@ -223,12 +223,25 @@ def process(
     jobs: list[Future | None] = [None] * len(rows)
     if images:
         masks, logits = masker.run(np.stack(images))  # (B, S, S), (B, K)
-        described = masker.describe(masks, logits, sizes)
-        for i, mask, row in zip(good, masks, described, strict=True):
-            rows[i].update(row)
-            entry = batch[i][0]
-            jobs[i] = pool.submit(writer.write, entry, mask, row)
+        for k, i in enumerate(good):  # boxes and files in the pool: this thread feeds the model
+            args = (batch[i][0], masks[k : k + 1], logits[k : k + 1], sizes[k])
+            jobs[i] = pool.submit(finish, masker, writer, *args)
     return list(zip(rows, jobs, strict=True))
+
+
+def finish(
+    masker: Masker,
+    writer: Writer,
+    entry: Entry,
+    mask: np.ndarray,
+    logits: np.ndarray,
+    size: tuple[int, int],
+) -> dict[str, Any]:
+    """One image's record fields (box, label, ...) from its (1, S, S) mask and (1, K) logits,
+    after its output files are written."""
+    (row,) = masker.describe(mask, logits, [size])
+    writer.write(entry, mask[0], row)
+    return row
 
 
 def all_done(batch: list[tuple[dict[str, Any], Future | None]]) -> bool:
@@ -244,7 +257,7 @@ def append_records(
     for row, job in batch:
         if job is not None:
             try:
-                job.result()
+                row = {**row, **job.result()}
             except OutputError as error:
                 row = {"path": row["path"], "status": "error", "error": str(error)}
             except OSError as error:
@@ -351,10 +364,16 @@ def write_atomic(path: Path, data: bytes) -> None:
     write of the same output replaces it); a link planted there is removed, not followed.
     """
     temporary = path.with_name(f".{path.name}.partial")
-    if os.path.lexists(temporary):
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+    try:
+        fd = os.open(temporary, flags, 0o644)
+    except OSError:  # ELOOP: a link sits there
         os.unlink(temporary)
-    with open(temporary, "xb") as f:
-        f.write(data)
+        fd = os.open(temporary, flags, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
     os.replace(temporary, path)
 
 
@@ -365,6 +384,7 @@ class Writer:
         self.out = out
         self.real_out = out.resolve()
         self.cfg = cfg
+        self.checked: set[Path] = set()  # folders already made and found inside OUT
 
     def target(self, folder: str, rel: str, suffix: str) -> Path:
         """OUT/folder/rel+suffix, after checking that it stays inside OUT.
@@ -377,12 +397,16 @@ class Writer:
         if Path(rel).is_absolute() or ".." in parts:
             raise OutputError(f"output path {rel!r} would leave the output folder")
         path = self.out / folder / (rel + suffix)
+        if path.parent in self.checked:
+            return path
         existing = path.parent
         while not existing.exists():
             existing = existing.parent
         if not existing.resolve().is_relative_to(self.real_out):
             raise OutputError(f"output folder {existing} leads outside {self.out} (a link)")
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent.resolve().is_relative_to(self.real_out):
+            self.checked.add(path.parent)
         return path
 
     def write(self, entry: Entry, mask: np.ndarray, row: dict[str, Any]) -> None:
