@@ -106,28 +106,14 @@ def small_data(folder: Path) -> Path:
 
 def checkpoint(folder: Path, data: Path, size: int, width: int) -> Path:
     """A random-weight mapping of the real schema (costs what a trained one costs)."""
-    from casm_deploy.checkpoint import FORMAT, VERSION
+    from casm_deploy.checkpoint import save_untrained
     from casm_deploy.data import read_classes
-    from casm_deploy.model import build_masker
 
-    torch.manual_seed(0)
     info = read_classes(data)
-    masker = build_masker("resnet18", len(info.wnids), width=width)
-    spec = {"arch": "resnet18", "width": width, "num_classes": len(info.wnids)}
-    spec |= {"upsample": "nearest", "image_size": size, "wnids": info.wnids, "names": info.names}
-    path = folder / "checkpoint.pt"
-    torch.save(
-        {
-            "format": FORMAT,
-            "version": VERSION,
-            "model": spec,
-            "encoder": masker.encoder.state_dict(),
-            "decoder": masker.decoder.state_dict(),
-            "config": {"data": str(data)},
-        },
-        path,
-    )
-    return path
+    return save_untrained(
+        folder / "checkpoint.pt", info.wnids, info.names, width=width, image_size=size,
+        config={"data": str(data)},
+    )  # fmt: skip
 
 
 def exports(device: torch.device, work: Path, data: Path, size: int) -> dict:

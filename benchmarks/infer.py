@@ -90,27 +90,12 @@ def end_to_end(model: Path, folder: Path, batch: int, masks: str) -> float:
 
 def export_224(folder: Path) -> Path:
     """A random-weight full-width ResNet-18 mapping at 224 px, exported without parity."""
-    from casm_deploy.checkpoint import FORMAT, VERSION, load_checkpoint, masker_from_checkpoint
+    from casm_deploy.checkpoint import load_checkpoint, masker_from_checkpoint, save_untrained
     from casm_deploy.data import read_classes
     from casm_deploy.export import base_metadata, export_onnx, export_torchscript, sha256_file
-    from casm_deploy.model import build_masker
 
-    torch.manual_seed(0)
     info = read_classes(BIG_DATA)
-    spec = {
-        "arch": "resnet18",
-        "width": 64,
-        "num_classes": len(info.wnids),
-        "upsample": "nearest",
-        "image_size": 224,
-        "wnids": info.wnids,
-        "names": info.names,
-    }
-    masker = build_masker("resnet18", len(info.wnids), width=64)
-    checkpoint = folder / "checkpoint.pt"
-    state = {"format": FORMAT, "version": VERSION, "model": spec}
-    state |= {"encoder": masker.encoder.state_dict(), "decoder": masker.decoder.state_dict()}
-    torch.save(state, checkpoint)
+    checkpoint = save_untrained(folder / "checkpoint.pt", info.wnids, info.names)
     state = load_checkpoint(checkpoint)
     masker = masker_from_checkpoint(state)
     meta = {**base_metadata(state, sha256_file(checkpoint)), "precision": "fp32"}

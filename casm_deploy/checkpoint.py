@@ -72,6 +72,29 @@ def load_file(path: str | Path) -> Any:
         raise UserError(f"{path}: not a readable checkpoint, or truncated ({error})") from None
 
 
+def save_untrained(
+    path: str | Path,
+    wnids: list[str],
+    names: list[str],
+    *,
+    arch: str = "resnet18",
+    width: int = 64,
+    image_size: int = 224,
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+) -> Path:
+    """A checkpoint of this schema holding a freshly initialised mapping, for tests and
+    benchmarks: an untrained mapping costs what a trained one costs."""
+    torch.manual_seed(seed)
+    masker = build_masker(arch, len(wnids), width=width)
+    spec = {"arch": arch, "width": width, "num_classes": len(wnids), "upsample": "nearest"}
+    spec |= {"image_size": image_size, "wnids": list(wnids), "names": list(names)}
+    payload = {"format": FORMAT, "version": VERSION, "model": spec, "config": config or {}}
+    payload |= {"encoder": masker.encoder.state_dict(), "decoder": masker.decoder.state_dict()}
+    save_atomic(payload, path)
+    return Path(path)
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load and validate a casm-deploy checkpoint.
 

@@ -54,7 +54,7 @@ def run(cfg: InferConfig) -> dict[str, Any]:
     """
     root = Path(cfg.dir)
     if not root.is_dir():
-        raise UserError(f"{root}: no such folder")
+        raise UserError(f"{root}: {'not a folder' if root.exists() else 'no such folder'}")
     masker = Masker.load(cfg.model, cfg.backend, cfg.device)
     info = masker.info
     out = Path(cfg.out)

@@ -43,33 +43,11 @@ def make_checkpoint():
     """Writes a checkpoint of the real schema with random weights for a data set's classes."""
 
     def write(path, data, image_size: int = 32, seed: int = 0, width: int = 8) -> str:
-        from casm_deploy.checkpoint import FORMAT, VERSION
+        from casm_deploy.checkpoint import save_untrained
         from casm_deploy.data import read_classes
-        from casm_deploy.model import build_masker
 
-        torch.manual_seed(seed)
         info = read_classes(data)
-        masker = build_masker("resnet18", len(info.wnids), width=width)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        spec = {
-            "arch": "resnet18",
-            "width": width,
-            "num_classes": len(info.wnids),
-            "upsample": "nearest",
-            "image_size": image_size,
-            "wnids": info.wnids,
-            "names": info.names,
-        }
-        torch.save(
-            {
-                "format": FORMAT,
-                "version": VERSION,
-                "model": spec,
-                "encoder": masker.encoder.state_dict(),
-                "decoder": masker.decoder.state_dict(),
-            },
-            path,
-        )
-        return str(path)
+        kwargs = {"width": width, "image_size": image_size, "seed": seed}
+        return str(save_untrained(path, info.wnids, info.names, **kwargs))
 
     return write
