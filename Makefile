@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format venv clean
+.PHONY: demo test bench lint format venv clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,17 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+# make bench: every benchmark script in turn (each prints a table and writes
+# benchmarks/results/*.json); the demo is made first when its checkpoint or exports are missing.
+bench: $(STAMP)
+	test -f runs/demo/checkpoint.pt && test -f export/default/masker.onnx \
+		&& test -f export/default/masker.ts || $(MAKE) demo
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/loader.py
+	$(BIN)/python benchmarks/infer.py
+	$(BIN)/python benchmarks/extraction.py
+	$(BIN)/python benchmarks/method_cost.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
