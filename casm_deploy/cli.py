@@ -282,6 +282,13 @@ def evaluate(
         list[str],
         typer.Option(help="center, full and/or gradcam (repeat or comma-separate)."),
     ] = [],  # noqa: B006 (Typer reads the default, never mutates it)
+    gradcam_stage: Annotated[
+        int,
+        typer.Option(
+            help="Encoder stage Grad-CAM reads, 1-4 (4, the last, is 2x2 at 64 px; "
+            "3 localises best on the demo, benchmarks/RESULTS.md)."
+        ),
+    ] = _E.gradcam_stage,
     classifiers: Annotated[
         str,
         typer.Option(
@@ -312,6 +319,7 @@ def evaluate(
             split=split,
             resize=resize,
             baselines=_split_commas(baseline),
+            gradcam_stage=gradcam_stage,
             classifiers=_split_commas([classifiers]),
             batch_size=batch,
             workers=workers,

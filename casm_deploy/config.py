@@ -164,11 +164,16 @@ class EvalConfig:
     split: str = "val"
     resize: str = "center-crop"  # or "stretch" (the reference's --break-ratio)
     baselines: tuple[str, ...] = ()  # any of center, full, gradcam
+    gradcam_stage: int = 4  # the encoder stage Grad-CAM reads (1-4; 4 is the last)
     classifiers: tuple[str, ...] = ()  # checkpoints whose classifiers judge the masked images
     batch_size: int = 64
     workers: int = 1
     limit: int = 0  # score the first N images only (0: all)
     json: str = ""  # write the scores here
+
+    def __post_init__(self) -> None:
+        if self.gradcam_stage not in (1, 2, 3, 4):
+            raise ValueError(f"--gradcam-stage must be 1-4, not {self.gradcam_stage}")
 
 
 @dataclass(frozen=True)

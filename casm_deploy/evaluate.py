@@ -93,7 +93,7 @@ def build_methods(cfg: EvalConfig, data_wnids: list[str]) -> tuple[list[Method],
         elif baseline == "full":
             fn = constant_masks([0, 0, size, size], size)
         else:
-            fn = lambda images: gradcam(first, images)  # noqa: E731
+            fn = lambda images: gradcam(first, images, cfg.gradcam_stage)  # noqa: E731
         methods.append(Method(baseline, fn, labels))
     return methods, size
 

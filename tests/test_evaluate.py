@@ -105,6 +105,21 @@ def test_eval_on_synthetic_data_with_classifiers_and_gradcam(tiny_data, tmp_path
     assert all(0 <= v <= 1 for v in accuracy.values())
 
 
+def test_gradcam_stage_is_chosen_and_checked(tiny_data, tmp_path, make_checkpoint):
+    model = make_checkpoint(tmp_path / "casm" / "checkpoint.pt", tiny_data)
+    scores = {}
+    for stage in (2, 4):
+        cfg = EvalConfig(
+            models=(model,), data=str(tiny_data), baselines=("gradcam",), gradcam_stage=stage,
+            workers=0, resize="stretch",
+        )  # fmt: skip
+        scores[stage] = evaluate.run(cfg)["scores"]["gradcam"]
+    # stage 2 is 8x8 at 32 px, stage 4 2x2: different maps, so different mask statistics
+    assert scores[2]["mask_tv"] != scores[4]["mask_tv"]
+    with pytest.raises(ValueError, match="--gradcam-stage"):
+        EvalConfig(gradcam_stage=5)
+
+
 def test_a_model_of_a_subset_of_classes(tmp_path, make_checkpoint):
     """The unseen-class case: data with classes the model never saw still gets LE and F1."""
     from casm_deploy.synth import generate
