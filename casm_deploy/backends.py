@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ class ModelInfo:
         return wnid, name
 
 
-class Backend:
+class Backend(Protocol):
     """A model that maps (B, S, S, 3) uint8 RGB images to masks (B, S, S) and logits (B, K).
 
     The uint8 batch crosses to the device as it is (4x fewer bytes than float32); the scaling
@@ -54,8 +54,7 @@ class Backend:
 
     info: ModelInfo
 
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def resolve_device(device: str) -> str:
@@ -118,7 +117,7 @@ def _info(path: Path, meta: dict[str, str], **fields: Any) -> ModelInfo:
     )
 
 
-class OnnxBackend(Backend):
+class OnnxBackend:
     """ONNX Runtime: TensorRT, then CUDA, then CPU as available. On CUDA the batch goes in and
     the outputs come out through IO binding on torch tensors, so no extra host copies."""
 
@@ -197,11 +196,12 @@ class OnnxBackend(Backend):
         return masks[:, 0].cpu().numpy(), logits.cpu().numpy()
 
 
-class _TorchBackend(Backend):
+class _TorchBackend:
     """A torch module taking (B, 3, S, S) float in [0, 1], returning (masks, logits)."""
 
     module: Any
     device: torch.device
+    info: ModelInfo
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

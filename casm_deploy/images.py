@@ -113,9 +113,15 @@ def decode(data: np.ndarray, width: int, height: int, size: int) -> np.ndarray:
     image = cv2.imdecode(data, _read_flag(data, width, height, size))
     if image is None:
         raise ImageError("corrupt or unsupported image data")
+    return cv2.cvtColor(resize_square(image, size), cv2.COLOR_BGR2RGB)
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """The whole image at `size` x `size`: area filter when shrinking, bilinear when growing."""
+    import cv2
+
     interpolation = cv2.INTER_AREA if min(image.shape[:2]) > size else cv2.INTER_LINEAR
-    image = cv2.resize(image, (size, size), interpolation=interpolation)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return cv2.resize(np.ascontiguousarray(image), (size, size), interpolation=interpolation)
 
 
 def _header_size(data: np.ndarray) -> tuple[int, int]:

@@ -59,6 +59,8 @@ def run(cfg: InferConfig) -> dict[str, Any]:
     info = masker.info
     out = Path(cfg.out)
     done = prepare_out(out, cfg, masker)
+    # A counting pass first: the progress bar gets its total, and memory stays flat (a count,
+    # not the list of files).
     todo = sum(1 for entry in scan(root, exclude=out) if entry.rel not in done)
     console.print(
         f"{root}: {todo} image files to do, {len(done)} already in {out / RECORD}; "

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from casm_deploy.backends import Backend, ModelInfo, open_model
-from casm_deploy.images import ImageError, read_image
+from casm_deploy.images import ImageError, read_image, resize_square
 from casm_deploy.metrics import Box, masks_to_boxes
 
 
@@ -78,8 +78,6 @@ def to_uint8_image(item: Any, size: int) -> tuple[np.ndarray, int, int]:
     Accepts a path; an (H, W, 3) or (H, W) array, uint8 or float in [0, 1]; a (3, H, W) tensor
     (the Masker's layout) in [0, 1] or uint8.
     """
-    import cv2
-
     if isinstance(item, (str, Path)):
         try:
             return read_image(item, size)
@@ -99,9 +97,7 @@ def to_uint8_image(item: Any, size: int) -> tuple[np.ndarray, int, int]:
     if image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)
     height, width = image.shape[:2]
-    interpolation = cv2.INTER_AREA if min(height, width) > size else cv2.INTER_LINEAR
-    image = cv2.resize(np.ascontiguousarray(image), (size, size), interpolation=interpolation)
-    return image, width, height
+    return resize_square(image, size), width, height
 
 
 def _items(inputs: Any) -> list[Any]:
