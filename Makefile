@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench lint format venv clean
+.PHONY: demo test bench experiments lint format venv clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,13 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/infer.py
 	$(BIN)/python benchmarks/extraction.py
 	$(BIN)/python benchmarks/method_cost.py
+
+# make experiments: the paper's experiments on the embedded data (train/experiments/, about two
+# hours on 2 cores); finished jobs are kept, so it can be stopped and started again. It writes
+# train/RESULTS.md. SCALE=smoke runs the same jobs on a tiny data set (runs/exp-smoke/).
+SCALE ?= full
+experiments: $(STAMP)
+	$(BIN)/python train/experiments/run.py --scale $(SCALE)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

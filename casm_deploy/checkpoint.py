@@ -115,9 +115,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def masker_from_checkpoint(checkpoint: dict[str, Any]) -> Masker:
     """Rebuild the Masker (eval mode, CPU) from a loaded checkpoint."""
     spec = checkpoint["model"]
-    masker = build_masker(spec["arch"], spec["num_classes"], spec["width"], spec["upsample"])
+    shared = spec.get("shared_encoder", True)  # absent from checkpoints older than --unshared
+    masker = build_masker(
+        spec["arch"], spec["num_classes"], spec["width"], spec["upsample"], shared_encoder=shared
+    )
     masker.encoder.load_state_dict(checkpoint["encoder"])
     masker.decoder.load_state_dict(checkpoint["decoder"])
+    if not shared:
+        masker.mapping_encoder.load_state_dict(checkpoint["mapping_encoder"])
     return masker.eval()
 
 

@@ -94,6 +94,15 @@ def synth(
     copies: Annotated[
         int, typer.Option(help="2: each image is two identical copies side by side (paper 2.1).")
     ] = _S.copies,
+    right: Annotated[
+        str,
+        typer.Option(
+            help="With --copies 2: copy (the right half repeats the left) or clutter (the right "
+            "half is background and distractors, no object; only the left box is annotated), to "
+            "pre-train a classifier (train --classifier-only --resize stretch) that only looks "
+            "at the left copy."
+        ),
+    ] = _S.right,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same files.")] = (
         _S.seed
     ),
@@ -114,6 +123,7 @@ def synth(
         min_area=min_area,
         max_area=max_area,
         copies=copies,
+        right=right,
         seed=seed,
         workers=workers,
         overwrite=overwrite,
@@ -176,6 +186,13 @@ def train(
     upsample: Annotated[str, typer.Option(help="Final mask upsampling: nearest|bilinear.")] = (
         _T.upsample
     ),
+    unshared: Annotated[
+        bool,
+        typer.Option(
+            help="Give the mapping an encoder of its own (a copy of the classifier when the "
+            "CASM phase starts, trained with the decoder), instead of sharing the classifier's."
+        ),
+    ] = _T.unshared,
     weights: Annotated[
         str,
         typer.Option(
@@ -196,6 +213,14 @@ def train(
         typer.Option(help="Mixed precision: off|bf16|fp16 (fp16: CUDA, with a gradient scaler)."),
     ] = _T.amp,
     loader: Annotated[str, typer.Option(help="Data loader: torch|dali|auto.")] = _T.loader,
+    resize: Annotated[
+        str,
+        typer.Option(
+            help="center-crop (shorter side, random crop and flip; validation: centre crop) or "
+            "stretch (the whole image to S x S, no crop, no flip, validation too: keeps the "
+            "left/right layout of synth --copies 2 data; torch loader only)."
+        ),
+    ] = _T.resize,
     out: Annotated[Path, typer.Option(help="Folder of runs.")] = Path(_T.out),
     name: Annotated[str, typer.Option(help="Run name (default: <preset>-<score>-s<seed>).")] = "",
     resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = (
@@ -225,6 +250,7 @@ def train(
             channels_last=channels_last,
             amp=amp,
             loader=loader,
+            resize=resize,
             pretrain_epochs=pretrain_epochs,
             classifier_only=classifier_only,
             pretrain_lr=pretrain_lr,
@@ -242,6 +268,7 @@ def train(
             pool_size=pool_size,
             grad_clip=grad_clip,
             upsample=upsample,
+            unshared=unshared,
             hp=hp,
             smf=smf,
         )
@@ -296,14 +323,41 @@ def evaluate(
             "masked-out and inpainted images (train them with train --classifier-only)."
         ),
     ] = "",
+    classes: Annotated[
+        str,
+        typer.Option(
+            help="all, seen or unseen: score only the data's classes the first model was "
+            "trained on (seen) or only the others (unseen), for the unseen-classes test."
+        ),
+    ] = _E.classes,
+    leak_control: Annotated[
+        bool,
+        typer.Option(
+            "--leak-control",
+            help="Also train a classifier on each model's binarised masks alone (training "
+            "split; no image) and report its validation accuracy against chance: above "
+            "chance, the mask's outline gives the class away.",
+        ),
+    ] = _E.leak_control,
     batch: Annotated[int, typer.Option(help="Images per batch.")] = _E.batch_size,
     workers: Annotated[int, typer.Option(help="Data-loading processes.")] = _E.workers,
     limit: Annotated[int, typer.Option(help="Score the first N images only (0: all).")] = 0,
+    copies: Annotated[
+        bool,
+        typer.Option(
+            "--copies",
+            help="For data of synth --copies 2 (two boxes per image): also report "
+            "copy_share_lighter (mean share of mask mass on the copy with less of it; 0.5: both "
+            "equally) and copy_touch_both (share of binarised masks reaching into both boxes). "
+            "Use with --resize stretch, which keeps both copies whole.",
+        ),
+    ] = _E.copies,
     json: Annotated[
         str,
         typer.Option(
             help="Write the first model's scores here (keys LE, OM, F1, F1a, mask_mean, "
-            "mask_std, mask_entropy, mask_tv, n_images); other methods beside it."
+            "mask_std, mask_entropy, mask_tv, n_images; with --copies also copy_share_lighter, "
+            "copy_touch_both); other methods beside it."
         ),
     ] = "",
 ) -> None:
@@ -321,10 +375,13 @@ def evaluate(
             baselines=_split_commas(baseline),
             gradcam_stage=gradcam_stage,
             classifiers=_split_commas([classifiers]),
+            classes=classes,
+            leak_control=leak_control,
             batch_size=batch,
             workers=workers,
             limit=limit,
             json=json,
+            copies=copies,
         )
         job.run(cfg)
 

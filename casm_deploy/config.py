@@ -27,6 +27,10 @@ class SynthConfig:
     min_area: float = 0.10  # object box area as a fraction of the image (one copy)
     max_area: float = 0.60
     copies: int = 1  # 2: each image is two identical copies side by side (paper §2.1)
+    # With copies == 2: "copy" (the right half repeats the left) or "clutter" (the right half is
+    # background and distractors of the same size, no object), to pre-train a classifier that
+    # only ever sees the object on the left.
+    right: str = "copy"
     seed: int = 0
     workers: int = 2
     overwrite: bool = False
@@ -74,6 +78,10 @@ class TrainConfig:
     device: str = "auto"  # auto: CUDA when available, else CPU
     channels_last: bool = True
     amp: str = "off"  # off | bf16 | fp16 (fp16: CUDA only, with a gradient scaler)
+    # center-crop: shorter side to S, a random S x S crop and a random flip (validation: the
+    # centre crop); stretch: the whole image to S x S, no crop, no flip, in training and
+    # validation alike (the two-copies experiment needs its left/right layout kept).
+    resize: str = "center-crop"
 
     # Classifier pre-training on clean images (Adam, one-cycle schedule).
     classifier_only: bool = False  # stop after pre-training (classifiers for the Fig. 3 test)
@@ -99,6 +107,7 @@ class TrainConfig:
     pool_size: int = 30
     grad_clip: float = 10.0
     upsample: str = "nearest"  # final decoder upsampling: "nearest" (reference) or "bilinear"
+    unshared: bool = False  # the mapping gets an encoder of its own (Table 2 (i)-(k))
     hp: float | None = None  # override the preset
     smf: int | None = None  # override the preset
 
@@ -117,6 +126,8 @@ class TrainConfig:
             raise ValueError(f"--amp must be off, bf16 or fp16, not {self.amp!r}")
         if self.loader not in ("torch", "dali", "auto"):
             raise ValueError(f"--loader must be torch, dali or auto, not {self.loader!r}")
+        if self.resize not in ("center-crop", "stretch"):
+            raise ValueError(f"--resize must be center-crop or stretch, not {self.resize!r}")
 
     @property
     def preset(self) -> Preset:
@@ -147,7 +158,8 @@ class TrainConfig:
             return self.name
         if self.classifier_only:
             return f"classifier-s{self.seed}"
-        return f"{self.reproduce.lower()}-{self.score}-s{self.seed}"
+        unshared = "-unshared" if self.unshared else ""
+        return f"{self.reproduce.lower()}-{self.score}{unshared}-s{self.seed}"
 
     @property
     def casm_epochs(self) -> int:
@@ -166,14 +178,19 @@ class EvalConfig:
     baselines: tuple[str, ...] = ()  # any of center, full, gradcam
     gradcam_stage: int = 4  # the encoder stage Grad-CAM reads (1-4; 4 is the last)
     classifiers: tuple[str, ...] = ()  # checkpoints whose classifiers judge the masked images
+    classes: str = "all"  # all | seen | unseen: the data's classes the first model was trained on
+    leak_control: bool = False  # train a classifier on each model's binarised masks alone
     batch_size: int = 64
     workers: int = 1
     limit: int = 0  # score the first N images only (0: all)
     json: str = ""  # write the scores here
+    copies: bool = False  # data of `synth --copies 2`: also score how the mask covers both copies
 
     def __post_init__(self) -> None:
         if self.gradcam_stage not in (1, 2, 3, 4):
             raise ValueError(f"--gradcam-stage must be 1-4, not {self.gradcam_stage}")
+        if self.classes not in ("all", "seen", "unseen"):
+            raise ValueError(f"--classes must be all, seen or unseen, not {self.classes!r}")
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,8 @@ class DALILoader:
         self.samples, self.size, self.batch_size, self.train = samples, size, batch_size, train
         self.workers, self.seed, self.fraction = max(1, workers), seed, fraction
         self.policy = check_policy(policy)
+        if train and self.policy == "stretch":  # the training pipeline always crops and flips
+            raise UserError("the DALI loader cannot train with the stretch policy")
         self.shard_id, self.num_shards = shard_id, num_shards
         self.device_id = resolve_dali_device(device)
         self.dtype = dtype

@@ -205,7 +205,8 @@ class ImageDataset(Dataset):
     """Decoded, resized uint8 (S, S, 3) images with their labels and indices.
 
     Training: shorter side to S, random S x S crop, random horizontal flip. Validation: shorter
-    side to S and the centre crop (or `stretch`). The randomness of a sample depends only on
+    side to S and the centre crop. With the `stretch` policy, the whole image goes to S x S in
+    training too, with no crop and no flip. The randomness of a sample depends only on
     (seed, epoch, index), so runs are reproducible whatever the number of workers, and resumable.
     """
 
@@ -227,9 +228,11 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
         path, label = self.samples[index]
         image = decode_image(path)
+        if self.policy == "stretch":
+            # Training as well: no crop and no flip, so the left/right layout of two-copies
+            # images (synth --copies 2) survives; a flip would swap the copies.
+            return stretch(image, self.size), label, index
         if not self.train:
-            if self.policy == "stretch":
-                return stretch(image, self.size), label, index
             return center_crop(resize_shorter(image, self.size), self.size), label, index
         rng = np.random.default_rng([self.seed, self.epoch, index])
         image = resize_shorter(image, self.size)
@@ -355,12 +358,22 @@ def build_loader(
     DALI decodes (cpu, auto, cuda, cuda:N; the torch loader always decodes on the CPU).
 
     Raises:
-        UserError: an unknown loader, or "dali" where DALI does not import.
+        UserError: an unknown loader, "dali" where DALI does not import, or "dali" for training
+            with the "stretch" policy.
     """
     if loader not in LOADERS:
         raise UserError(f"--loader {loader!r}: choose one of {', '.join(LOADERS)}")
     if not 0 <= shard_id < num_shards:
         raise UserError(f"shard {shard_id} of {num_shards}: need 0 <= shard_id < num_shards")
+    if train and check_policy(policy) == "stretch" and loader != "torch":
+        # DALILoader's training pipeline always takes a random crop and flip; only the torch
+        # loader trains on whole stretched images.
+        if loader == "dali":
+            raise UserError(
+                "--loader dali cannot train with --resize stretch (its training pipeline always "
+                "crops and flips); use --loader torch"
+            )
+        loader = "torch"
     if loader != "torch":
         from casm_deploy.dali import dali_available
 

@@ -26,6 +26,7 @@ from casm_deploy.metrics import (
     LocalizationMeter,
     MaskStats,
     center_box,
+    copy_coverage,
     localization_scores,
     masks_to_boxes,
 )
@@ -34,6 +35,7 @@ from casm_deploy.ui import console, progress
 
 BASELINES = ("center", "full", "gradcam")
 SCORE_KEYS = ("LE", "OM", "F1", "F1a", "mask_mean", "mask_std", "mask_entropy", "mask_tv")
+COPY_KEYS = ("copy_share_lighter", "copy_touch_both")  # with --copies only
 VARIANTS = ("clean", "masked_in", "masked_out", "inpainted")
 
 
@@ -45,13 +47,24 @@ class Method:
     masks: Callable[[torch.Tensor], tuple]  # images -> masks, logits (None: the first model's)
     labels: list[int]  # data label -> the classifier's label (-1: a class it does not know)
     is_model: bool = False  # a trained mapping (the many-classifiers test applies to these)
+    copies: bool = False  # also score the two copies' coverage (eval --copies)
     meter: LocalizationMeter = field(default_factory=LocalizationMeter)
     stats: MaskStats = field(default_factory=MaskStats)
+    copy_share_sum: float = 0.0  # sums over images of `metrics.copy_coverage`'s two results
+    copy_touch_count: int = 0
 
     def result(self) -> dict:
+        copies = {}
+        if self.copies:
+            n = self.meter.n_images
+            copies = {
+                "copy_share_lighter": self.copy_share_sum / n if n else None,
+                "copy_touch_both": self.copy_touch_count / n if n else None,
+            }
         return {
             **{k: v for k, v in self.meter.result().items() if k != "n_images"},
             **self.stats.result(),
+            **copies,
             "n_images": self.meter.n_images,
         }
 
@@ -72,8 +85,22 @@ def constant_masks(box: list[int], size: int) -> Callable[[torch.Tensor], tuple]
     return lambda images: (mask.expand(len(images), 1, size, size), None)
 
 
-def build_methods(cfg: EvalConfig, data_wnids: list[str]) -> tuple[list[Method], int]:
-    """The models of `cfg.models`, then the baselines on the first model's classifier."""
+def select_classes(data_wnids: list[str], model_wnids: list[str], which: str) -> list[str]:
+    """The data's classes to score: all, those the model was trained on, or the others."""
+    if which == "all":
+        return list(data_wnids)
+    known = set(model_wnids)
+    chosen = [w for w in data_wnids if (w in known) == (which == "seen")]
+    if not chosen:
+        raise UserError(f"--classes {which}: the data has no class the first model has {which}")
+    return chosen
+
+
+def build_methods(cfg: EvalConfig, data_wnids: list[str]) -> tuple[list[Method], int, list[str]]:
+    """The models of `cfg.models`, then the baselines on the first model's classifier.
+
+    Also returns the data classes to score (`cfg.classes` against the first model's classes).
+    """
     if not cfg.models:
         raise UserError("eval needs at least one model (a checkpoint)")
     unknown = sorted(set(cfg.baselines) - set(BASELINES))
@@ -81,8 +108,15 @@ def build_methods(cfg: EvalConfig, data_wnids: list[str]) -> tuple[list[Method],
         raise UserError(f"unknown --baseline {', '.join(unknown)}; use {', '.join(BASELINES)}")
     models = load_maskers(cfg.models)
     size = models[0].spec["image_size"]
+    data_wnids = select_classes(data_wnids, models[0].spec["wnids"], cfg.classes)
     methods = [
-        Method(m.name, m.masker, label_map(m.spec["wnids"], data_wnids), is_model=True)
+        Method(
+            m.name,
+            m.masker,
+            label_map(m.spec["wnids"], data_wnids),
+            is_model=True,
+            copies=cfg.copies,
+        )
         for m in models
     ]
     first: Masker = methods[0].masks
@@ -94,8 +128,8 @@ def build_methods(cfg: EvalConfig, data_wnids: list[str]) -> tuple[list[Method],
             fn = constant_masks([0, 0, size, size], size)
         else:
             fn = lambda images: gradcam(first, images, cfg.gradcam_stage)  # noqa: E731
-        methods.append(Method(baseline, fn, labels))
-    return methods, size
+        methods.append(Method(baseline, fn, labels, copies=cfg.copies))
+    return methods, size, data_wnids
 
 
 def load_classifiers(paths: tuple[str, ...], data_wnids: list[str]) -> list[tuple]:
@@ -108,20 +142,22 @@ def run(cfg: EvalConfig) -> dict:
     """Score every method on `cfg.data`; print the tables; write `cfg.json` when given.
 
     Returns:
-        {"scores": {method: {LE, OM, F1, F1a, mask_*, n_images}},
-         "classifiers": {mask model: {classifier: {clean, masked_in, masked_out, inpainted}}}}
+        {"scores": {method: {LE, OM, F1, F1a, mask_*, n_images; with `cfg.copies` also
+                             copy_share_lighter, copy_touch_both}},
+         "classifiers": {mask model: {classifier: {clean, masked_in, masked_out, inpainted}}},
+         "leak": {mask model: `leak.mask_only_accuracy`'s dict} with `cfg.leak_control`}
     """
     info = read_classes(cfg.data)
     annotations = Path(cfg.annotations) if cfg.annotations else Path(cfg.data) / "annotations"
     if not annotations.is_dir():
         raise UserError(f"{annotations}: no annotations folder (pass --annotations DIR)")
     check_policy(cfg.resize)
-    methods, size = build_methods(cfg, info.wnids)
-    classifiers = load_classifiers(cfg.classifiers, info.wnids)
+    methods, size, wnids = build_methods(cfg, info.wnids)
+    classifiers = load_classifiers(cfg.classifiers, wnids)
     loader = build_loader(
         cfg.data,
         cfg.split,
-        info.wnids,
+        wnids,
         size,
         cfg.batch_size,
         train=False,
@@ -140,9 +176,9 @@ def run(cfg: EvalConfig) -> dict:
         task = bars.add_task(f"eval {cfg.split}", total=len(loader), info="")
         for images, labels, indices in loader:
             samples = [loader.dataset.samples[i] for i in indices.tolist()]
-            gt_boxes = [
-                own_boxes(p, info.wnids[y], annotations, size, cfg.resize) for p, y in samples
-            ]
+            gt_boxes = [own_boxes(p, wnids[y], annotations, size, cfg.resize) for p, y in samples]
+            if cfg.copies:
+                check_two_copies(samples, gt_boxes)
             outputs = [method.masks(images) for method in methods]
             first_logits = outputs[0][1]  # the first method is always a model
             for method, (masks, logits) in zip(methods, outputs, strict=True):
@@ -161,10 +197,21 @@ def run(cfg: EvalConfig) -> dict:
         for mask, by_clf in counts.items()
         if classifiers
     }
-    print_tables(scores, accuracy, methods[0].name, cfg)
+    leak = {}
+    if cfg.leak_control:  # a second pass, over the training split too: only when asked
+        from casm_deploy.leak import mask_only_accuracy
+
+        for method in methods:
+            if method.is_model:
+                console.print(f"leak control: a classifier of {method.name}'s masks alone")
+                leak[method.name] = mask_only_accuracy(
+                    method.masks, cfg.data, wnids, size, policy=cfg.resize,
+                    workers=cfg.workers, limit=cfg.limit,
+                )  # fmt: skip
+    print_tables(scores, accuracy, leak, methods[0].name, cfg)
     if cfg.json:
-        write_json(Path(cfg.json), scores, accuracy, methods[0].name, cfg)
-    return {"scores": scores, "classifiers": accuracy}
+        write_json(Path(cfg.json), scores, accuracy, leak, methods[0].name, cfg)
+    return {"scores": scores, "classifiers": accuracy, "leak": leak}
 
 
 def score_batch(method: Method, masks, logits, labels, gt_boxes) -> None:
@@ -178,7 +225,21 @@ def score_batch(method: Method, masks, logits, labels, gt_boxes) -> None:
         known = method.labels[label]
         correct = None if known < 0 else guess == known
         method.meter.update(scores["hit"], scores["f1"], scores["f1a"], correct)
+        if method.copies:
+            share, touches_both = copy_coverage(mask, gt)
+            method.copy_share_sum += share
+            method.copy_touch_count += int(touches_both)
     method.stats.update(masks)
+
+
+def check_two_copies(samples: list, gt_boxes: list) -> None:
+    """--copies scores two-copies images: each must have exactly two boxes of its class."""
+    for (path, _), boxes in zip(samples, gt_boxes, strict=True):
+        if len(boxes) != 2:
+            raise UserError(
+                f"{path}: --copies needs exactly two boxes of the image's class (data made "
+                f"with `data synth --copies 2`); its annotation has {len(boxes)}"
+            )
 
 
 def count_classifications(counts, classifiers, images, masks, labels) -> None:
@@ -203,15 +264,18 @@ def count_classifications(counts, classifiers, images, masks, labels) -> None:
             counts[name][variant][1] += int(known.sum())
 
 
-def print_tables(scores: dict, accuracy: dict, first: str, cfg: EvalConfig) -> None:
+def print_tables(scores: dict, accuracy: dict, leak: dict, first: str, cfg: EvalConfig) -> None:
     table = Table(title=f"{cfg.data} ({cfg.split}, {cfg.resize})")
     table.add_column("method", no_wrap=True)
-    for header in ("LE", "OM", "F1", "F1a", "area", "std", "entropy", "TV", "images"):
+    copy_keys = COPY_KEYS if cfg.copies else ()
+    copy_headers = ("lighter copy", "both copies") if cfg.copies else ()
+    headers = ("LE", "OM", "F1", "F1a", "area", "std", "entropy", "TV", *copy_headers, "images")
+    for header in headers:
         table.add_column(header, justify="right")
     for name, result in scores.items():
         cells = [
             f"{result[k]:.3f}" if isinstance(result[k], float) else str(result[k])
-            for k in (*SCORE_KEYS, "n_images")
+            for k in (*SCORE_KEYS, *copy_keys, "n_images")
         ]
         table.add_row(name, *["-" if c == "None" else c for c in cells])
     console.print(table)
@@ -227,12 +291,27 @@ def print_tables(scores: dict, accuracy: dict, first: str, cfg: EvalConfig) -> N
                 name, *["-" if by_variant[v] is None else f"{by_variant[v]:.3f}" for v in VARIANTS]
             )
         console.print(table)
+    if leak:
+        table = Table(title="leak control: a classifier of the binarised masks alone (val)")
+        for header in ("masks of", "accuracy", "chance", "train masks", "val masks"):
+            table.add_column(header, justify="left" if header == "masks of" else "right")
+        for name, r in leak.items():
+            row = (f"{r['accuracy']:.3f}", f"{r['chance']:.3f}", str(r["n_train"]), str(r["n_val"]))
+            table.add_row(name, *row)
+        console.print(table)
+        console.print(
+            "Above chance, the mask's outline tells the class: masked-out accuracies then "
+            "partly measure that leak."
+        )
 
 
-def write_json(path: Path, scores: dict, accuracy: dict, first: str, cfg: EvalConfig) -> None:
+def write_json(
+    path: Path, scores: dict, accuracy: dict, leak: dict, first: str, cfg: EvalConfig
+) -> None:
     """`path` holds the first model's scores, with exactly the documented keys; the other
     methods go to `<stem>.<method>.json` beside it, the classifier accuracies to
-    `<stem>.classifiers.json`, and the resolved config to `<stem>.config.json`."""
+    `<stem>.classifiers.json`, the leak control to `<stem>.leak.json`, and the resolved config
+    to `<stem>.config.json`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(scores[first], indent=2) + "\n")
     for name, result in scores.items():
@@ -240,6 +319,8 @@ def write_json(path: Path, scores: dict, accuracy: dict, first: str, cfg: EvalCo
             path.with_name(f"{path.stem}.{name}.json").write_text(json.dumps(result, indent=2))
     if accuracy:
         path.with_name(f"{path.stem}.classifiers.json").write_text(json.dumps(accuracy, indent=2))
+    if leak:
+        path.with_name(f"{path.stem}.leak.json").write_text(json.dumps(leak, indent=2))
     path.with_name(f"{path.stem}.config.json").write_text(
         json.dumps(config_to_dict(cfg), indent=2) + "\n"
     )

@@ -245,6 +245,40 @@ def localization_scores(
     }
 
 
+def copy_coverage(mask: Any, boxes: Sequence[Sequence[float]]) -> tuple[float, bool]:
+    """How one mask covers the two copies of a two-copies image (paper §2.1, synth --copies 2).
+
+    The mass of a copy is the sum of the continuous mask inside its box (clipped to the frame).
+    The binary mask is the one LE starts from: binarised at the mask's mean (`binarize_at_mean`),
+    before the largest component is taken (that would keep one copy by construction).
+
+    Args:
+        mask: (H,W) continuous mask in [0, 1] (a leading channel of 1 is accepted).
+        boxes: the two copies' boxes, in the mask's frame.
+
+    Returns:
+        `(lighter_share, touches_both)`: the lighter copy's share of the two copies' mass
+        (0.5: both equally; 0.0 also when neither has any), and whether the binary mask has at
+        least one pixel inside each box.
+
+    Raises:
+        ValueError: when there are not exactly two boxes.
+    """
+    if len(boxes) != 2:
+        raise ValueError(f"copy_coverage needs exactly two boxes, got {len(boxes)}")
+    m = _single(mask)[0]  # (H,W) float64
+    height, width = m.shape
+    binary = binarize_at_mean(m)
+    masses, touched = [], []
+    for box in boxes:
+        x0, y0, x1, y1 = (int(v) for v in clip_box(box, width, height))
+        masses.append(float(m[y0:y1, x0:x1].sum()))
+        touched.append(bool(binary[y0:y1, x0:x1].any()))
+    total = sum(masses)
+    share = min(masses) / total if total > 0 else 0.0
+    return share, all(touched)
+
+
 def center_box(width: int, height: int) -> Box:
     """The reference's centre baseline box: a 33/224 border scaled to the frame."""
     bx = round(_CENTER_BORDER * width)

@@ -332,14 +332,22 @@ def make_sample(
 
     Returns:
         `(image, boxes)`: RGB uint8 `(H, W, 3)` (W doubled when `cfg.copies == 2`) and one box
-        per object copy.
+        per object copy (only the left one when `cfg.right == "clutter"`).
     """
     rng = np.random.default_rng([cfg.seed, SPLITS[split], shape_index, i])
     image, mask = render(
         rng, SHAPES[shape_index], cfg.min_side, cfg.max_side, cfg.min_area, cfg.max_area
     )
     boxes = [tight_box(mask)]
-    if cfg.copies == 2:  # the paper's duplicated-object check: the same content twice
+    if cfg.copies == 2 and cfg.right == "clutter":  # the object on the left only
+        h, w = image.shape[:2]
+        # A generator of its own (the trailing 1), so the left half is the same image as with
+        # --right copy.
+        clutter_rng = np.random.default_rng([cfg.seed, SPLITS[split], shape_index, i, 1])
+        right = _background(clutter_rng, h, w)
+        _draw_distractors(clutter_rng, right)
+        image = np.concatenate([image, right], axis=1)
+    elif cfg.copies == 2:  # the paper's duplicated-object check: the same content twice
         w = image.shape[1]
         x0, y0, x1, y1 = boxes[0]
         boxes.append((x0 + w, y0, x1 + w, y1))
@@ -431,6 +439,10 @@ def resolve_config(cfg: SynthConfig) -> SynthConfig:
         )
     if cfg.copies not in (1, 2):
         raise UserError(f"--copies must be 1 or 2, not {cfg.copies}")
+    if cfg.right not in ("copy", "clutter"):
+        raise UserError(f"--right must be copy or clutter, not {cfg.right!r}")
+    if cfg.right == "clutter" and cfg.copies != 2:
+        raise UserError("--right clutter needs --copies 2 (it replaces the right-hand copy)")
     if cfg.seed < 0:
         raise UserError(f"--seed must be non-negative, not {cfg.seed}")
     names = tuple(SHAPES[k] for k in indices)
@@ -472,6 +484,9 @@ def _check_existing(cfg: SynthConfig) -> bool:
             old = json.loads(done.read_text())["config"]
         except (ValueError, KeyError, TypeError):
             old = None
+        if isinstance(old, dict):
+            # A setting added since that set was made (e.g. `right`) has its default there.
+            old = {**config_to_dict(SynthConfig()), **old}
         if isinstance(old, dict) and {
             k: v for k, v in old.items() if k not in IGNORED_KEYS
         } == _content_key(cfg):

@@ -242,8 +242,15 @@ class CASM:
         self.opt_classifier = torch.optim.SGD(
             encoder_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
+        # The mapping's parameters: the decoder, and its own encoder when unshared (not the
+        # head, which the mapping never reads).
+        self.mapping_params = list(masker.decoder.parameters())
+        if masker.mapping_encoder is not None:
+            self.mapping_params += [
+                p for n, p in masker.mapping_encoder.named_parameters() if not n.startswith("fc.")
+            ]
         self.opt_decoder = torch.optim.Adam(
-            masker.decoder.parameters(), lr=cfg.lr_decoder, weight_decay=cfg.weight_decay
+            self.mapping_params, lr=cfg.lr_decoder, weight_decay=cfg.weight_decay
         )
         hp = cfg.resolved_hp if self.trainable else 0.0
         self.pool = ThinningPool(cfg.pool_size, cfg.resolved_smf, hp, rng)
@@ -291,9 +298,15 @@ class CASM:
             average_buffers(encoder)  # every rank stores the same snapshot
             self.pool.store(encoder)
 
-        # 3. The mask from the detached features, and the masked-out images.
+        # 3. The mask from the detached features (or, unshared, from the mapping's own encoder,
+        # which the mapping loss trains), and the masked-out images.
+        mapping_features = [f.detach() for f in features]
+        if masker.mapping_encoder is not None:
+            masker.mapping_encoder.train()
+            with amp:
+                _, mapping_features = masker.mapping_encoder(masker.normalize(images))
         with amp:
-            masks = decoder([f.detach() for f in features], size=images.shape[-2:])
+            masks = decoder(mapping_features, size=images.shape[-2:])
         masks = masks.float()
         masked_out = images * (1 - masks)
 
@@ -313,7 +326,7 @@ class CASM:
         # (Eq. 8) and the decoder's on the mapping loss. The decoder's gradient is taken for
         # the decoder alone, so the mapping loss never moves the encoder.
         # Under fp16 each loss is scaled, and the gradients are unscaled before the clipping.
-        decoder_params = [p for p in decoder.parameters() if p.requires_grad]
+        decoder_params = [p for p in self.mapping_params if p.requires_grad]
         update_classifier = self.trainable and index is None
         grads: tuple[torch.Tensor, ...] = ()
         if update_classifier:
@@ -619,7 +632,9 @@ def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
     barrier()
     info = read_classes(cfg.data)
     root = Path(cfg.data)
-    masker = build_masker(cfg.arch, len(info.wnids), cfg.width, cfg.upsample)
+    masker = build_masker(
+        cfg.arch, len(info.wnids), cfg.width, cfg.upsample, shared_encoder=not cfg.unshared
+    )
     if cfg.weights:
         load_encoder_weights(masker.encoder, cfg.weights)
     masker = masker.to(device)
@@ -634,6 +649,7 @@ def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
         workers=cfg.workers,
         seed=cfg.seed,
         loader=cfg.loader,
+        policy=cfg.resize,  # training and validation images alike; the boxes below follow it
         device=str(device),  # where DALI decodes: this rank's GPU
     )
     # Each rank trains on its own disjoint block of every epoch; validation is rank 0's alone.
@@ -661,7 +677,7 @@ def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
             )
     val_loader = build_loader(root, "val", batch_size=128, train=False, **loader_args)
     boxes = [  # each validation image's boxes of its own class, in the model frame
-        own_boxes(path, info.wnids[label], root / "annotations", cfg.image_size)
+        own_boxes(path, info.wnids[label], root / "annotations", cfg.image_size, cfg.resize)
         for path, label in val_loader.samples
     ]
 
@@ -677,6 +693,8 @@ def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
         checkpoint = load_checkpoint(ckpt_path)
         masker.encoder.load_state_dict(checkpoint["encoder"])
         masker.decoder.load_state_dict(checkpoint["decoder"])
+        if masker.mapping_encoder is not None:
+            masker.mapping_encoder.load_state_dict(checkpoint["mapping_encoder"])
         optimizers = checkpoint["optimizers"]
         pre_opt.load_state_dict(optimizers["pretrain"])
         pre_sched.load_state_dict(optimizers["pretrain_schedule"])
@@ -705,6 +723,7 @@ def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
         "image_size": cfg.image_size,
         "wnids": info.wnids,
         "names": info.names,
+        "shared_encoder": not cfg.unshared,
     }
 
     def save(phase_: str, epoch_: int, metrics: dict) -> None:
@@ -726,6 +745,9 @@ def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
                 "step": casm.step_count,
                 "encoder": masker.encoder.state_dict(),
                 "decoder": masker.decoder.state_dict(),
+                "mapping_encoder": (
+                    None if masker.mapping_encoder is None else masker.mapping_encoder.state_dict()
+                ),
                 "optimizers": {
                     "pretrain": pre_opt.state_dict(),
                     "pretrain_schedule": pre_sched.state_dict(),
@@ -777,6 +799,9 @@ def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
                     )
             phase, epoch = "casm", 0
         if phase == "casm":
+            if epoch == 0 and masker.mapping_encoder is not None:
+                # Unshared: the mapping's encoder starts as the classifier the phase starts from.
+                masker.mapping_encoder.load_state_dict(masker.encoder.state_dict())
             for e in range(epoch, cfg.casm_epochs):
                 casm.set_epoch_lr(e)
                 casm_loader.set_epoch(1000 + e)  # other crops than the pre-training epochs

@@ -50,6 +50,11 @@ def test_synth_command_is_idempotent_and_checks_options(tmp_path):
     assert changed.exit_code == 2 and "--overwrite" in changed.output
     bad = runner.invoke(app, ["data", "synth", str(tmp_path / "t"), "--copies", "3"])
     assert bad.exit_code == 2 and "copies" in bad.output
+    clutter = runner.invoke(app, [*args[:3], "--right", "clutter"])
+    assert clutter.exit_code == 2 and "--right clutter needs --copies 2" in clutter.output
+    two = [*args[:2], str(tmp_path / "two"), *args[3:], "--copies", "2", "--right", "clutter"]
+    assert runner.invoke(app, two).exit_code == 0
+    assert json.loads((tmp_path / "two" / "synth.json").read_text())["config"]["right"] == "clutter"
 
 
 def test_train_errors_are_one_line_not_tracebacks(tmp_path):
@@ -58,6 +63,8 @@ def test_train_errors_are_one_line_not_tracebacks(tmp_path):
     assert "Traceback" not in missing.output
     preset = runner.invoke(app, ["train", str(tmp_path), "--reproduce", "X"])
     assert preset.exit_code == 2 and "--reproduce must be one of" in preset.output
+    resize = runner.invoke(app, ["train", str(tmp_path), "--resize", "squash"])
+    assert resize.exit_code == 2 and "--resize must be center-crop or stretch" in resize.output
 
 
 def test_train_smoke_on_a_tiny_data_set(tiny_data, tmp_path):
@@ -124,3 +131,10 @@ def test_eval_usage_errors(tiny_data, tmp_path):
     assert missing.exit_code == 2 and "none.pt" in missing.output
     two_folders = runner.invoke(app, ["eval", str(tiny_data), str(tmp_path)])
     assert two_folders.exit_code == 2 and "one data folder" in two_folders.output
+
+
+def test_eval_copies_needs_two_copies_data(tiny_data, tmp_path, make_checkpoint):
+    model = make_checkpoint(tmp_path / "run" / "checkpoint.pt", tiny_data)
+    result = runner.invoke(app, ["eval", model, str(tiny_data), "--copies", "--workers", "0"])
+    assert result.exit_code == 2 and "exactly two boxes" in result.output
+    assert "Traceback" not in result.output

@@ -4,11 +4,14 @@ import torch
 
 from casm_deploy.data import (
     ImageDataset,
+    TorchLoader,
     build_loader,
+    decode_image,
     list_images,
     own_boxes,
     read_annotation,
     read_classes,
+    stretch,
     transform_box,
 )
 from casm_deploy.errors import UserError
@@ -104,6 +107,33 @@ def test_training_augmentation_depends_on_seed_epoch_and_index_only(tiny_data):
     assert np.array_equal(a[5][0], b[5][0])
     b.epoch = 1
     assert any(not np.array_equal(a[i][0], b[i][0]) for i in range(10))
+
+
+def test_stretch_training_keeps_the_whole_image_unflipped(tiny_data):
+    """--resize stretch: the whole image at S x S in every epoch, no crop, no flip."""
+    info = read_classes(tiny_data)
+    samples = list_images(tiny_data, "train", info.wnids)
+    dataset = ImageDataset(samples, 32, train=True, seed=1, policy="stretch")
+    for epoch in range(3):
+        dataset.epoch = epoch
+        for index in (0, 5, 17, 40):
+            image, label, got_index = dataset[index]
+            expected = stretch(decode_image(samples[index][0]), 32)
+            assert np.array_equal(image, expected), (epoch, index)
+            assert (label, got_index) == (samples[index][1], index)
+
+
+def test_dali_cannot_train_with_stretch(tiny_data):
+    info = read_classes(tiny_data)
+    args = (tiny_data, "train", info.wnids, 32, 8)
+    with pytest.raises(UserError, match="--resize stretch"):
+        build_loader(*args, train=True, policy="stretch", loader="dali")
+    loader = build_loader(*args, train=True, policy="stretch", loader="auto", workers=0)
+    assert isinstance(loader, TorchLoader)  # auto picks the loader that can
+    from casm_deploy.dali import DALILoader
+
+    with pytest.raises(UserError, match="stretch"):
+        DALILoader(loader.samples, 32, 8, train=True, policy="stretch")
 
 
 def test_epoch_fraction_and_shuffling_are_seeded(tiny_data):

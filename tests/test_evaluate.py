@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import cv2
@@ -103,6 +104,18 @@ def test_eval_on_synthetic_data_with_classifiers_and_gradcam(tiny_data, tmp_path
     accuracy = result["classifiers"]["casm"]["judge"]
     assert set(accuracy) == {"clean", "masked_in", "masked_out", "inpainted"}
     assert all(0 <= v <= 1 for v in accuracy.values())
+    assert result["leak"] == {}  # only when asked
+
+
+def test_eval_leak_control_writes_its_json(tiny_data, tmp_path, make_checkpoint):
+    model = make_checkpoint(tmp_path / "casm" / "checkpoint.pt", tiny_data)
+    out = tmp_path / "eval.json"
+    cfg = EvalConfig(
+        models=(model,), data=str(tiny_data), workers=0, leak_control=True, json=str(out)
+    )
+    leak = evaluate.run(cfg)["leak"]["casm"]
+    assert (leak["n_train"], leak["n_val"]) == (72, 12) and leak["chance"] == pytest.approx(1 / 3)
+    assert json.loads((tmp_path / "eval.leak.json").read_text()) == {"casm": leak}
 
 
 def test_gradcam_stage_is_chosen_and_checked(tiny_data, tmp_path, make_checkpoint):
@@ -148,6 +161,52 @@ def test_a_model_of_a_subset_of_classes(tmp_path, make_checkpoint):
     result = evaluate.run(EvalConfig(models=(model,), data=wide.out, workers=0))
     scores = result["scores"]["m"]
     assert scores["n_images"] == 6 and scores["LE"] is not None and scores["OM"] is not None
+
+    # --classes splits the same images into the seen classes and the unseen one.
+    seen = evaluate.run(EvalConfig(models=(model,), data=wide.out, workers=0, classes="seen"))
+    unseen = evaluate.run(EvalConfig(models=(model,), data=wide.out, workers=0, classes="unseen"))
+    seen, unseen = seen["scores"]["m"], unseen["scores"]["m"]
+    assert (seen["n_images"], unseen["n_images"]) == (4, 2)
+    assert seen["LE"] * 4 + unseen["LE"] * 2 == pytest.approx(scores["LE"] * 6)
+    assert unseen["OM"] is None  # no image the classifier could get right
+    with pytest.raises(UserError, match="no class"):
+        evaluate.run(EvalConfig(models=(model,), data=small.out, workers=0, classes="unseen"))
+
+
+def test_copies_scores_both_copies(tmp_path, make_checkpoint):
+    from casm_deploy.synth import generate
+
+    data = tmp_path / "two"
+    synth = SynthConfig(
+        out=str(data), num_classes=2, train_per_class=1, val_per_class=3, min_side=32,
+        max_side=40, copies=2, workers=1,
+    )  # fmt: skip
+    generate(synth, progress=False)
+    model = make_checkpoint(tmp_path / "m" / "checkpoint.pt", data)
+    out = tmp_path / "scores.json"
+    cfg = EvalConfig(
+        models=(model,), data=str(data), baselines=("full",), resize="stretch", workers=0,
+        copies=True, json=str(out),
+    )  # fmt: skip
+    result = evaluate.run(cfg)
+    copy_keys = {"copy_share_lighter", "copy_touch_both"}
+    written = json.loads(out.read_text())
+    assert set(written) == KEYS | copy_keys
+    assert 0 <= written["copy_share_lighter"] <= 0.5 and 0 <= written["copy_touch_both"] <= 1
+    full = result["scores"]["full"]  # a mask of ones covers both copies alike
+    assert full["copy_share_lighter"] == pytest.approx(0.5, abs=0.05)
+    assert full["copy_touch_both"] == 1.0
+    assert set(json.loads((tmp_path / "scores.full.json").read_text())) == KEYS | copy_keys
+    # Without --copies the keys stay out.
+    plain = evaluate.run(dataclasses.replace(cfg, copies=False, json=""))
+    assert set(plain["scores"]["m"]) == KEYS
+
+
+def test_copies_on_single_copy_data_is_a_user_error(tiny_data, tmp_path, make_checkpoint):
+    model = make_checkpoint(tmp_path / "m" / "checkpoint.pt", tiny_data)
+    cfg = EvalConfig(models=(model,), data=str(tiny_data), workers=0, copies=True)
+    with pytest.raises(UserError, match=r"ILSVRC2012_val_\d+\.JPEG.*two boxes"):
+        evaluate.run(cfg)
 
 
 def test_bad_input_is_a_user_error(tiny_data, tmp_path, make_checkpoint):

@@ -14,6 +14,7 @@ from casm_deploy.metrics import (
     box_iou,
     center_box,
     clip_box,
+    copy_coverage,
     largest_component,
     localization_scores,
     mask_entropy,
@@ -238,6 +239,44 @@ def test_f1_of_continuous_mask_hand_computed():
 def test_localization_scores_needs_gt_boxes():
     with pytest.raises(ValueError):
         localization_scores(np.zeros((4, 4)), None, [])
+
+
+# --- two copies ------------------------------------------------------------------------------
+
+COPY_BOXES = [[1, 2, 4, 6], [9, 2, 12, 6]]  # the same box in each half of an 8 x 16 frame
+
+
+def test_copy_coverage_of_both_copies_equally():
+    mask = np.zeros((8, 16))
+    mask[2:6, 1:4] = 1.0
+    mask[2:6, 9:12] = 1.0
+    assert copy_coverage(mask, COPY_BOXES) == (0.5, True)
+
+
+def test_copy_coverage_of_the_left_copy_only():
+    mask = np.zeros((8, 16))
+    mask[2:6, 1:4] = 1.0
+    assert copy_coverage(mask, COPY_BOXES) == (0.0, False)
+
+
+def test_copy_coverage_uneven_and_faint():
+    mask = np.zeros((1, 8, 16))  # a leading channel is accepted
+    mask[0, 2:6, 1:4] = 1.0
+    mask[0, 2:4, 9:12] = 1.0  # half of the right copy
+    share, both = copy_coverage(mask, COPY_BOXES)
+    assert share == pytest.approx(6 / 18) and both
+    # The binarisation keeps about the mask's mean share of pixels, the brightest: here
+    # 11% of them, all in the left copy, so the faint right copy has mass but is not touched.
+    mask[0, 2:6, 1:4] = 0.9
+    mask[0, 2:6, 9:12] = 0.3
+    share, both = copy_coverage(mask, COPY_BOXES)
+    assert share == pytest.approx(0.3 / 1.2) and not both
+
+
+def test_copy_coverage_of_a_zero_mask_and_bad_boxes():
+    assert copy_coverage(np.zeros((8, 16)), COPY_BOXES) == (0.0, False)
+    with pytest.raises(ValueError, match="two boxes"):
+        copy_coverage(np.zeros((8, 16)), COPY_BOXES[:1])
 
 
 # --- meters and statistics -------------------------------------------------------------------

@@ -152,6 +152,47 @@ def test_copies(tmp_path):
         assert len(boxes) == 2 and boxes[1][0] == boxes[0][0] + half
 
 
+def test_clutter_on_the_right(tmp_path):
+    cfg = tiny(
+        tmp_path / "clutter", num_classes=2, train_per_class=1, val_per_class=2, copies=2,
+        right="clutter",
+    )  # fmt: skip
+    copy_image, copy_boxes = make_sample(dataclasses.replace(cfg, right="copy"), "val", 1, 0)
+    image, boxes = make_sample(cfg, "val", 1, 0)
+    w = image.shape[1] // 2
+    assert image.shape == copy_image.shape
+    assert np.array_equal(image[:, :w], copy_image[:, :w])  # the same left half as with copies
+    assert np.abs(image[:, w:].astype(int) - image[:, :w]).mean() > 5  # not a copy
+    assert boxes == copy_boxes[:1]  # only the left object is annotated
+    again, _ = make_sample(cfg, "val", 1, 0)
+    assert np.array_equal(image, again)  # deterministic
+
+    generate(cfg, progress=False)
+    for xml in (tmp_path / "clutter" / "annotations").glob("*.xml"):
+        assert len(read_boxes(xml)[1]) == 1
+    # A data set made with the other --right is another data set.
+    with pytest.raises(UserError, match="--overwrite"):
+        generate(dataclasses.replace(cfg, right="copy"), progress=False)
+
+
+def test_clutter_needs_two_copies(tmp_path):
+    with pytest.raises(UserError, match="--copies 2"):
+        generate(tiny(tmp_path / "x", right="clutter"), progress=False)
+    with pytest.raises(UserError, match="--right"):
+        generate(tiny(tmp_path / "y", copies=2, right="noise"), progress=False)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_set_recorded_before_right_existed_is_still_recognised(tmp_path):
+    out = tmp_path / "set"
+    cfg = tiny(out, train_per_class=1, val_per_class=1)
+    generate(cfg, progress=False)
+    record = json.loads((out / "synth.json").read_text())
+    del record["config"]["right"]  # as written before the setting was added
+    (out / "synth.json").write_text(json.dumps(record))
+    assert generate(cfg, progress=False)["generated"] is False
+
+
 def test_class_subset(tmp_path):
     summary = generate(
         tiny(tmp_path / "sub", classes=("heart", "n90000001", "Ring")), progress=False

@@ -208,6 +208,38 @@ def test_pool_snapshot_used_for_masked_pass_is_not_updated():
     assert len(casm.pool.snapshots) == 2 and casm.step_count == 2
 
 
+def test_unshared_mapping_trains_its_own_encoder_and_leaves_a_fixed_classifier_alone():
+    torch.manual_seed(0)
+    masker = build_masker("resnet18", 3, width=8, shared_encoder=False)
+    masker.mapping_encoder.load_state_dict(masker.encoder.state_dict())
+    classifier_before = copy.deepcopy(masker.encoder.state_dict())
+    mapping_before = copy.deepcopy(masker.mapping_encoder.state_dict())
+    casm = CASM(masker, TrainConfig(reproduce="F", unshared=True), random.Random(0))
+    images, labels = batch()
+    for _ in range(3):
+        casm.step(images, labels)
+    after = masker.encoder.state_dict()
+    assert all(torch.equal(classifier_before[k], after[k]) for k in after)
+    moved = [
+        k
+        for k, v in masker.mapping_encoder.state_dict().items()
+        if not torch.equal(mapping_before[k], v)
+    ]
+    assert "conv1.weight" in moved and "layer4.1.conv2.weight" in moved
+    assert not any(k.startswith("fc.") for k in moved)  # the mapping never reads the head
+
+
+def test_unshared_masks_come_from_the_mapping_encoder():
+    torch.manual_seed(0)
+    masker = build_masker("resnet18", 3, width=8, shared_encoder=False).eval()
+    images, _ = batch()
+    masks, logits = masker(images)
+    _, features = masker.mapping_encoder(masker.normalize(images))
+    expected = masker.decoder(features, size=images.shape[-2:])
+    assert torch.equal(masks, expected)
+    assert torch.equal(logits, masker.encoder(masker.normalize(images))[0])
+
+
 def test_training_steps_reduce_the_mapping_loss_on_a_fixed_batch():
     masker = tiny_masker()
     casm = CASM(masker, TrainConfig(reproduce="F", lr_decoder=1e-2), random.Random(0))
@@ -259,6 +291,67 @@ def test_run_writes_metrics_and_a_weights_only_checkpoint(tiny_data, tmp_path):
     masks, logits = masker(torch.rand(2, 3, 32, 32))
     assert masks.shape == (2, 1, 32, 32) and logits.shape == (2, 3)
     assert json.loads((run_dir / "config.json").read_text())["name"] == "t"
+
+
+def test_unshared_run_starts_the_mapping_encoder_from_the_classifier_and_saves_it(
+    tiny_data, tmp_path
+):
+    from casm_deploy.checkpoint import load_masker
+    from casm_deploy.train import run
+
+    common = dict(data=str(tiny_data), out=str(tmp_path), width=8, image_size=32, workers=0)
+    common |= dict(batch_size=8, pretrain_batch_size=8, epoch_fraction=1.0)
+    clf = run(TrainConfig(name="c", classifier_only=True, pretrain_epochs=1, **common))
+    run_dir = run(
+        TrainConfig(
+            name="u",
+            weights=str(clf / "checkpoint.pt"),
+            pretrain_epochs=0,
+            epochs=1,
+            reproduce="F",
+            unshared=True,
+            lr_decoder=0.0,  # the mapping does not move: it must equal the classifier it copied
+            weight_decay=0.0,
+            **common,
+        )
+    )
+    masker, spec = load_masker(run_dir / "checkpoint.pt")
+    assert spec["shared_encoder"] is False
+    classifier = torch.load(clf / "checkpoint.pt", weights_only=True)["encoder"]
+    for name, value in masker.mapping_encoder.state_dict().items():
+        if name.startswith("fc.") or "running" in name or "num_batches" in name:
+            continue  # the head is not the mapping's; BatchNorm statistics move in train mode
+        assert torch.equal(value, classifier[name]), name
+    masks, _ = masker(torch.rand(2, 3, 32, 32))
+    assert masks.shape == (2, 1, 32, 32)
+
+
+def test_run_with_stretch_resize(tiny_data, tmp_path):
+    from casm_deploy.data import list_images, own_boxes, read_classes
+    from casm_deploy.errors import UserError
+    from casm_deploy.train import center_baseline, run
+
+    cfg = TrainConfig(
+        data=str(tiny_data), out=str(tmp_path), name="s", width=8, image_size=32,
+        pretrain_epochs=1, epochs=1, batch_size=8, pretrain_batch_size=8, workers=0,
+        resize="stretch",
+    )  # fmt: skip
+    run_dir = run(cfg)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["phase"] == "casm" and 0 <= records[-1]["val_LE"] <= 1
+    assert json.loads((run_dir / "config.json").read_text())["resize"] == "stretch"
+    # The validation boxes follow the policy: the centre baseline is scored on stretched boxes.
+    wnids = read_classes(tiny_data).wnids
+    boxes = [
+        own_boxes(path, wnids[label], tiny_data / "annotations", 32, "stretch")
+        for path, label in list_images(tiny_data, "val", wnids)
+    ]
+    assert records[0] == {"phase": "baseline", **center_baseline(boxes, 32)}
+
+    with pytest.raises(UserError, match="--loader dali cannot train with --resize stretch"):
+        run(dataclasses.replace(cfg, name="d", loader="dali"))
+    with pytest.raises(ValueError, match="--resize"):
+        TrainConfig(resize="squash")
 
 
 def test_asking_for_cuda_without_it_is_a_user_error(monkeypatch):

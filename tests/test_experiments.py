@@ -1,0 +1,85 @@
+"""`make experiments` (train/experiments/): every job is a valid `casm-deploy` call, the
+dependencies exist, and the runner skips what is done and orders the rest."""
+
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from casm_deploy.cli import app
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train" / "experiments"))
+import jobs as experiment_jobs  # noqa: E402
+import run as experiment_run  # noqa: E402
+
+
+def all_jobs(scale):
+    return [job for module in experiment_run.EXPERIMENTS.values() for job in module.jobs(scale)]
+
+
+@pytest.fixture
+def dry_cli(monkeypatch):
+    """`casm-deploy` with the work replaced by a record of the config each command built."""
+    from casm_deploy import evaluate, synth, train
+
+    configs = []
+    for module, name in ((synth, "generate"), (train, "run"), (evaluate, "run")):
+        monkeypatch.setattr(module, name, lambda cfg, *a, **k: configs.append(cfg))
+
+    def invoke(args):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, f"{args}:\n{result.output}"
+        return configs[-1]
+
+    return invoke
+
+
+@pytest.mark.parametrize("scale", sorted(experiment_jobs.SCALES))
+def test_every_job_is_a_valid_call_with_known_dependencies(scale, dry_cli, tmp_path, monkeypatch):
+    scale = experiment_jobs.SCALES[scale]
+    jobs = all_jobs(scale)
+    names = [j.name for j in jobs]
+    assert len(names) == len(set(names))
+    monkeypatch.chdir(tmp_path)  # the data folders exist when the evals run: make them
+    datasets = {j.args[2] for j in jobs if j.args[:2] == ["data", "synth"]}
+    for folder in datasets:
+        Path(folder).mkdir(parents=True)
+    for job in jobs:
+        assert set(job.deps) <= set(names), job.name
+        cfg = dry_cli(job.args)  # options parsed, and the command's config built and checked
+        if job.args[0] == "eval":
+            assert cfg.data in datasets and all(m.endswith(".pt") for m in cfg.models), job.name
+
+
+def test_a_typo_in_a_job_fails_the_check(dry_cli):
+    with pytest.raises(AssertionError, match="--epoch"):
+        dry_cli(["train", "data/synth", "--epoch", "3"])
+
+
+def test_runner_skips_finished_jobs_and_runs_the_rest_in_dependency_order(tmp_path, monkeypatch):
+    scale = experiment_jobs.Scale("t", str(tmp_path / "runs"), str(tmp_path), 1, 1, 1, 1, 1.0)
+    calls = []
+
+    def fake_call(job, scale_, env):
+        calls.append(job.name)
+        job.done(scale_).parent.mkdir(parents=True, exist_ok=True)
+        job.done(scale_).write_text('{"seconds": 0}')
+        return 0.0
+
+    monkeypatch.setattr(experiment_jobs, "_call", fake_call)
+    make = experiment_jobs.Job
+    jobs = [make("c", [], deps=["b"]), make("b", [], deps=["a"]), make("a", []), make("d", [])]
+    jobs[2].done(scale).parent.mkdir(parents=True)
+    jobs[2].done(scale).write_text('{"seconds": 0}')  # "a" finished in an earlier run
+    experiment_jobs.run_jobs(jobs, scale, parallel=1)
+    assert "a" not in calls and sorted(calls) == ["b", "c", "d"]
+    assert calls.index("b") < calls.index("c")
+
+
+def test_an_interrupted_training_job_is_resumed(tmp_path):
+    job = experiment_jobs.train_job("t", "data", str(tmp_path), "run", "--epochs", "1")
+    assert "--resume" not in job.command()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
+    assert job.command()[-1] == "--resume"
