@@ -40,15 +40,18 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 # make bench: every benchmark script in turn (each prints a table and writes
-# benchmarks/results/*.json); the demo is made first when its checkpoint or exports are missing.
+# benchmarks/results/*.json), then report.py renders benchmarks/RESULTS.md's tables from the
+# JSON; the demo is made first when its checkpoint or exports are missing.
 bench: $(STAMP)
 	test -f runs/demo/checkpoint.pt && test -f export/default/masker.onnx \
 		&& test -f export/default/masker.ts || $(MAKE) demo
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/train_step.py --amp bf16
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/infer.py
 	$(BIN)/python benchmarks/extraction.py
 	$(BIN)/python benchmarks/method_cost.py
+	$(BIN)/python benchmarks/report.py
 
 # make experiments: the paper's experiments on the embedded data (train/experiments/, about two
 # hours on 2 cores); finished jobs are kept, so it can be stopped and started again. It writes

@@ -82,15 +82,19 @@ def save_untrained(
     image_size: int = 224,
     seed: int = 0,
     config: dict[str, Any] | None = None,
+    shared_encoder: bool = True,
 ) -> Path:
     """A checkpoint of this schema holding a freshly initialised mapping, for tests and
     benchmarks: an untrained mapping costs what a trained one costs."""
     torch.manual_seed(seed)
-    masker = build_masker(arch, len(wnids), width=width)
+    masker = build_masker(arch, len(wnids), width=width, shared_encoder=shared_encoder)
     spec = {"arch": arch, "width": width, "num_classes": len(wnids), "upsample": "nearest"}
     spec |= {"image_size": image_size, "wnids": list(wnids), "names": list(names)}
+    spec |= {"shared_encoder": shared_encoder}
     payload = {"format": FORMAT, "version": VERSION, "model": spec, "config": config or {}}
     payload |= {"encoder": masker.encoder.state_dict(), "decoder": masker.decoder.state_dict()}
+    if not shared_encoder:
+        payload["mapping_encoder"] = masker.mapping_encoder.state_dict()
     save_atomic(payload, path)
     return Path(path)
 

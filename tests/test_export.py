@@ -115,6 +115,21 @@ def test_fp32_torchscript_onnx_pt2_and_triton_pass_parity(checkpoint, tmp_path):
     assert model.read_bytes() == (out / "masker.onnx").read_bytes()
 
 
+def test_an_unshared_mapping_exports_with_its_own_encoder(tiny_data, tmp_path):
+    from casm_deploy.checkpoint import load_masker, save_untrained
+    from casm_deploy.data import read_classes
+
+    info = read_classes(tiny_data)
+    path = tmp_path / "runs" / "unshared" / "checkpoint.pt"
+    save_untrained(path, info.wnids, info.names, width=8, image_size=32, shared_encoder=False)
+    masker, _ = load_masker(path)
+    assert masker.mapping_encoder is not None
+    result, report = _export(path, tmp_path / "out", "--onnx", "--data", str(tiny_data))
+    assert result.exit_code == 0, result.output
+    statuses = {r["format"]: r["status"] for r in report["parity"]["results"]}
+    assert statuses == {"torchscript": "passed", "onnx": "passed"}
+
+
 def test_int8_is_quantised_calibrated_and_passes_its_parity(planted, tmp_path):
     import onnx
 
