@@ -41,16 +41,26 @@ def classifier_args(s: Scale, seed: int) -> list[str]:
     ]  # fmt: skip
 
 
-def casm_args(s: Scale, classifier: str, seed: int, fraction: float = 0.0) -> list[str]:
+# The runs are about 470 steps, a tenth or less of the reference's, so the snapshot periods
+# are a tenth of the presets' too: with 100 and 1000, L1000 would store only its first
+# snapshot and be FL exactly (the same seed gives the same run), and L100 would keep the whole
+# history. With 10 and 100, L100 holds the last ~300 steps and L1000 five snapshots of the run.
+SMF = {"L100": 10, "L1000": 100}
+
+
+def casm_args(
+    s: Scale, classifier: str, seed: int, preset: str = "L100", fraction: float = 0.0
+) -> list[str]:
     """The CASM phase every experiment uses, from a pre-trained classifier.
 
     `fraction`: the share of the training set per epoch, when not the scale's (a data set
     half as large takes twice the share, so every experiment trains for the same steps).
     """
+    smf = ["--smf", str(SMF[preset])] if preset in SMF else []
     return [
         "--weights", classifier, "--pretrain-epochs", "0", "--width", str(s.width),
         "--epochs", str(s.epochs), "--epoch-fraction", str(fraction or s.epoch_fraction),
-        "--seed", str(seed),
+        "--seed", str(seed), "--reproduce", preset, *smf,
     ]  # fmt: skip
 
 
@@ -70,8 +80,8 @@ def jobs(s: Scale) -> list[Job]:
             extra = [] if shared else ["--unshared"]
             result.append(
                 train_job(
-                    f"table2-{name}", data, out, name, *casm_args(s, checkpoint, seed),
-                    "--reproduce", preset, "--score", score, *extra, deps=[clf],
+                    f"table2-{name}", data, out, name, *casm_args(s, checkpoint, seed, preset),
+                    "--score", score, *extra, deps=[clf],
                 )
             )  # fmt: skip
             names.append(name)

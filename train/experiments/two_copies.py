@@ -57,7 +57,7 @@ def jobs(s: Scale) -> list[Job]:
                 result.append(
                     train_job(
                         f"copies-{name}", data, out, name,
-                        *casm_args(s, checkpoint, seed, fraction), "--reproduce", preset,
+                        *casm_args(s, checkpoint, seed, preset, fraction),
                         *STRETCH, deps=[f"copies-{clf}", "data-copies2"],
                     )
                 )  # fmt: skip

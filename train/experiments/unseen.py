@@ -40,7 +40,7 @@ def jobs(s: Scale) -> list[Job]:
             fraction = min(1.0, 2 * s.epoch_fraction)  # half the images: the same steps
             result.append(
                 train_job(f"unseen-{name}", data, out, name,
-                          *casm_args(s, checkpoint, seed, fraction), deps=[f"unseen-{clf}"])
+                          *casm_args(s, checkpoint, seed, "L100", fraction), deps=[f"unseen-{clf}"])
             )  # fmt: skip
             for which in ("seen", "unseen"):
                 result.append(
