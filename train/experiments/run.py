@@ -64,6 +64,7 @@ def write_results(path: Path, scale: Scale, jobs: list[Job]) -> None:
         f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU; python "
         f"{platform.python_version()}, torch {torch.__version__}"
     )
+    total = sum(seconds(scale, j.name) for j in jobs) / 60
     text = [
         "# Experiments: results\n",
         "Written by `make experiments` (`python train/experiments/run.py`) from the runs it "
@@ -73,6 +74,8 @@ def write_results(path: Path, scale: Scale, jobs: list[Job]) -> None:
         f"epochs, CASM {scale.epochs} epochs of {scale.epoch_fraction:g} of the 10-class "
         "training set (the same number of steps everywhere); ± is the half-range over "
         f"seeds {', '.join(map(str, scale.seeds))}.\n",
+        f"In all {len(jobs)} jobs, {total:.0f} minutes of one CPU thread: about "
+        f"{total / 2:.0f} minutes of wall time two at a time.\n",
     ]
     for title, module in EXPERIMENTS.items():
         own = [j for j in jobs if j.name in {x.name for x in module.jobs(scale)}]
@@ -83,7 +86,7 @@ def write_results(path: Path, scale: Scale, jobs: list[Job]) -> None:
             f"## {title}\n",
             f"{doc}\n",
             f"{module.report(scale)}\n",
-            f"{len(own)} jobs, {minutes:.0f} CPU-thread minutes.\n",
+            f"{len(own)} jobs; {minutes:.0f} minutes of one CPU thread in all.\n",
             f"<details><summary>commands</summary>\n\n```bash\n{commands}\n```\n</details>\n",
         ]
     path.write_text("\n".join(text))

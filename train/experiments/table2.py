@@ -3,7 +3,10 @@
 Per seed: one classifier pre-trained on clean images, then every CASM variant starts from it
 for the same number of steps: F, L, FL, L100, L1000 with the entropy and the classification
 score, and F, L, L100 with an encoder of their own (`--unshared`). One `eval` per seed scores
-them all on the validation set (LE, OM, F1 and the mask statistics).
+them all on the validation set (LE, OM, F1 and the mask statistics). The runs are about 470
+steps, so L100 and L1000 store a snapshot every 10 and 100 steps, a tenth of the presets'
+periods (`--smf`): with 1000, L1000 would keep only its first snapshot and be FL exactly.
+The area weight is the default recipe's (2.5) for both scores.
 """
 
 from __future__ import annotations
