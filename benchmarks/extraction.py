@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import command, machine, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
 from casm_deploy.checkpoint import load_masker
@@ -259,16 +259,8 @@ def main() -> None:
     import onnxruntime
 
     result = {
-        "command": "python benchmarks/extraction.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "torch_threads": torch.get_num_threads(),
-        },
+        "command": command("extraction.py", args),
+        "machine": machine(onnxruntime),
         "model_flops_per_image": flops,
         "model_flops_by_op": flops_by_op,
         "gemm_peak_gflops": round(peak, 1),
@@ -279,9 +271,7 @@ def main() -> None:
         "ort_profile_batch": PROFILE_BATCH,
         "ort_profiles": profiles,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -223,9 +224,7 @@ def main() -> None:
         section(results, "mask extraction", lambda: extraction(device, work, data, size, args))
     if not args.skip_tests:
         section(results, "gpu tests", gpu_tests)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

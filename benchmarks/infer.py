@@ -17,9 +17,7 @@ machine share the model's cores.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import time
 from itertools import islice
@@ -27,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import command, machine, write_json
 
 from casm_deploy import infer
 from casm_deploy.config import InferConfig, SynthConfig
 from casm_deploy.images import decode, read_encoded, read_image, scan
 from casm_deploy.predict import Masker
-from casm_deploy.ui import console
 
 FILES = {"onnx": "masker.onnx", "torchscript": "masker.ts"}
 BIG_DATA = Path("data/bench-infer-500")  # gitignored, like every data/ folder
@@ -198,20 +196,11 @@ def main() -> None:
     import onnxruntime
 
     result = {
-        "command": "python benchmarks/infer.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "torch_threads": torch.get_num_threads(),
-        },
+        "command": command("infer.py", args),
+        "machine": machine(onnxruntime),
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

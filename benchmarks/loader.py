@@ -12,13 +12,13 @@ the embedded data set's image sizes (shorter side 80-128 px) for 64 px, ImageNet
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
 from pathlib import Path
 
 import torch
+from common import write_json
 
 from casm_deploy.config import SynthConfig
 from casm_deploy.data import build_loader, read_classes
@@ -121,9 +121,7 @@ def main() -> None:
         },
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import command, machine, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
 from casm_deploy.checkpoint import load_masker
@@ -293,15 +293,8 @@ def main() -> None:
         print(f"CASM LE in {eval_json} (casm-deploy eval, full val): {reference}")
 
     result = {
-        "command": "python benchmarks/method_cost.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-        },
+        "command": command("method_cost.py", args),
+        "machine": machine(),
         "rows": rows,
         "maskopt": {
             "chosen": setting,
@@ -313,9 +306,7 @@ def main() -> None:
         "targets": targets,
         "eval_json_casm_LE": reference,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ model and the optimiser steps, not the data loader.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import time
 from pathlib import Path
 
 import torch
+from common import write_json
 
 from casm_deploy.config import PRESETS, TrainConfig
 from casm_deploy.model import build_masker
@@ -73,9 +73,7 @@ def main() -> None:
         },
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":
