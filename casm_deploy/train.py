@@ -300,8 +300,9 @@ class CASM:
 
         # 3. The mask from the detached features (or, unshared, from the mapping's own encoder,
         # which the mapping loss trains), and the masked-out images.
-        mapping_features = [f.detach() for f in features]
-        if masker.mapping_encoder is not None:
+        if masker.mapping_encoder is None:
+            mapping_features = [f.detach() for f in features]
+        else:
             masker.mapping_encoder.train()
             with amp:
                 _, mapping_features = masker.mapping_encoder(masker.normalize(images))

@@ -138,6 +138,12 @@ def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def method_scores(stem: str, method: str, first: str) -> dict:
+    """One method's scores from `eval --json STEM.json`: the first model's are in STEM.json,
+    every other method's in STEM.<method>.json."""
+    return read_json(f"{stem}.json" if method == first else f"{stem}.{method}.json")
+
+
 def last_epoch(run_dir: str | Path) -> dict:
     """The last line of a run's metrics.jsonl (the scores after its last epoch)."""
     lines = Path(run_dir, "metrics.jsonl").read_text().splitlines()

@@ -78,7 +78,7 @@ def write_results(path: Path, scale: Scale, jobs: list[Job]) -> None:
         f"{total / 2:.0f} minutes of wall time two at a time.\n",
     ]
     for title, module in EXPERIMENTS.items():
-        own = [j for j in jobs if j.name in {x.name for x in module.jobs(scale)}]
+        own = module.jobs(scale)
         minutes = sum(seconds(scale, j.name) for j in own) / 60
         doc = module.__doc__.split("\n", 1)[1].strip()
         commands = "\n".join(shlex.join(["casm-deploy", *j.args]) for j in own)

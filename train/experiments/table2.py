@@ -11,7 +11,7 @@ The area weight is the default recipe's (2.5) for both scores.
 
 from __future__ import annotations
 
-from jobs import Job, Scale, mean_std, read_json, train_job
+from jobs import Job, Scale, mean_std, method_scores, read_json, train_job
 
 PRESETS = ("F", "L", "FL", "L100", "L1000")
 SCORES = ("entropy", "classification")
@@ -102,8 +102,7 @@ def jobs(s: Scale) -> list[Job]:
 def scores(s: Scale, name: str, seed: int) -> dict:
     """The eval scores of run `name` (the first model's file has no suffix)."""
     first = run_name(*variants()[0], seed)
-    stem = s.path("table2", f"eval-s{seed}")
-    return read_json(f"{stem}.json" if name == first else f"{stem}.{name}.json")
+    return method_scores(s.path("table2", f"eval-s{seed}"), name, first)
 
 
 def report(s: Scale) -> str:

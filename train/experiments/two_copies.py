@@ -19,7 +19,7 @@ classify with this small a network and budget).
 
 from __future__ import annotations
 
-from jobs import Job, Scale, last_epoch, mean_std, read_json, train_job
+from jobs import Job, Scale, last_epoch, mean_std, method_scores, train_job
 from table2 import casm_args, classifier_args
 
 SETUPS = {"one-sided": "copies2-clutter", "symmetric": "copies2"}  # classifier's data
@@ -89,11 +89,14 @@ def report(s: Scale) -> str:
             for seed in s.seeds
         ]
         for i, preset in enumerate(PRESETS):
-            runs = []
-            for seed in s.seeds:
-                stem = s.path("copies", f"eval-{setup}-s{seed}")
-                name = f"{setup}-{preset.lower()}-s{seed}"
-                runs.append(read_json(f"{stem}.json" if i == 0 else f"{stem}.{name}.json"))
+            runs = [
+                method_scores(
+                    s.path("copies", f"eval-{setup}-s{seed}"),
+                    f"{setup}-{preset.lower()}-s{seed}",
+                    first=f"{setup}-{PRESETS[0].lower()}-s{seed}",
+                )
+                for seed in s.seeds
+            ]
             keys = ("copy_share_lighter", "copy_touch_both", "LE", "F1", "mask_mean")
             cells = " | ".join(mean_std([r[k] for r in runs]) for k in keys)
             first = f"{setup} | {mean_std(acc)}" if i == 0 else " | "
