@@ -16,12 +16,14 @@ from casm_deploy.config import (
     DEFAULT_DATA,
     PRECISIONS,
     PRESETS,
+    RECIPES,
     EvalConfig,
     ExportConfig,
     InferConfig,
     SynthConfig,
     TrainConfig,
     VisualizeConfig,
+    train_config,
 )
 from casm_deploy.errors import UserError
 
@@ -133,9 +135,19 @@ def synth(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data: Annotated[
         Path, typer.Argument(help="ImageNet-layout folder; the default is generated if missing.")
     ] = Path(DEFAULT_DATA),
+    recipe: Annotated[
+        str,
+        typer.Option(
+            help=f"{'|'.join(RECIPES)}: a set of values at once; the options given beside it "
+            "override it. default: this project's recipe for the embedded data on a CPU; "
+            "imagenet: the reference code's ImageNet training of a pre-trained ResNet-50 at "
+            "224 px (needs --weights; train/README.md lists its values)."
+        ),
+    ] = _T.recipe,
     reproduce: Annotated[
         str, typer.Option(help=f"Thinning strategy of the paper: {'|'.join(PRESETS)}.")
     ] = _T.reproduce,
@@ -149,7 +161,12 @@ def train(
     arch: Annotated[str, typer.Option(help="resnet18|resnet34|resnet50.")] = _T.arch,
     width: Annotated[int, typer.Option(help="Stem channels (torchvision: 64).")] = _T.width,
     image_size: Annotated[int, typer.Option(help="Training image size (px).")] = _T.image_size,
-    batch_size: Annotated[int, typer.Option(help="CASM batch size.")] = _T.batch_size,
+    batch_size: Annotated[int, typer.Option(help="CASM batch size (per process).")] = (
+        _T.batch_size
+    ),
+    pretrain_batch_size: Annotated[
+        int, typer.Option(help="Pre-training batch size (per process).")
+    ] = _T.pretrain_batch_size,
     epochs: Annotated[int, typer.Option(help="CASM epochs.")] = _T.epochs,
     epoch_fraction: Annotated[
         float, typer.Option(help="Share of the training set seen per CASM epoch.")
@@ -177,6 +194,14 @@ def train(
     ),
     grad_clip: Annotated[float, typer.Option(help="Decoder gradient-norm clip.")] = _T.grad_clip,
     pool_size: Annotated[int, typer.Option(help="Thinning pool capacity.")] = _T.pool_size,
+    pool_device: Annotated[
+        str,
+        typer.Option(
+            help="Where the pool's snapshots live on a GPU: device (no copy per draw), pinned "
+            "(pinned host memory, copied without blocking), auto (device when the pool takes "
+            "at most a fifth of the GPU's memory). Training on the CPU keeps them in memory."
+        ),
+    ] = _T.pool_device,
     hp: Annotated[float | None, typer.Option(help="Override the preset's pool probability.")] = (
         None
     ),
@@ -201,7 +226,14 @@ def train(
         ),
     ] = "",
     seed: Annotated[int, typer.Option(help="Random seed.")] = _T.seed,
-    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = _T.workers,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Data-loading processes (0: in the main process) [default: 1 on the CPU; on "
+            "CUDA the cores, shared by the node's GPUs].",
+            show_default=False,
+        ),
+    ] = _T.workers,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda (auto: CUDA when available).")] = (
         _T.device
     ),
@@ -216,11 +248,20 @@ def train(
     resize: Annotated[
         str,
         typer.Option(
-            help="center-crop (shorter side, random crop and flip; validation: centre crop) or "
+            help="center-crop (shorter side, random crop and flip; validation: centre crop), "
             "stretch (the whole image to S x S, no crop, no flip, validation too: keeps the "
-            "left/right layout of synth --copies 2 data; torch loader only)."
+            "left/right layout of synth --copies 2 data; torch loader only) or "
+            "random-resized-crop (torchvision's RandomResizedCrop and a flip, the reference's "
+            "ImageNet augmentation; validation: centre crop)."
         ),
     ] = _T.resize,
+    fill: Annotated[
+        str,
+        typer.Option(
+            help="What masked-out pixels become: black, or mean (the ImageNet mean colour, as "
+            "the reference's training has them)."
+        ),
+    ] = _T.fill,
     out: Annotated[Path, typer.Option(help="Folder of runs.")] = Path(_T.out),
     name: Annotated[str, typer.Option(help="Run name (default: <preset>-<score>-s<seed>).")] = "",
     resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = (
@@ -235,7 +276,7 @@ def train(
     from casm_deploy import train as job
 
     def go() -> None:
-        cfg = TrainConfig(
+        values = dict(
             data=str(data),
             out=str(out),
             name=name,
@@ -251,7 +292,9 @@ def train(
             amp=amp,
             loader=loader,
             resize=resize,
+            fill=fill,
             pretrain_epochs=pretrain_epochs,
+            pretrain_batch_size=pretrain_batch_size,
             classifier_only=classifier_only,
             pretrain_lr=pretrain_lr,
             reproduce=reproduce,
@@ -266,13 +309,21 @@ def train(
             lr_decoder=lr_decoder,
             lr_decay_every=lr_decay_every,
             pool_size=pool_size,
+            pool_device=pool_device,
             grad_clip=grad_clip,
             upsample=upsample,
             unshared=unshared,
             hp=hp,
             smf=smf,
         )
-        job.run(cfg)
+        # The options given on the command line override the recipe; the others take its values.
+        # (By the source's name: Typer ships its own copy of click's ParameterSource.)
+        given = {
+            key: value
+            for key, value in values.items()
+            if getattr(ctx.get_parameter_source(key), "name", "DEFAULT") != "DEFAULT"
+        }
+        job.run(train_config(recipe, **given))
 
     _call(go)
 
@@ -527,8 +578,9 @@ def infer(
     decoder: Annotated[
         str,
         typer.Option(
-            help="opencv, or dali (JPEGs through NVIDIA DALI: nvJPEG on a GPU); "
-            "auto: dali when running on CUDA and DALI is installed."
+            help="opencv, dali (JPEGs through NVIDIA DALI: nvJPEG on a GPU) or torchvision "
+            "(JPEGs through torchvision: nvJPEG on a GPU); auto: on CUDA dali when installed, "
+            "else torchvision; opencv on the CPU."
         ),
     ] = _I.decoder,
     masks: Annotated[

@@ -56,12 +56,43 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# Recipes: a set of TrainConfig values at once. "default" is the dataclass's own defaults (the
+# embedded data on a 2-core CPU); "imagenet" is the reference code's (kondiz/casme train.py and
+# train_utils.set_args) for a torchvision ResNet-50 pre-trained on ImageNet, which `--weights`
+# must name (a local state-dict file). train/README.md says where each value comes from.
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "imagenet": {
+        "arch": "resnet50",
+        "width": 64,
+        "image_size": 224,
+        "pretrain_epochs": 0,  # the classifier starts from the pre-trained weights
+        "reproduce": "L100",
+        "score": "entropy",
+        "lambda_r": None,  # the reference's value for the preset (L100: 10)
+        "epochs": 60,
+        "batch_size": 128,
+        "epoch_fraction": 0.2,
+        "lr": 1e-3,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "lr_decoder": 1e-3,
+        "lr_decay_every": 20,
+        "pool_size": 30,
+        "grad_clip": 10.0,
+        "upsample": "nearest",
+        "resize": "random-resized-crop",
+        "fill": "mean",
+    },
+}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """`casm-deploy train`: classifier pre-training, then the CASM phase (Algorithm 1).
 
     The defaults are this project's recipe for the embedded data on a 2-core CPU: a half-width
-    ResNet-18 at 64 px. The paper's ImageNet settings are in `train/README.md`.
+    ResNet-18 at 64 px. The paper's ImageNet settings are the `imagenet` recipe (RECIPES).
     """
 
     data: str = DEFAULT_DATA
@@ -73,15 +104,22 @@ class TrainConfig:
     weights: str = ""  # a local torchvision state-dict file, or a torchvision weights name
     resume: bool = False
     seed: int = 0
-    workers: int = 1  # data-loading processes (0: load in the main process)
+    # Data-loading processes (0: load in the main process). None: 1 on the CPU, where the model
+    # needs the cores; on CUDA the cores this process may use, shared by the GPUs of the node.
+    workers: int | None = None
     loader: str = "torch"  # torch | dali | auto (the data module picks)
     device: str = "auto"  # auto: CUDA when available, else CPU
     channels_last: bool = True
     amp: str = "off"  # off | bf16 | fp16 (fp16: CUDA only, with a gradient scaler)
     # center-crop: shorter side to S, a random S x S crop and a random flip (validation: the
     # centre crop); stretch: the whole image to S x S, no crop, no flip, in training and
-    # validation alike (the two-copies experiment needs its left/right layout kept).
+    # validation alike (the two-copies experiment needs its left/right layout kept);
+    # random-resized-crop: torchvision's RandomResizedCrop(S) and a flip, the reference's
+    # ImageNet augmentation (validation: the centre crop).
     resize: str = "center-crop"
+    # What a masked-out pixel becomes: black (0 in [0, 1]), or the ImageNet mean colour, as the
+    # reference's training does by masking the normalised image.
+    fill: str = "black"
 
     # Classifier pre-training on clean images (Adam, one-cycle schedule).
     classifier_only: bool = False  # stop after pre-training (classifiers for the Fig. 3 test)
@@ -105,11 +143,17 @@ class TrainConfig:
     lr_decoder: float = 1e-3  # decoder Adam
     lr_decay_every: int = 8  # epochs between x0.1 decays (reference: 20 of 60-70)
     pool_size: int = 30
+    # Where the pool's snapshots live: device (the training device: no copy per draw), pinned
+    # (pinned host memory, copied without blocking at each draw), auto (the device when the
+    # whole pool takes at most a fifth of its memory, else pinned; the CPU when training there).
+    pool_device: str = "auto"
     grad_clip: float = 10.0
     upsample: str = "nearest"  # final decoder upsampling: "nearest" (reference) or "bilinear"
     unshared: bool = False  # the mapping gets an encoder of its own (Table 2 (i)-(k))
     hp: float | None = None  # override the preset
     smf: int | None = None  # override the preset
+    # The recipe the other fields started from (RECIPES); options given beside it override it.
+    recipe: str = "default"
 
     def __post_init__(self) -> None:
         if self.reproduce not in PRESETS:
@@ -126,8 +170,24 @@ class TrainConfig:
             raise ValueError(f"--amp must be off, bf16 or fp16, not {self.amp!r}")
         if self.loader not in ("torch", "dali", "auto"):
             raise ValueError(f"--loader must be torch, dali or auto, not {self.loader!r}")
-        if self.resize not in ("center-crop", "stretch"):
-            raise ValueError(f"--resize must be center-crop or stretch, not {self.resize!r}")
+        if self.resize not in ("center-crop", "stretch", "random-resized-crop"):
+            raise ValueError(
+                f"--resize must be center-crop, stretch or random-resized-crop, not {self.resize!r}"
+            )
+        if self.fill not in ("black", "mean"):
+            raise ValueError(f"--fill must be black or mean, not {self.fill!r}")
+        if self.pool_device not in ("auto", "device", "pinned"):
+            raise ValueError(
+                f"--pool-device must be auto, device or pinned, not {self.pool_device!r}"
+            )
+        if self.recipe not in RECIPES:
+            raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, not {self.recipe!r}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"--workers must be 0 or more, not {self.workers}")
+        for name in ("batch_size", "pretrain_batch_size", "image_size", "width", "pool_size"):
+            if getattr(self, name) < 1:
+                flag = name.replace("_", "-")
+                raise ValueError(f"--{flag} must be at least 1, not {getattr(self, name)}")
 
     @property
     def preset(self) -> Preset:
@@ -164,6 +224,24 @@ class TrainConfig:
     @property
     def casm_epochs(self) -> int:
         return 0 if self.classifier_only else self.epochs
+
+
+def train_config(recipe: str = "default", **given: Any) -> TrainConfig:
+    """The TrainConfig of `recipe`, with the values in `given` (the options a user gave) on top.
+
+    Raises:
+        ValueError: an unknown recipe, or a value TrainConfig refuses; the imagenet recipe
+            without `weights` (its classifier must start from pre-trained ImageNet weights).
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, not {recipe!r}")
+    cfg = TrainConfig(**{**RECIPES[recipe], **given, "recipe": recipe})
+    if recipe == "imagenet" and not cfg.weights:
+        raise ValueError(
+            "--recipe imagenet starts from a pre-trained classifier: pass --weights with a local "
+            "torchvision ResNet-50 state dict (for example resnet50-11ad3fa6.pth)"
+        )
+    return cfg
 
 
 @dataclass(frozen=True)
@@ -283,7 +361,7 @@ class InferConfig:
             raise ValueError(f"--workers must be 0 (one per core) or more, not {self.workers}")
         if self.masks not in ("png", "npy", "none"):
             raise ValueError(f"--masks must be png, npy or none, not {self.masks!r}")
-        if self.decoder not in ("auto", "opencv", "dali"):
+        if self.decoder not in ("auto", "opencv", "dali", "torchvision"):
             raise ValueError(f"--decoder must be auto, opencv or dali, not {self.decoder!r}")
         if self.mask_size not in ("original", "model"):
             raise ValueError(f"--mask-size must be original or model, not {self.mask_size!r}")
@@ -320,9 +398,11 @@ __all__ = [
     "PRECISIONS",
     "PRESETS",
     "Preset",
+    "RECIPES",
     "SynthConfig",
     "TrainConfig",
     "VisualizeConfig",
     "config_from_dict",
     "config_to_dict",
+    "train_config",
 ]

@@ -25,6 +25,11 @@ if TYPE_CHECKING:
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 RESIZE_POLICIES = ("center-crop", "stretch")  # the paper's appendix: crop, or break the ratio
+# Training also knows torchvision's RandomResizedCrop (the reference's ImageNet augmentation),
+# whose validation images, and so boxes, take the centre crop.
+TRAIN_RESIZES = (*RESIZE_POLICIES, "random-resized-crop")
+# RandomResizedCrop's defaults: the crop's share of the image area, and its aspect ratio.
+RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 LOADERS = ("torch", "dali", "auto")  # auto: DALI when it imports, else torch
 
 
@@ -33,6 +38,11 @@ def check_policy(policy: str) -> str:
     if policy not in RESIZE_POLICIES:
         raise UserError(f"unknown resize policy {policy!r}: use center-crop or stretch")
     return policy
+
+
+def validation_policy(resize: str) -> str:
+    """The policy of the validation images (and boxes) of a run trained with `resize`."""
+    return "center-crop" if resize == "random-resized-crop" else check_policy(resize)
 
 
 @dataclass(frozen=True)
@@ -135,10 +145,11 @@ def transform_box(
     """Map a box of a `width` x `height` image into the `size` x `size` model frame.
 
     `center-crop`: shorter side to `size`, then the centre crop (the default of the paper's
-    appendix); `stretch`: straight to `size` x `size` ("break ratio"). Truncates to int as the
-    reference `score.py` does; the result may extend outside the frame.
+    appendix); `stretch`: straight to `size` x `size` ("break ratio"); a run trained with
+    `random-resized-crop` validates on the centre crop. Truncates to int as the reference
+    `score.py` does; the result may extend outside the frame.
     """
-    if check_policy(policy) == "stretch":
+    if validation_policy(policy) == "stretch":
         sx, sy, cut_x, cut_y = size / width, size / height, 0.0, 0.0
     else:
         scale = size / min(width, height)
@@ -201,11 +212,48 @@ def stretch(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
 
 
+def random_resized_crop_box(
+    height: int, width: int, rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """`(top, left, h, w)` of a RandomResizedCrop window, as torchvision's `get_params` draws it.
+
+    Ten tries at a random area share (RRC_SCALE) and log-uniform aspect ratio (RRC_RATIO) that
+    fits; failing those, the largest centred window whose ratio is within RRC_RATIO.
+    """
+    area = height * width
+    log_ratio = np.log(RRC_RATIO)
+    for _ in range(10):
+        target = area * rng.uniform(*RRC_SCALE)
+        ratio = np.exp(rng.uniform(*log_ratio))
+        w, h = round(np.sqrt(target * ratio)), round(np.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    ratio = width / height
+    if ratio < RRC_RATIO[0]:
+        w, h = width, round(width / RRC_RATIO[0])
+    elif ratio > RRC_RATIO[1]:
+        h, w = height, round(height * RRC_RATIO[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A RandomResizedCrop(size) of `image`: a random window, resized to size x size."""
+    import cv2
+
+    top, left, h, w = random_resized_crop_box(*image.shape[:2], rng)
+    window = image[top : top + h, left : left + w]
+    interpolation = cv2.INTER_AREA if min(h, w) > size else cv2.INTER_LINEAR
+    return cv2.resize(window, (size, size), interpolation=interpolation)
+
+
 class ImageDataset(Dataset):
     """Decoded, resized uint8 (S, S, 3) images with their labels and indices.
 
-    Training: shorter side to S, random S x S crop, random horizontal flip. Validation: shorter
-    side to S and the centre crop. With the `stretch` policy, the whole image goes to S x S in
+    Training: shorter side to S, random S x S crop, random horizontal flip; with the
+    `random-resized-crop` policy, a RandomResizedCrop(S) and the flip. Validation: shorter side
+    to S and the centre crop. With the `stretch` policy, the whole image goes to S x S in
     training too, with no crop and no flip. The randomness of a sample depends only on
     (seed, epoch, index), so runs are reproducible whatever the number of workers, and resumable.
     """
@@ -219,7 +267,9 @@ class ImageDataset(Dataset):
         policy: str = "center-crop",
     ):
         self.samples, self.size, self.train, self.seed = samples, size, train, seed
-        self.policy = check_policy(policy)
+        if policy not in TRAIN_RESIZES:
+            raise UserError(f"unknown resize policy {policy!r}: use {', '.join(TRAIN_RESIZES)}")
+        self.policy = policy if train else validation_policy(policy)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -235,10 +285,13 @@ class ImageDataset(Dataset):
         if not self.train:
             return center_crop(resize_shorter(image, self.size), self.size), label, index
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        image = resize_shorter(image, self.size)
-        h, w = image.shape[:2]
-        top, left = rng.integers(0, h - self.size + 1), rng.integers(0, w - self.size + 1)
-        image = image[top : top + self.size, left : left + self.size]
+        if self.policy == "random-resized-crop":
+            image = random_resized_crop(image, self.size, rng)
+        else:
+            image = resize_shorter(image, self.size)
+            h, w = image.shape[:2]
+            top, left = rng.integers(0, h - self.size + 1), rng.integers(0, w - self.size + 1)
+            image = image[top : top + self.size, left : left + self.size]
         if rng.random() < 0.5:
             image = image[:, ::-1]
         return np.ascontiguousarray(image), label, index
@@ -274,8 +327,10 @@ def shard_bounds(n: int, shard_id: int, num_shards: int) -> tuple[int, int]:
 class TorchLoader:
     """Iterates `(images, labels, indices)` batches from an ImageDataset.
 
-    Images are float in [0, 1], (B, 3, S, S) in channels-last memory: the decoded batch is
-    NHWC, and the NCHW view of it is channels-last without a copy.
+    Images are float in [0, 1], (B, 3, S, S) in channels-last memory, and labels int64, both on
+    `device`; indices stay on the CPU. The decoded batch is NHWC uint8: it crosses to a GPU as
+    uint8 (4x fewer bytes than float) from pinned memory without blocking, and becomes float
+    there; its NCHW view is channels-last without a copy.
     """
 
     def __init__(
@@ -288,10 +343,12 @@ class TorchLoader:
         drop_last: bool = False,
         shard_id: int = 0,
         num_shards: int = 1,
+        device: str | torch.device = "cpu",
     ):
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
         self.workers, self.fraction, self.drop_last = workers, fraction, drop_last
         self.shard_id, self.num_shards = shard_id, num_shards
+        self.device = torch.device(device)
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.epoch = epoch
@@ -325,8 +382,11 @@ class TorchLoader:
             num_workers=self.workers,
             drop_last=self.drop_last,
             prefetch_factor=4 if self.workers else None,
+            pin_memory=self.device.type == "cuda",
         )
         for images, labels, indices in loader:
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
             images = images.permute(0, 3, 1, 2).float().div_(255)  # NHWC uint8 -> NCHW view
             yield images, labels, indices
 
@@ -355,7 +415,8 @@ def build_loader(
     `samples`. `loader`: "torch", "dali", or "auto" (DALI when it imports, else torch).
     `limit` keeps the first N images of the split (0: all of them). `shard_id` / `num_shards`
     (global rank / world size) give each process its block of every epoch; `device` is where
-    DALI decodes (cpu, auto, cuda, cuda:N; the torch loader always decodes on the CPU).
+    the batches go (cpu, auto, cuda, cuda:N): DALI decodes there, the torch loader decodes on
+    the CPU and sends its batches there.
 
     Raises:
         UserError: an unknown loader, "dali" where DALI does not import, or "dali" for training
@@ -365,7 +426,9 @@ def build_loader(
         raise UserError(f"--loader {loader!r}: choose one of {', '.join(LOADERS)}")
     if not 0 <= shard_id < num_shards:
         raise UserError(f"shard {shard_id} of {num_shards}: need 0 <= shard_id < num_shards")
-    if train and check_policy(policy) == "stretch" and loader != "torch":
+    if policy not in TRAIN_RESIZES:
+        raise UserError(f"unknown resize policy {policy!r}: use {', '.join(TRAIN_RESIZES)}")
+    if train and policy == "stretch" and loader != "torch":
         # DALILoader's training pipeline always takes a random crop and flip; only the torch
         # loader trains on whole stretched images.
         if loader == "dali":
@@ -405,6 +468,8 @@ def build_loader(
             num_shards=num_shards,
             device=device,
         )
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dataset = ImageDataset(samples, image_size, train=train, seed=seed, policy=policy)
     return TorchLoader(
         dataset,
@@ -415,4 +480,5 @@ def build_loader(
         drop_last=train,
         shard_id=shard_id,
         num_shards=num_shards,
+        device=device,
     )

@@ -324,45 +324,50 @@ def total_variation(mask: Any) -> float:
 class MaskStats:
     """Streaming mask statistics over batches (reference `stats.py: StatisticsContainer`).
 
+    It keeps five running sums: images, per-image mean areas, their squares, entropies and
+    total variations. `update` adds a batch of masks; `add_sums` adds sums computed elsewhere
+    (the training loop sums on the GPU, `train.mask_stat_sums`, and reads them once per epoch).
     `mask_std` is the population std of per-image mean areas over all images seen (the
     reference averages per-batch sample stds instead, which depends on the batch size).
     """
 
     def __init__(self) -> None:
-        self.n_images = 0
-        self._mean = 0.0  # running mean of per-image mean areas
-        self._m2 = 0.0  # running sum of squared deviations (Chan et al. merge)
-        self._entropy_sum = 0.0
-        self._tv_sum = 0.0
+        self.sums = np.zeros(5, dtype=np.float64)  # n, sum a, sum a^2, sum entropy, sum tv
+
+    @property
+    def n_images(self) -> int:
+        return int(self.sums[0])
 
     def update(self, masks: Any) -> None:
         """Add a batch of masks, (B,H,W) or (B,1,H,W)."""
         batch, _ = _as_batch(masks)
         batch = batch.astype(np.float64)
-        b = len(batch)
-        if b == 0:
-            return
-        areas = batch.reshape(b, -1).mean(axis=1)  # (B,)
-        batch_mean = float(areas.mean())
-        batch_m2 = float(((areas - batch_mean) ** 2).sum())
-        total = self.n_images + b
-        delta = batch_mean - self._mean
-        self._mean += delta * b / total
-        self._m2 += batch_m2 + delta**2 * self.n_images * b / total
-        self.n_images = total
-        self._entropy_sum += float(_entropies(batch).sum())
-        self._tv_sum += float(_total_variations(batch).sum())
+        areas = batch.reshape(len(batch), -1).mean(axis=1)  # (B,)
+        self.add_sums(
+            [
+                len(batch),
+                areas.sum(),
+                (areas**2).sum(),
+                _entropies(batch).sum(),
+                _total_variations(batch).sum(),
+            ]
+        )
+
+    def add_sums(self, sums: Sequence[float]) -> None:
+        """Add `[n, sum a, sum a^2, sum entropy, sum tv]` of some masks (as `update` computes)."""
+        self.sums += np.asarray(sums, dtype=np.float64)
 
     def result(self) -> dict[str, float | None]:
         """dict(mask_mean, mask_std, mask_entropy, mask_tv); values None before any update."""
-        n = self.n_images
+        n, area, area_sq, entropy, tv = self.sums.tolist()
         if n == 0:
             return {"mask_mean": None, "mask_std": None, "mask_entropy": None, "mask_tv": None}
+        mean = area / n
         return {
-            "mask_mean": self._mean,
-            "mask_std": math.sqrt(max(self._m2, 0.0) / n),
-            "mask_entropy": self._entropy_sum / n,
-            "mask_tv": self._tv_sum / n,
+            "mask_mean": mean,
+            "mask_std": math.sqrt(max(area_sq / n - mean**2, 0.0)),
+            "mask_entropy": entropy / n,
+            "mask_tv": tv / n,
         }
 
 

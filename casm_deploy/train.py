@@ -17,6 +17,7 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,7 @@ class Distributed:
     rank: int = 0
     local_rank: int = 0
     world: int = 1
+    local_world: int = 1  # the processes on this node
 
     @property
     def main(self) -> bool:
@@ -99,6 +101,7 @@ def distributed_from_env() -> Distributed:
         rank=int(os.environ.get("RANK", 0)),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         world=int(os.environ.get("WORLD_SIZE", 1)),
+        local_world=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
     )
 
 
@@ -153,14 +156,25 @@ def barrier() -> None:
 
 
 class ThinningPool:
-    """At most `capacity` classifier snapshots (CPU, fp32): the set F of Algorithm 1.
+    """At most `capacity` classifier snapshots (fp32): the set F of Algorithm 1.
 
     A snapshot is stored when the pool is empty or every `smf` steps (`smf=None`: only the first,
     the "FL" strategy); once full, a random slot is overwritten. `draw` tosses the hp coin.
+    The snapshots live on `storage`: the training device (a draw then copies nothing), or the
+    host, in pinned memory when `pinned` so that a draw's copies to the GPU do not block.
     """
 
-    def __init__(self, capacity: int, smf: int | None, hp: float, rng: random.Random):
+    def __init__(
+        self,
+        capacity: int,
+        smf: int | None,
+        hp: float,
+        rng: random.Random,
+        storage: torch.device = torch.device("cpu"),
+        pinned: bool = False,
+    ):
         self.capacity, self.smf, self.hp, self.rng = capacity, smf, hp, rng
+        self.storage, self.pinned = storage, pinned
         self.snapshots: list[dict[str, torch.Tensor]] = []
 
     def should_store(self, step: int) -> bool:
@@ -169,17 +183,37 @@ class ThinningPool:
             return False
         return not self.snapshots or (self.smf is not None and step % self.smf == self.smf - 1)
 
+    def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of `tensor` on the pool's storage (fp32 when floating, the layout kept)."""
+        dtype = torch.float32 if tensor.is_floating_point() else tensor.dtype
+        if not self.pinned:
+            return tensor.detach().to(self.storage, dtype, copy=True)
+        kept = torch.empty_like(tensor, dtype=dtype, device="cpu", pin_memory=True)
+        return kept.copy_(tensor.detach(), non_blocking=True)
+
     def store(self, model: nn.Module) -> None:
-        snapshot = {
-            k: v.detach().to("cpu", torch.float32, copy=True)
-            if v.is_floating_point()
-            else v.detach().to("cpu", copy=True)
-            for k, v in model.state_dict().items()
-        }
+        snapshot = {k: self._keep(v) for k, v in model.state_dict().items()}
         if len(self.snapshots) < self.capacity:
             self.snapshots.append(snapshot)
         else:
             self.snapshots[self.rng.randrange(len(self.snapshots))] = snapshot
+
+    def on_cpu(self) -> list[dict[str, torch.Tensor]]:
+        """The snapshots as CPU tensors, for a checkpoint (pinned copies finished first)."""
+        if self.pinned:
+            torch.cuda.synchronize()
+        return [{k: v.cpu() for k, v in snapshot.items()} for snapshot in self.snapshots]
+
+    def load(self, snapshots: list[dict[str, torch.Tensor]]) -> None:
+        """Take the snapshots of a checkpoint (`on_cpu`'s) onto the pool's storage."""
+        self.snapshots = [{k: self._keep(v) for k, v in s.items()} for s in snapshots]
+
+    def weights(self, index: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Snapshot `index` on `device` (pinned: copies that do not block the host)."""
+        snapshot = self.snapshots[index]
+        if self.storage == device:
+            return snapshot
+        return {k: v.to(device, non_blocking=self.pinned) for k, v in snapshot.items()}
 
     def draw(self) -> int | None:
         """With probability hp the index of a random snapshot, else None (the current one)."""
@@ -214,14 +248,66 @@ def mapping_loss(
     return -F.cross_entropy(masked_logits, labels) + area_term
 
 
+def pool_storage(choice: str, device: torch.device, capacity: int, model: nn.Module):
+    """`(storage, pinned)` of the thinning pool for `--pool-device` `choice` on `device`.
+
+    On the CPU the snapshots are host tensors whatever the choice. On CUDA, `device` keeps them
+    on the GPU, `pinned` in pinned host memory, and `auto` on the GPU when the full pool takes
+    at most a fifth of its memory (30 ResNet-50 snapshots: about 3 GB), else pinned.
+    """
+    if device.type != "cuda" or choice == "device":
+        return device, False
+    if choice == "auto":
+        snapshot_bytes = sum(4 * t.numel() for t in model.state_dict().values())
+        total = torch.cuda.get_device_properties(device).total_memory
+        if capacity * snapshot_bytes <= total / 5:
+            return device, False
+    return torch.device("cpu"), True
+
+
+def masked_out(
+    masker: Masker, images: torch.Tensor, masks: torch.Tensor, fill: str
+) -> torch.Tensor:
+    """The classifier's (normalised) input for the masked-out images x * (1 - m).
+
+    `black`: masked pixels become 0 in [0, 1]; `mean`: they become the ImageNet mean colour, as
+    in the reference's training, which multiplies the normalised image by (1 - m).
+    """
+    if fill == "mean":
+        return masker.normalize(images) * (1 - masks)
+    return masker.normalize(images * (1 - masks))
+
+
+def mask_stat_sums(masks: torch.Tensor) -> torch.Tensor:
+    """`metrics.MaskStats.add_sums`'s five sums of a (B, 1, H, W) batch, where the masks are.
+
+    The same arithmetic as `MaskStats.update` (float64), in torch ops, so that the training
+    loop keeps its mask statistics on the GPU and never copies a mask batch to the host.
+    """
+    m = masks.detach()[:, 0].double()
+    areas = m.mean(dim=(1, 2))
+    inner = (m > 0) & (m < 1)
+    safe = torch.where(inner, m, torch.ones_like(m))  # log2(1) = 0: the others add nothing
+    entropies = (-safe * torch.log2(safe)).sum(dim=(1, 2)) / (m.shape[1] * m.shape[2])
+    tv = torch.zeros_like(areas)
+    if m.shape[2] > 1:
+        tv = tv + (m[:, :, 1:] - m[:, :, :-1]).pow(2).mean(dim=(1, 2))
+    if m.shape[1] > 1:
+        tv = tv + (m[:, 1:] - m[:, :-1]).pow(2).mean(dim=(1, 2))
+    count = torch.full((), len(m), dtype=torch.float64, device=m.device)  # a fill, not a copy
+    return torch.stack([count, areas.sum(), areas.pow(2).sum(), entropies.sum(), tv.sum()])
+
+
 @dataclass
 class StepOutput:
-    loss_clean: float
-    loss_masked: float
-    loss_mapping: float
-    correct: int
-    correct_masked: int
-    masks: torch.Tensor  # detached, for statistics
+    """One step's figures, as device tensors (0-d unless said): reading them syncs the host."""
+
+    loss_clean: torch.Tensor
+    loss_masked: torch.Tensor
+    loss_mapping: torch.Tensor
+    correct: torch.Tensor  # right on the clean images (a count)
+    correct_masked: torch.Tensor  # right on the masked-out images
+    masks: torch.Tensor  # (B, 1, H, W), detached, for statistics
 
 
 class CASM:
@@ -229,7 +315,10 @@ class CASM:
 
     With `cfg.amp` the forward passes run under autocast and the losses in fp32; the weights,
     the optimiser states and the pool snapshots stay fp32. fp16 adds a gradient scaler
-    (`self.scaler`, disabled otherwise, so the fp32 step is exactly the plain one).
+    (`self.scaler`, disabled otherwise, so the fp32 step is exactly the plain one). A step
+    never waits for the GPU: on CUDA, and wherever the scaler is on, the optimisers are the
+    fused ones, which skip a step with inf gradients on the device (the others make the scaler
+    read `found_inf` on the host at every step).
     """
 
     def __init__(self, masker: Masker, cfg: TrainConfig, rng: random.Random):
@@ -238,9 +327,15 @@ class CASM:
         self.amp_dtype = amp_dtype(cfg.amp, device_type)
         self.scaler = torch.amp.GradScaler(device_type, enabled=cfg.amp == "fp16")
         self.trainable = not cfg.fixed_classifier
+        self.fused = device_type == "cuda" or self.scaler.is_enabled()
+        fused = self.fused or None  # None: torch's default (foreach) elsewhere
         encoder_params = list(masker.encoder.parameters())
         self.opt_classifier = torch.optim.SGD(
-            encoder_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            encoder_params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            fused=fused,
         )
         # The mapping's parameters: the decoder, and its own encoder when unshared (not the
         # head, which the mapping never reads).
@@ -250,10 +345,16 @@ class CASM:
                 p for n, p in masker.mapping_encoder.named_parameters() if not n.startswith("fc.")
             ]
         self.opt_decoder = torch.optim.Adam(
-            self.mapping_params, lr=cfg.lr_decoder, weight_decay=cfg.weight_decay
+            self.mapping_params,
+            lr=cfg.lr_decoder,
+            weight_decay=cfg.weight_decay,
+            fused=fused,
         )
         hp = cfg.resolved_hp if self.trainable else 0.0
-        self.pool = ThinningPool(cfg.pool_size, cfg.resolved_smf, hp, rng)
+        storage, pinned = pool_storage(
+            cfg.pool_device, masker.mean.device, cfg.pool_size, masker.encoder
+        )
+        self.pool = ThinningPool(cfg.pool_size, cfg.resolved_smf, hp, rng, storage, pinned)
         self._pool_model: Encoder | None = None
         self.step_count = 0
 
@@ -264,11 +365,16 @@ class CASM:
         for group in self.opt_decoder.param_groups:
             group["lr"] = self.cfg.lr_decoder * decay
 
-    def pool_classifier(self, index: int) -> Encoder:
+    def pool_classifier(self, index: int) -> Callable[[torch.Tensor], Any]:
+        """The classifier of snapshot `index`: the encoder run with the snapshot's weights.
+
+        `functional_call` reads the snapshot's tensors where they are, so a draw from a pool
+        kept on the device copies nothing (loading them into a module would copy each).
+        """
         if self._pool_model is None:
-            self._pool_model = copy.deepcopy(self.masker.encoder)
-        self._pool_model.load_state_dict(self.pool.snapshots[index])
-        return self._pool_model.eval()
+            self._pool_model = copy.deepcopy(self.masker.encoder).eval()
+        weights = self.pool.weights(index, self.masker.mean.device)
+        return lambda x: torch.func.functional_call(self._pool_model, weights, (x,))
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
         """One step of Algorithm 1 on a batch of images in [0, 1]."""
@@ -309,14 +415,14 @@ class CASM:
         with amp:
             masks = decoder(mapping_features, size=images.shape[-2:])
         masks = masks.float()
-        masked_out = images * (1 - masks)
+        masked_input = masked_out(masker, images, masks, cfg.fill)
 
         # 4. The classifier of the masked pass: a snapshot with probability hp, else the current.
         # The draw comes from an RNG seeded alike on every rank, so all ranks run the same graph.
         index = self.pool.draw()
         classifier = encoder if index is None else self.pool_classifier(index)
         with amp:
-            masked_logits, _ = classifier(masker.normalize(masked_out))
+            masked_logits, _ = classifier(masked_input)
         masked_logits = masked_logits.float()
         loss_masked = F.cross_entropy(masked_logits, labels)
         loss_map = mapping_loss(
@@ -339,12 +445,10 @@ class CASM:
         average_gradients([*grads, *decoder_grads])
         if update_classifier:
             self.opt_classifier.zero_grad(set_to_none=True)
-            for p, g in zip(encoder_params, grads, strict=True):
-                p.grad = g
+            _set_grads(encoder_params, grads)
             scaler.step(self.opt_classifier)
         self.opt_decoder.zero_grad(set_to_none=True)
-        for p, g in zip(decoder_params, decoder_grads, strict=True):
-            p.grad = g
+        _set_grads(decoder_params, decoder_grads)
         scaler.unscale_(self.opt_decoder)
         nn.utils.clip_grad_norm_(decoder_params, cfg.grad_clip)
         scaler.step(self.opt_decoder)
@@ -352,11 +456,11 @@ class CASM:
         self.step_count += 1
 
         return StepOutput(
-            loss_clean=loss_clean.item(),
-            loss_masked=loss_masked.item(),
-            loss_mapping=loss_map.item(),
-            correct=int(logits.argmax(1).eq(labels).sum()),
-            correct_masked=int(masked_logits.argmax(1).eq(labels).sum()),
+            loss_clean=loss_clean.detach(),
+            loss_masked=loss_masked.detach(),
+            loss_mapping=loss_map.detach(),
+            correct=logits.argmax(1).eq(labels).sum(),
+            correct_masked=masked_logits.argmax(1).eq(labels).sum(),
             masks=masks.detach(),
         )
 
@@ -374,9 +478,28 @@ class CASM:
             self.scaler.load_state_dict(state["scaler"])
 
 
+def _set_grads(params: list[torch.Tensor], grads: tuple[torch.Tensor, ...]) -> None:
+    """Give each parameter its gradient from `autograd.grad`, in the parameter's own layout.
+
+    The fused optimisers read parameter and gradient as flat memory, and `autograd.grad`
+    (unlike `.backward()`) does not promise the parameter's strides, e.g. under channels-last.
+    """
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+
+
 @torch.no_grad()
-def validate(masker: Masker, loader, boxes: list[list[list[int]]], image_size: int) -> dict:
-    """Clean and masked-out accuracy, LE / OM / F1 and mask statistics on the validation set."""
+def validate(
+    masker: Masker,
+    loader,
+    boxes: list[list[list[int]]],
+    image_size: int,
+    fill: str = "black",
+) -> dict:
+    """Clean and masked-out accuracy, LE / OM / F1 and mask statistics on the validation set.
+
+    The masked-out images take `fill` (the training's), so masked-out accuracy is comparable.
+    """
     masker.eval()
     meter, stats = LocalizationMeter(), MaskStats()
     correct = correct_masked = seen = 0
@@ -384,7 +507,7 @@ def validate(masker: Masker, loader, boxes: list[list[list[int]]], image_size: i
     for images, labels, indices in loader:
         images, labels = images.to(device), labels.to(device)
         masks, logits = masker(images)
-        masked_logits, _ = masker.encoder(masker.normalize(images * (1 - masks)))
+        masked_logits, _ = masker.encoder(masked_out(masker, images, masks, fill))
         right = logits.argmax(1).eq(labels)
         correct += int(right.sum())
         correct_masked += int(masked_logits.argmax(1).eq(labels).sum())
@@ -443,15 +566,23 @@ def print_summary(log_path: Path) -> None:
     console.print(table)
 
 
+# The progress bar's figures are read from the device every this many steps (a host sync):
+# every step would make the GPU wait for the host each time.
+PROGRESS_EVERY = 20
+
+
 def _pretrain_epoch(masker, loader, optimizer, scheduler, casm, bars, description) -> dict:
-    """One epoch of the classifier on clean images, with the CASM phase's AMP and scaler."""
+    """One epoch of the classifier on clean images, with the CASM phase's AMP and scaler.
+
+    Its sums (images, loss, right answers) stay on the device; the host reads them every
+    PROGRESS_EVERY steps and at the end.
+    """
     encoder = masker.encoder.train()
-    correct = seen = 0
-    loss_sum = 0.0
     task = bars.add_task(description, total=len(loader), info="")
     device = masker.mean.device
-    for images, labels, _ in loader:
-        images, labels = images.to(device), labels.to(device)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for step, (images, labels, _) in enumerate(loader, 1):
+        images, labels = images.to(device), labels.to(device, non_blocking=True)
         with autocast(device.type, casm.amp_dtype):
             logits, _ = encoder(masker.normalize(images))
         logits = logits.float()
@@ -462,40 +593,61 @@ def _pretrain_epoch(masker, loader, optimizer, scheduler, casm, bars, descriptio
         casm.scaler.step(optimizer)
         casm.scaler.update()
         scheduler.step()
-        correct += int(logits.argmax(1).eq(labels).sum())
-        seen += len(labels)
-        loss_sum += loss.item() * len(labels)
-        bars.update(task, advance=1, info=f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f}")
+        n = len(labels)
+        totals += torch.stack(
+            [
+                loss.detach().double() * n,
+                logits.argmax(1).eq(labels).sum(),
+                torch.full((), n, dtype=torch.float64, device=device),
+            ]
+        )
+        info = None
+        if step % PROGRESS_EVERY == 0:
+            loss_sum, correct, seen = totals.tolist()
+            info = f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f}"
+        bars.update(task, advance=1, **({"info": info} if info else {}))
     bars.remove_task(task)
+    loss_sum, correct, seen = totals.tolist()
     return {"train_loss": loss_sum / seen, "train_acc": correct / seen}
 
 
-def _casm_epoch(casm: CASM, loader, bars, description) -> dict:
-    stats = MaskStats()
-    sums = {"loss_clean": 0.0, "loss_masked": 0.0, "loss_mapping": 0.0}
-    correct = correct_masked = seen = 0
+def casm_epoch(casm: CASM, loader, bars, description: str) -> dict:
+    """One epoch of CASM steps; the epoch's training figures (losses, accuracies, masks).
+
+    Every figure is summed on the device (`mask_stat_sums` for the masks) and read by the host
+    once at the end, and every PROGRESS_EVERY steps for the progress bar, so the GPU runs ahead.
+    """
     task = bars.add_task(description, total=len(loader), info="")
     device = casm.masker.mean.device
-    for images, labels, _ in loader:
-        out = casm.step(images.to(device), labels.to(device))
+    # loss_clean, loss_masked, loss_mapping (each times n), correct, correct_masked, then
+    # mask_stat_sums' five (the first is the number of images)
+    totals = torch.zeros(10, dtype=torch.float64, device=device)
+    for step, (images, labels, _) in enumerate(loader, 1):
+        out = casm.step(images.to(device), labels.to(device, non_blocking=True))
         n = len(labels)
-        seen += n
-        correct += out.correct
-        correct_masked += out.correct_masked
-        for key in sums:
-            sums[key] += getattr(out, key) * n
-        stats.update(out.masks)
-        bars.update(
-            task,
-            advance=1,
-            info=f"acc {correct / seen:.3f} masked {correct_masked / seen:.3f} "
-            f"area {out.masks.mean():.3f}",
-        )
+        figures = [out.loss_clean * n, out.loss_masked * n, out.loss_mapping * n]
+        figures += [out.correct, out.correct_masked]
+        totals += torch.cat([torch.stack([f.double() for f in figures]), mask_stat_sums(out.masks)])
+        info = None
+        if step % PROGRESS_EVERY == 0:
+            values = totals.tolist()
+            seen = values[5]
+            info = (
+                f"acc {values[3] / seen:.3f} masked {values[4] / seen:.3f} "
+                f"area {values[6] / seen:.3f}"
+            )
+        bars.update(task, advance=1, **({"info": info} if info else {}))
     bars.remove_task(task)
+    values = totals.tolist()
+    seen = values[5]
+    stats = MaskStats()
+    stats.add_sums(values[5:])
     return {
-        **{f"train_{k}": v / seen for k, v in sums.items()},
-        "train_acc": correct / seen,
-        "train_acc_masked": correct_masked / seen,
+        "train_loss_clean": values[0] / seen,
+        "train_loss_masked": values[1] / seen,
+        "train_loss_mapping": values[2] / seen,
+        "train_acc": values[3] / seen,
+        "train_acc_masked": values[4] / seen,
         **{f"train_{k}": v for k, v in stats.result().items()},
     }
 
@@ -539,6 +691,17 @@ def init_distributed(device_name: str) -> tuple[Distributed, torch.device]:
             timeout=datetime.timedelta(hours=1),
         )
     return job, device
+
+
+def loader_workers(workers: int | None, device: torch.device, job: Distributed) -> int:
+    """`--workers`, or its default: 1 on the CPU, where the model needs the cores; on CUDA the
+    cores this process may use, shared between the node's processes (one per GPU)."""
+    if workers is not None:
+        return workers
+    if device.type != "cuda":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // job.local_world)
 
 
 def ensure_data(cfg: TrainConfig) -> None:
@@ -643,15 +806,19 @@ def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
         masker = masker.to(memory_format=torch.channels_last)
     broadcast_module(masker)  # the same seed gives the same weights; this makes sure of it
     casm = CASM(masker, cfg, rng)  # early: it refuses an --amp this device cannot run
+    if device.type == "cuda":
+        # Every training batch has the same shape: let cuDNN time its algorithms once.
+        torch.backends.cudnn.benchmark = True
 
     loader_args = dict(
         wnids=info.wnids,
         image_size=cfg.image_size,
-        workers=cfg.workers,
+        workers=loader_workers(cfg.workers, device, job),
         seed=cfg.seed,
         loader=cfg.loader,
-        policy=cfg.resize,  # training and validation images alike; the boxes below follow it
-        device=str(device),  # where DALI decodes: this rank's GPU
+        # validation: data.validation_policy of it, which the boxes below follow too
+        policy=cfg.resize,
+        device=str(device),  # where the batches go (DALI decodes there): this rank's device
     )
     # Each rank trains on its own disjoint block of every epoch; validation is rank 0's alone.
     shard = dict(shard_id=job.rank, num_shards=job.world)
@@ -682,7 +849,9 @@ def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
         for path, label in val_loader.samples
     ]
 
-    pre_opt = torch.optim.Adam(masker.encoder.parameters(), lr=cfg.pretrain_lr)
+    pre_opt = torch.optim.Adam(
+        masker.encoder.parameters(), lr=cfg.pretrain_lr, fused=casm.fused or None
+    )
     pre_sched = torch.optim.lr_scheduler.OneCycleLR(
         pre_opt,
         max_lr=cfg.pretrain_lr,
@@ -703,7 +872,7 @@ def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
         casm.step_count = checkpoint["step"]
         _restore_rng(checkpoint["rng"], rng)
         if checkpoint["pool_file"]:
-            casm.pool.snapshots = load_file(run_dir / checkpoint["pool_file"])["snapshots"]
+            casm.pool.load(load_file(run_dir / checkpoint["pool_file"])["snapshots"])
         phase, epoch = checkpoint["phase"], checkpoint["epoch"]
         if job.main:
             _trim_log(log_path, checkpoint["metrics"])
@@ -733,7 +902,7 @@ def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
         pool_file = None
         if casm.pool.snapshots:
             pool_file = f"pool-{casm.step_count}.pt"
-            save_atomic({"snapshots": casm.pool.snapshots}, run_dir / pool_file)
+            save_atomic({"snapshots": casm.pool.on_cpu()}, run_dir / pool_file)
         save_atomic(
             {
                 "format": FORMAT,
@@ -772,7 +941,7 @@ def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
         average_buffers(masker)  # the BatchNorm statistics of all the ranks' shards
         val = None
         if job.main:
-            val = validate(masker, val_loader, boxes, cfg.image_size)
+            val = validate(masker, val_loader, boxes, cfg.image_size, cfg.fill)
             record = {"phase": phase_, "epoch": done, "seconds": time.time() - started_at}
             record |= train_metrics | val
             save(*((phase_, done) if done < total else (then, 0)), record)
@@ -808,7 +977,7 @@ def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
                 casm_loader.set_epoch(1000 + e)  # other crops than the pre-training epochs
                 t0 = time.time()
                 title = f"CASM {cfg.reproduce} {e + 1}/{cfg.casm_epochs}"
-                train_metrics = _casm_epoch(casm, casm_loader, bars, title)
+                train_metrics = casm_epoch(casm, casm_loader, bars, title)
                 val = end_epoch("casm", e + 1, cfg.casm_epochs, "done", t0, train_metrics)
                 if val is not None:
                     console.print(

@@ -64,7 +64,10 @@ def test_train_errors_are_one_line_not_tracebacks(tmp_path):
     preset = runner.invoke(app, ["train", str(tmp_path), "--reproduce", "X"])
     assert preset.exit_code == 2 and "--reproduce must be one of" in preset.output
     resize = runner.invoke(app, ["train", str(tmp_path), "--resize", "squash"])
-    assert resize.exit_code == 2 and "--resize must be center-crop or stretch" in resize.output
+    assert (
+        resize.exit_code == 2
+        and "--resize must be center-crop, stretch or random-resized-crop" in resize.output
+    )
 
 
 def test_train_smoke_on_a_tiny_data_set(tiny_data, tmp_path):
@@ -138,3 +141,27 @@ def test_eval_copies_needs_two_copies_data(tiny_data, tmp_path, make_checkpoint)
     result = runner.invoke(app, ["eval", model, str(tiny_data), "--copies", "--workers", "0"])
     assert result.exit_code == 2 and "exactly two boxes" in result.output
     assert "Traceback" not in result.output
+
+
+def test_train_recipe_takes_the_options_given_beside_it(monkeypatch, tmp_path):
+    import casm_deploy.train
+
+    seen = []
+    monkeypatch.setattr(casm_deploy.train, "run", seen.append)
+    args = ["train", str(tmp_path), "--recipe", "imagenet", "--weights", "r50.pth"]
+    result = runner.invoke(app, [*args, "--epochs", "3", "--fill", "black", "--lambda-r", "4"])
+    assert result.exit_code == 0, result.output
+    cfg = seen[0]
+    assert (cfg.recipe, cfg.arch, cfg.image_size, cfg.batch_size) == (
+        "imagenet",
+        "resnet50",
+        224,
+        128,
+    )
+    assert (cfg.epochs, cfg.fill, cfg.resolved_lambda_r) == (3, "black", 4.0)  # given: kept
+    assert cfg.resize == "random-resized-crop" and cfg.weights == "r50.pth"
+    default = runner.invoke(app, ["train", str(tmp_path), "--batch-size", "8"])
+    assert default.exit_code == 0 and seen[1].batch_size == 8 and seen[1].recipe == "default"
+    assert (seen[1].fill, seen[1].resize, seen[1].workers) == ("black", "center-crop", None)
+    missing = runner.invoke(app, ["train", str(tmp_path), "--recipe", "imagenet"])
+    assert missing.exit_code == 2 and "--weights" in missing.output

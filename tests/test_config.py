@@ -42,3 +42,39 @@ def test_round_trip_through_json_ready_dict():
     cfg = TrainConfig(reproduce="FL", name="x", lambda_r=1.5)
     assert config_from_dict(TrainConfig, config_to_dict(cfg)) == cfg
     assert set(PRESETS) == {"F", "L", "FL", "L100", "L1000"}
+
+
+def test_imagenet_recipe_is_the_reference_training():
+    from casm_deploy.config import train_config
+
+    cfg = train_config("imagenet", weights="resnet50.pth")
+    assert (cfg.arch, cfg.width, cfg.image_size, cfg.recipe) == ("resnet50", 64, 224, "imagenet")
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.lr_decoder) == (1e-3, 0.9, 1e-4, 1e-3)
+    assert (cfg.epochs, cfg.batch_size, cfg.epoch_fraction, cfg.lr_decay_every) == (
+        60,
+        128,
+        0.2,
+        20,
+    )
+    assert (cfg.resize, cfg.fill, cfg.pretrain_epochs) == ("random-resized-crop", "mean", 0)
+    assert cfg.resolved_lambda_r == 10  # the reference's L100 value
+    other = train_config("imagenet", weights="w.pth", reproduce="L", batch_size=64)
+    assert (other.resolved_lambda_r, other.batch_size, other.lr) == (14, 64, 1e-3)  # given wins
+    assert train_config() == TrainConfig()  # the default recipe is the dataclass's defaults
+    with pytest.raises(ValueError, match="--weights"):
+        train_config("imagenet")
+    with pytest.raises(ValueError, match="--recipe"):
+        train_config("cifar")
+
+
+def test_new_training_options_are_checked():
+    for kwargs in (
+        {"fill": "grey"},
+        {"pool_device": "disk"},
+        {"resize": "crop"},
+        {"batch_size": 0},
+        {"pretrain_batch_size": 0},
+        {"workers": -1},
+    ):
+        with pytest.raises(ValueError):
+            TrainConfig(**kwargs)

@@ -153,3 +153,12 @@ def test_mixed_gpu_pipeline_matches_the_cpu_pipeline(tiny_data):
     half = DALILoader(cpu_loader.samples, 32, 8, train=True, device="cuda", dtype=torch.float16)
     images, _, _ = next(iter(half))
     assert images.dtype == torch.float16 and images.is_cuda and images.shape == (8, 3, 32, 32)
+
+
+@pytest.mark.usefixtures("dali")
+def test_random_resized_crop_training_pipeline(tiny_data):
+    _, dali_loader = loaders(tiny_data, "train", 8, train=True, policy="random-resized-crop")
+    images, labels, indices = next(iter(dali_loader))
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1 and images.std() > 0.01
+    assert len(set(indices.tolist())) == 8

@@ -162,3 +162,37 @@ def test_own_boxes_keeps_the_images_class_only(tmp_path):
         own_boxes(tmp_path / "img1.JPEG", "n3", tmp_path, 64)
     with pytest.raises(UserError, match="img2.xml"):
         own_boxes(tmp_path / "img2.JPEG", "n1", tmp_path, 64)
+
+
+def test_random_resized_crop_windows_follow_torchvision():
+    """RandomResizedCrop's draw: an area share in [0.08, 1], an aspect ratio in [3/4, 4/3], the
+    window inside the image; an image too elongated for ten tries gets the centred fallback."""
+    from casm_deploy.data import random_resized_crop_box
+
+    rng = np.random.default_rng(0)
+    shares, ratios = [], []
+    for _ in range(500):
+        top, left, h, w = random_resized_crop_box(375, 500, rng)
+        assert top >= 0 and top + h <= 375 and left >= 0 and left + w <= 500
+        shares.append(h * w / (375 * 500))
+        ratios.append(w / h)
+    assert 0.07 < min(shares) < 0.15 and max(shares) > 0.9 and max(shares) <= 1.0
+    assert min(ratios) > 0.74 and max(ratios) < 1.35
+    assert random_resized_crop_box(10, 400, np.random.default_rng(0)) == (0, 193, 10, 13)
+
+
+def test_random_resized_crop_policy_trains_on_windows_and_validates_on_the_centre(tiny_data):
+    from casm_deploy.data import ImageDataset, list_images, read_classes, transform_box
+
+    samples = list_images(tiny_data, "train", read_classes(tiny_data).wnids)[:8]
+    rrc = ImageDataset(samples, 32, train=True, seed=1, policy="random-resized-crop")
+    crop = ImageDataset(samples, 32, train=True, seed=1, policy="center-crop")
+    images = [rrc[i][0] for i in range(8)]
+    assert all(image.shape == (32, 32, 3) and image.dtype == np.uint8 for image in images)
+    assert any(not np.array_equal(a, crop[i][0]) for i, a in enumerate(images))
+    assert np.array_equal(rrc[3][0], images[3])  # (seed, epoch, index) decide the window
+    val = ImageDataset(samples, 32, train=False, policy="random-resized-crop")
+    centre = ImageDataset(samples, 32, train=False, policy="center-crop")
+    assert val.policy == "center-crop" and np.array_equal(val[0][0], centre[0][0])
+    box = [10, 20, 60, 50]
+    assert transform_box(box, 80, 60, 32, "random-resized-crop") == transform_box(box, 80, 60, 32)
