@@ -347,7 +347,9 @@ class InferConfig:
     backend: str = "auto"  # auto: from the model file's suffix
     device: str = "auto"  # auto: CUDA when there is one
     workers: int = 0  # decoding and writing threads; 0: one per CPU core
-    decoder: str = "auto"  # opencv, or dali for JPEGs (auto: dali on CUDA when installed)
+    # opencv, dali or torchvision for JPEGs (auto: on CUDA dali when installed, else
+    # torchvision's nvJPEG; opencv on the CPU)
+    decoder: str = "auto"
     masks: str = "png"  # png (8-bit), npy (float32) or none
     mask_size: str = "original"  # original (each image's size) or model (S x S)
     overlay: bool = False  # also OUT/overlays/<path>.jpg: the image, its mask and box
@@ -362,7 +364,9 @@ class InferConfig:
         if self.masks not in ("png", "npy", "none"):
             raise ValueError(f"--masks must be png, npy or none, not {self.masks!r}")
         if self.decoder not in ("auto", "opencv", "dali", "torchvision"):
-            raise ValueError(f"--decoder must be auto, opencv or dali, not {self.decoder!r}")
+            raise ValueError(
+                f"--decoder must be auto, opencv, dali or torchvision, not {self.decoder!r}"
+            )
         if self.mask_size not in ("original", "model"):
             raise ValueError(f"--mask-size must be original or model, not {self.mask_size!r}")
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from casm_deploy.data import check_policy, epoch_order, shard_bounds
+from casm_deploy.data import RRC_RATIO, RRC_SCALE, epoch_order, shard_bounds, validation_policy
 from casm_deploy.errors import UserError
 
 
@@ -76,19 +76,20 @@ class DALILoader:
     """Iterates `(images, labels, indices)` batches through a DALI pipeline.
 
     Images are (B, 3, S, S), float32 (or `dtype`) in [0, 1], an NCHW view of NHWC data, so
-    channels-last without a copy; on the GPU when `device` is CUDA. Labels and indices are
-    int64 CPU tensors, indices into `samples`.
+    channels-last without a copy; on the GPU when `device` is CUDA, and the int64 labels with
+    them. Indices (int64, into `samples`) stay on the CPU.
 
     Args:
         samples: `(path, label)` pairs, as `data.list_images` returns them.
         size: the side S of the square images.
         batch_size: images per batch (per process when sharded).
-        train: random crop and flip, shuffled, last partial batch dropped; else the validation
-            transform in file order, every image once.
+        train: random crop (or RandomResizedCrop) and flip, shuffled, last partial batch
+            dropped; else the validation transform in file order, every image once.
         workers: DALI CPU threads.
         seed: seeds the shuffle (with the epoch) and the augmentations.
         fraction: the share of the training set each epoch sees.
-        policy: validation resize policy, "center-crop" or "stretch".
+        policy: "center-crop", "stretch" (validation only) or "random-resized-crop" (training;
+            its validation images take the centre crop).
         shard_id: this process's shard (global rank).
         num_shards: the number of shards (world size).
         device: "cpu", "auto", "cuda" or "cuda:N": where to decode and augment.
@@ -117,7 +118,8 @@ class DALILoader:
             raise UserError(f"DALI loader dtype {dtype}: use torch.float32 or torch.float16")
         self.samples, self.size, self.batch_size, self.train = samples, size, batch_size, train
         self.workers, self.seed, self.fraction = max(1, workers), seed, fraction
-        self.policy = check_policy(policy)
+        rrc = train and policy == "random-resized-crop"
+        self.policy = policy if rrc else validation_policy(policy)
         if train and self.policy == "stretch":  # the training pipeline always crops and flips
             raise UserError("the DALI loader cannot train with the stretch policy")
         self.shard_id, self.num_shards = shard_id, num_shards
@@ -160,7 +162,10 @@ class DALILoader:
         for (batch,) in batches:
             images = batch["images"].permute(0, 3, 1, 2)  # (B, S, S, 3) -> (B, 3, S, S) view
             indices = batch["indices"].view(-1).long()  # (B, 1) int32 -> (B,)
-            yield images, self.labels[indices], indices
+            labels = self.labels[indices]
+            if images.is_cuda:  # beside the images, from pinned memory, without blocking
+                labels = labels.pin_memory().to(images.device, non_blocking=True)
+            yield images, labels, indices
 
     def pipeline(self, order: list[int]):
         """A built DALI pipeline that reads `order` (this process's shard of it) once."""
@@ -193,6 +198,15 @@ class DALILoader:
             )
             if not self.train and self.policy == "stretch":
                 images = fn.resize(images, resize_x=size, resize_y=size, antialias=True)
+                crop = {}
+            elif self.train and self.policy == "random-resized-crop":
+                images = fn.random_resized_crop(
+                    images,
+                    size=(size, size),
+                    random_area=list(RRC_SCALE),
+                    random_aspect_ratio=list(RRC_RATIO),
+                    antialias=True,
+                )
                 crop = {}
             else:
                 images = fn.resize(images, resize_shorter=size, antialias=True)
@@ -233,19 +247,22 @@ class DALILoader:
 
 
 class JpegDecoder:
-    """`infer`'s JPEG decoder: encoded files -> (N, S, S, 3) uint8 RGB numpy, the whole image
-    resized (no crop), with nvJPEG on a GPU (`mixed`) or DALI's CPU decoder without one.
+    """`infer`'s JPEG decoder: encoded files -> (N, S, S, 3) uint8 RGB, the whole image resized
+    (no crop), with nvJPEG on a GPU (`mixed`) or DALI's CPU decoder without one.
 
-    The resized images come back to the host: S x S is small next to the encoded image, and
-    the rest of infer (bad-file handling, every backend) stays one code path. The EXIF
-    orientation is applied, as OpenCV does.
+    On a GPU the images stay there: a torch tensor on the device, copied out of DALI's output
+    on a stream of its own and finished before it is returned (DALI reuses its output buffer
+    on the next run); the model's side records its stream on it (`backends.DeviceIO`). On the
+    CPU a numpy array. The EXIF orientation is applied, as OpenCV does.
     """
 
     def __init__(self, size: int, batch_size: int, device_id: int | None, threads: int):
         from nvidia.dali import fn, pipeline_def, types
 
-        self.device = "cpu" if device_id is None else f"nvJPEG, cuda:{device_id}"
+        self.device_id = device_id
+        self.name = "DALI, cpu" if device_id is None else f"DALI nvJPEG, cuda:{device_id}"
         decoder_device = "cpu" if device_id is None else "mixed"
+        self.stream = None if device_id is None else torch.cuda.Stream(f"cuda:{device_id}")
 
         @pipeline_def(
             batch_size=batch_size,
@@ -261,10 +278,22 @@ class JpegDecoder:
         self.pipeline = pipeline()
         self.pipeline.build()
 
-    def __call__(self, encoded: list[np.ndarray]) -> np.ndarray:
-        """Decode up to `batch_size` encoded JPEGs; raises if DALI cannot decode one of them."""
-        self.pipeline.feed_input("encoded", encoded)
+    def accepts(self, encoded) -> bool:
+        """Every JPEG (an `images.Encoded`): DALI converts CMYK and grey itself."""
+        return encoded.is_jpeg
+
+    def __call__(self, files: list) -> np.ndarray | torch.Tensor:
+        """Decode up to `batch_size` JPEGs (`images.Encoded`); raises if DALI cannot decode
+        one of them."""
+        self.pipeline.feed_input("encoded", [f.data for f in files])
         (images,) = self.pipeline.run()
-        if hasattr(images, "as_cpu"):  # a GPU TensorList
-            images = images.as_cpu()
-        return images.as_array()  # (N, S, S, 3)
+        if self.stream is None:
+            return images.as_array()  # (N, S, S, 3)
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        tensor = images.as_tensor()
+        with torch.cuda.stream(self.stream):
+            out = torch.empty(tensor.shape(), dtype=torch.uint8, device=f"cuda:{self.device_id}")
+            feed_ndarray(tensor, out, cuda_stream=self.stream)
+        self.stream.synchronize()
+        return out

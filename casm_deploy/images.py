@@ -2,6 +2,8 @@
 file into the model's (S, S, 3) RGB input or a one-line reason why it cannot.
 
 infer: scan -> read_image (parallel threads; OpenCV releases the GIL) -> batch -> backend.
+With a GPU, the JPEGs of a batch can instead be decoded there (`TorchvisionJpegs`: nvJPEG
+through torchvision; or DALI, `casm_deploy.dali.JpegDecoder`), and stay there for the model.
 """
 
 from __future__ import annotations
@@ -19,6 +21,21 @@ MAX_PIXELS = 1 << 30  # OpenCV's own decoding limit (CV_IO_MAX_IMAGE_PIXELS)
 
 class ImageError(Exception):
     """A file that is not a usable image; the message is the reason, without the path."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An image file's bytes, checked by `read_file`, and what its header says."""
+
+    data: np.ndarray  # the file's bytes (uint8)
+    width: int  # as shown: after the EXIF orientation
+    height: int
+    orientation: int  # EXIF orientation, 1 (as stored) to 8
+    mode: str  # PIL's mode of the stored pixels: RGB (also YCbCr JPEGs), L, CMYK, ...
+
+    @property
+    def is_jpeg(self) -> bool:
+        return is_jpeg(self.data)
 
 
 @dataclass(frozen=True)
@@ -85,6 +102,16 @@ def read_encoded(path: str | Path) -> tuple[np.ndarray, int, int]:
     Raises:
         ImageError: as `read_image`, for everything but undecodable image data.
     """
+    encoded = read_file(path)
+    return encoded.data, encoded.width, encoded.height
+
+
+def read_file(path: str | Path) -> Encoded:
+    """An image file's bytes and header facts, after the checks of `read_encoded`.
+
+    Raises:
+        ImageError: as `read_encoded`.
+    """
     try:
         data = np.fromfile(path, dtype=np.uint8)  # with imdecode: any file name works
     except FileNotFoundError:
@@ -96,10 +123,10 @@ def read_encoded(path: str | Path) -> tuple[np.ndarray, int, int]:
         raise ImageError(f"cannot read: {error.strerror or error}") from None
     if data.size == 0:
         raise ImageError("empty file")
-    width, height = _header_size(data)
+    width, height, orientation, mode = _header(data)
     if width * height > MAX_PIXELS:
         raise ImageError(f"too large: {width}x{height} pixels (limit {MAX_PIXELS})")
-    return data, width, height
+    return Encoded(data, width, height, orientation, mode)
 
 
 def is_jpeg(data: np.ndarray) -> bool:
@@ -124,9 +151,10 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(image), (size, size), interpolation=interpolation)
 
 
-def _header_size(data: np.ndarray) -> tuple[int, int]:
-    """Width and height from the header (PIL reads only the header), after checks that catch
-    what OpenCV would decode silently: a JPEG or PNG cut short."""
+def _header(data: np.ndarray) -> tuple[int, int, int, str]:
+    """Width and height as shown, EXIF orientation and pixel mode, from the header (PIL reads
+    only the header), after checks that catch what OpenCV would decode silently: a JPEG or PNG
+    cut short."""
     import io
 
     from PIL import Image, UnidentifiedImageError
@@ -135,7 +163,7 @@ def _header_size(data: np.ndarray) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(raw)) as image:
             width, height = image.size
-            kind = image.format
+            kind, mode = image.format, image.mode
             orientation = image.getexif().get(0x0112, 1) if kind in ("JPEG", "TIFF", "WEBP") else 1
     except UnidentifiedImageError:
         raise ImageError("not an image (unrecognised format)") from None
@@ -152,9 +180,11 @@ def _header_size(data: np.ndarray) -> tuple[int, int]:
         raise ImageError("truncated JPEG (no end-of-image marker)")
     if kind == "PNG" and b"IEND" not in tail[-16:]:
         raise ImageError("truncated PNG (no IEND chunk)")
+    if orientation not in range(1, 9):
+        orientation = 1  # a broken tag: OpenCV shows the image as stored too
     if orientation in (5, 6, 7, 8):  # transposed by the EXIF orientation OpenCV applies
         width, height = height, width
-    return width, height
+    return width, height, orientation, mode
 
 
 def _read_flag(data: np.ndarray, width: int, height: int, size: int) -> int:
@@ -171,3 +201,89 @@ def _read_flag(data: np.ndarray, width: int, height: int, size: int) -> int:
             if min(width, height) // factor >= 2 * size:
                 return flag
     return cv2.IMREAD_COLOR
+
+
+# --- JPEGs decoded by torchvision (nvJPEG on a GPU) -------------------------------------------
+
+# The pixel modes torchvision's nvJPEG path decodes as OpenCV does; CMYK and the rest go to
+# OpenCV.
+TORCHVISION_MODES = ("RGB", "L")
+
+
+def torchvision_decodes() -> bool:
+    """True when this torchvision has its JPEG decoder (deprecated since 0.29, not yet gone)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg  # noqa: F401
+        from torchvision.io.image import _assert_has_image_ops
+
+        _assert_has_image_ops()
+    except (ImportError, RuntimeError, OSError):
+        return False
+    return True
+
+
+def orient(image, orientation: int):
+    """A decoded (C, H, W) tensor as shown under its EXIF `orientation` (PIL's exif_transpose).
+
+    OpenCV applies the orientation when it decodes; torchvision does not on the GPU.
+    """
+    if orientation in (5, 6, 7, 8):
+        image = image.transpose(1, 2)
+    flips = {2: (2,), 3: (1, 2), 4: (1,), 6: (2,), 7: (1, 2), 8: (1,)}.get(orientation, ())
+    return image.flip(flips) if flips else image
+
+
+class TorchvisionJpegs:
+    """`infer`'s JPEG decoder without DALI: encoded files -> (S, S, 3) uint8 RGB tensors on
+    `device`, the whole image resized (no crop), with torchvision's decode_jpeg: nvJPEG in one
+    batched call on a CUDA device, libjpeg-turbo on the CPU (the same code otherwise).
+
+    The resize is bilinear with antialiasing (an area-like filter when shrinking), as DALI's:
+    pixels differ from OpenCV's by about a grey level on average. On CUDA the images are made
+    on a stream of the decoder's own, finished before they are handed over; the model's side
+    records its stream on them (`backends.DeviceIO`).
+    """
+
+    def __init__(self, size: int, device: str):
+        import warnings
+
+        import torch
+
+        self.size, self.device = size, torch.device(device)
+        cuda = self.device.type == "cuda"
+        index = self.device.index if self.device.index is not None else 0
+        self.name = f"nvJPEG, cuda:{index}" if cuda else "libjpeg-turbo, cpu"
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        # torchvision 0.29 warns on every call that its decoders move to TorchCodec
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+
+    def accepts(self, encoded: Encoded) -> bool:
+        return encoded.is_jpeg and encoded.mode in TORCHVISION_MODES
+
+    def __call__(self, files: list[Encoded]) -> list:
+        """Decode a batch; raises if one of the files does not decode (the caller retries)."""
+        import torch
+
+        if self.stream is None:
+            return self._decode(files)
+        with torch.cuda.stream(self.stream):
+            images = self._decode(files)
+        self.stream.synchronize()  # done before the images leave this thread
+        return images
+
+    def _decode(self, files: list[Encoded]) -> list:
+        import torch
+        import torch.nn.functional as F
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        data = [torch.from_numpy(f.data) for f in files]
+        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        images = []
+        for image, f in zip(decoded, files, strict=True):
+            image = orient(image, f.orientation).unsqueeze(0).float()  # (1, 3, H, W)
+            image = F.interpolate(
+                image, size=(self.size, self.size), mode="bilinear", antialias=True
+            )
+            image = image.round_().clamp_(0, 255).to(torch.uint8)
+            images.append(image[0].permute(1, 2, 0).contiguous())  # (S, S, 3)
+        return images

@@ -3,6 +3,10 @@
 scan (streamed) -> read_image in threads, a few batches ahead -> backend (this thread) ->
 mask files written in threads -> boxes.jsonl appended and fsync'd per batch, the record of
 what is done -> summary.json (and COCO detections) from the whole record at the end.
+
+On CUDA the JPEGs are decoded on the GPU (DALI, else torchvision's nvJPEG) and stay there;
+batch N+1 is submitted to the device before batch N's results are taken, and the masks come
+back as 8-bit levels (float32 for `--masks npy`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -21,18 +26,21 @@ from typing import Any
 import numpy as np
 
 from casm_deploy import __version__
+from casm_deploy.backends import Pending
 from casm_deploy.config import InferConfig, config_to_dict
 from casm_deploy.errors import UserError
 from casm_deploy.images import (
+    Encoded,
     Entry,
     ImageError,
+    TorchvisionJpegs,
     decode,
-    is_jpeg,
-    read_encoded,
+    read_file,
     read_image,
     scan,
+    torchvision_decodes,
 )
-from casm_deploy.predict import Masker, resize_mask
+from casm_deploy.predict import Masker, float_masks, resize_mask
 from casm_deploy.ui import console, progress
 
 RECORD = "boxes.jsonl"
@@ -55,7 +63,7 @@ def run(cfg: InferConfig) -> dict[str, Any]:
     root = Path(cfg.dir)
     if not root.is_dir():
         raise UserError(f"{root}: {'not a folder' if root.exists() else 'no such folder'}")
-    masker = Masker.load(cfg.model, cfg.backend, cfg.device)
+    masker = Masker.load(cfg.model, cfg.backend, cfg.device, cfg.batch)
     info = masker.info
     out = Path(cfg.out)
     done = prepare_out(out, cfg, masker)
@@ -69,8 +77,12 @@ def run(cfg: InferConfig) -> dict[str, Any]:
     writer = Writer(out, cfg)
     workers = cfg.workers or os.cpu_count() or 1
     jpeg = jpeg_stage(cfg, info.device, masker.image_size, workers)
-    decoder = "OpenCV" if jpeg is None else f"OpenCV, and DALI for JPEGs ({jpeg.decoder.device})"
+    decoder = "OpenCV" if jpeg is None else f"OpenCV, and for JPEGs {jpeg.decoder.name}"
     console.print(f"decoding: {decoder} with {workers} threads")
+    # On CUDA: one batch on the device while the next is submitted; 8-bit masks come back
+    # (the PNG's levels: 4x fewer bytes) unless npy files want float32.
+    depth = 1 if info.device == "cuda" else 0
+    uint8_masks = info.device == "cuda" and cfg.masks != "npy"
     counts = {"ok": 0, "error": 0}
     started = time.perf_counter()
     with (
@@ -81,12 +93,17 @@ def run(cfg: InferConfig) -> dict[str, Any]:
         task = bars.add_task("infer", total=todo, info="")
         entries = (entry for entry in scan(root, exclude=out) if entry.rel not in done)
         pending: deque[list[tuple[dict[str, Any], Future | None]]] = deque()
+        on_device: deque[Launched] = deque()
         batches = batched(entries, cfg.batch)
         for batch in decode_ahead(pool, batches, masker.image_size, jpeg):
-            pending.append(process(batch, masker, writer, pool))
+            on_device.append(launch(batch, masker, uint8_masks))
+            if len(on_device) > depth:
+                pending.append(collect(on_device.popleft(), masker, writer, pool))
             while len(pending) > AHEAD or (pending and all_done(pending[0])):
                 finished = append_records(record, pending.popleft(), counts)
                 bars.update(task, advance=finished, info=_rate(counts, started))
+        while on_device:
+            pending.append(collect(on_device.popleft(), masker, writer, pool))
         while pending:
             finished = append_records(record, pending.popleft(), counts)
             bars.update(task, advance=finished, info=_rate(counts, started))
@@ -119,30 +136,35 @@ def decode_ahead(
     needed, so decoding overlaps the model while at most AHEAD + 1 batches are in memory.
 
     Without `jpeg`, the pool's threads decode every file with OpenCV. With it, they read and
-    check the files and decode all but JPEGs; the JPEGs of a batch go to DALI in one call.
+    check the files and decode all but the JPEGs its decoder takes; those of a batch go to it
+    in one call.
     """
     queue: deque[list[tuple[Entry, Future]]] = deque()
     for batch in batches:
         if jpeg is None:
             futures = [pool.submit(read_image, entry.path, size) for entry in batch]
         else:
-            futures = jpeg.submit([pool.submit(prepare, entry.path, size) for entry in batch])
+            prepared = [pool.submit(prepare, entry.path, size, jpeg.decoder) for entry in batch]
+            futures = jpeg.submit(prepared)
         queue.append(list(zip(batch, futures, strict=True)))
         if len(queue) > AHEAD:
             yield queue.popleft()
     yield from queue
 
 
-def prepare(path: Path, size: int) -> tuple[str, np.ndarray, int, int]:
-    """("jpeg", its bytes, w, h) for a JPEG, left for DALI; ("image", decoded, w, h) otherwise."""
-    data, width, height = read_encoded(path)
-    if is_jpeg(data):
-        return "jpeg", data, width, height
-    return "image", decode(data, width, height, size), width, height
+def prepare(path: Path, size: int, decoder: Any) -> tuple[str, Any, int, int]:
+    """("jpeg", the `Encoded` file, w, h) for a JPEG `decoder` takes, left for it; ("image",
+    decoded by OpenCV, w, h) otherwise."""
+    encoded = read_file(path)
+    width, height = encoded.width, encoded.height
+    if decoder.accepts(encoded):
+        return "jpeg", encoded, width, height
+    return "image", decode(encoded.data, width, height, size), width, height
 
 
 class JpegStage:
-    """The JPEGs of each batch decoded by DALI (nvJPEG on a GPU) in one thread of its own."""
+    """The JPEGs of each batch decoded in one call, in one thread of its own: by DALI or
+    torchvision (nvJPEG on a GPU, the images staying there)."""
 
     def __init__(self, decoder: Any, size: int):
         self.decoder, self.size = decoder, size
@@ -168,32 +190,47 @@ class JpegStage:
         if not jpegs:
             return
         try:
-            images = self.decoder([data for data, *_ in jpegs])
-        except Exception:  # one file DALI cannot decode fails the batch: OpenCV names it
+            images = self.decoder([encoded for encoded, *_ in jpegs])
+        except Exception:  # one file it cannot decode fails the batch: each file alone then
             images = None
-        for k, (data, width, height, result) in enumerate(jpegs):
+        for k, (encoded, width, height, result) in enumerate(jpegs):
             try:
-                image = images[k] if images is not None else decode(data, width, height, self.size)
+                image = images[k] if images is not None else self._one(encoded)
                 result.set_result((image, width, height))
             except Exception as error:
                 result.set_exception(error)
+
+    def _one(self, encoded: Encoded) -> Any:
+        """One file by the decoder, else by OpenCV (which names what is wrong with it)."""
+        try:
+            return self.decoder([encoded])[0]
+        except Exception:
+            return decode(encoded.data, encoded.width, encoded.height, self.size)
 
     def close(self) -> None:
         self.thread.shutdown()
 
 
 def jpeg_stage(cfg: InferConfig, device: str, size: int, workers: int) -> JpegStage | None:
-    """The DALI stage `--decoder` asks for (auto: on CUDA when DALI is installed), or None."""
+    """The JPEG stage `--decoder` asks for, on the model's device, or None (OpenCV only).
+
+    auto: on CUDA, DALI when it is installed, else torchvision's nvJPEG; OpenCV on the CPU.
+    """
     from casm_deploy import dali
 
     if cfg.decoder == "opencv" or (cfg.decoder == "auto" and device != "cuda"):
         return None
-    if not dali.dali_available():
-        if cfg.decoder == "dali":
-            raise UserError("--decoder dali: NVIDIA DALI is not installed (nvidia-dali-cuda120)")
+    if cfg.decoder in ("dali", "auto") and dali.dali_available():
+        device_id = torch_device_index() if device == "cuda" else None
+        return JpegStage(dali.JpegDecoder(size, cfg.batch, device_id, workers), size)
+    if cfg.decoder == "dali":
+        raise UserError("--decoder dali: NVIDIA DALI is not installed (nvidia-dali-cuda120)")
+    if not torchvision_decodes():
+        if cfg.decoder == "torchvision":
+            raise UserError("--decoder torchvision: this torchvision has no JPEG decoder")
         return None
-    device_id = torch_device_index() if device == "cuda" else None
-    return JpegStage(dali.JpegDecoder(size, cfg.batch, device_id, workers), size)
+    where = f"cuda:{torch_device_index()}" if device == "cuda" else "cpu"
+    return JpegStage(TorchvisionJpegs(size, where), size)
 
 
 def torch_device_index() -> int:
@@ -202,10 +239,20 @@ def torch_device_index() -> int:
     return torch.cuda.current_device()
 
 
-def process(
-    batch: list[tuple[Entry, Future]], masker: Masker, writer: Writer, pool: ThreadPoolExecutor
-) -> list[tuple[dict[str, Any], Future | None]]:
-    """Run the model on a batch's decoded images; each file's record and its writing future."""
+@dataclass
+class Launched:
+    """A batch whose images went to the model: each file's record so far, and the model's
+    pending masks and logits for the files that decoded (`good`: their rows)."""
+
+    batch: list[tuple[Entry, Future]]
+    rows: list[dict[str, Any]]
+    sizes: list[tuple[int, int]]
+    good: list[int]
+    pending: Pending | None
+
+
+def launch(batch: list[tuple[Entry, Future]], masker: Masker, uint8_masks: bool) -> Launched:
+    """Submit a batch's decoded images to the model (on CUDA this does not wait for it)."""
     rows: list[dict[str, Any]] = []
     images, sizes, good = [], [], []
     for entry, future in batch:
@@ -222,13 +269,22 @@ def process(
         images.append(image)
         sizes.append((width, height))
         good.append(len(rows) - 1)
-    jobs: list[Future | None] = [None] * len(rows)
-    if images:
-        masks, logits = masker.run(np.stack(images))  # (B, S, S), (B, K)
-        for k, i in enumerate(good):  # boxes and files in the pool: this thread feeds the model
-            args = (batch[i][0], masks[k : k + 1], logits[k : k + 1], sizes[k])
+    pending = masker.submit(images, uint8_masks) if images else None
+    return Launched(batch, rows, sizes, good, pending)
+
+
+def collect(
+    launched: Launched, masker: Masker, writer: Writer, pool: ThreadPoolExecutor
+) -> list[tuple[dict[str, Any], Future | None]]:
+    """The model's results of a launched batch: each file's record and its writing future."""
+    jobs: list[Future | None] = [None] * len(launched.rows)
+    if launched.pending is not None:
+        masks, logits = launched.pending.result()  # (B, S, S), (B, K)
+        for k, i in enumerate(launched.good):  # boxes and files in the pool: this thread
+            entry = launched.batch[i][0]  # feeds the model
+            args = (entry, masks[k : k + 1], logits[k : k + 1], launched.sizes[k])
             jobs[i] = pool.submit(finish, masker, writer, *args)
-    return list(zip(rows, jobs, strict=True))
+    return list(zip(launched.rows, jobs, strict=True))
 
 
 def finish(
@@ -412,21 +468,25 @@ class Writer:
         return path
 
     def write(self, entry: Entry, mask: np.ndarray, row: dict[str, Any]) -> None:
+        """Write one (S, S) mask: floats in [0, 1], or uint8 levels (from the GPU; resized as
+        they are for `--mask-size original`, so a level may differ by one from resizing the
+        float mask first)."""
         import cv2
 
         width, height = row["width"], row["height"]
         full = resize_mask(mask, width, height) if self.cfg.mask_size == "original" else mask
         if self.cfg.masks == "png":
-            ok, png = cv2.imencode(".png", np.rint(full * 255).astype(np.uint8))
+            levels = full if full.dtype == np.uint8 else np.rint(full * 255).astype(np.uint8)
+            ok, png = cv2.imencode(".png", levels)
             if not ok:
                 raise OutputError("cannot encode the mask as PNG")
             write_atomic(self.target("masks", entry.rel, ".png"), png.tobytes())
         elif self.cfg.masks == "npy":
             buffer = io.BytesIO()
-            np.save(buffer, full.astype(np.float32))
+            np.save(buffer, float_masks(full).astype(np.float32))
             write_atomic(self.target("masks", entry.rel, ".npy"), buffer.getvalue())
         if self.cfg.overlay:
-            jpeg = overlay(entry.path, mask, row["box"], width, height)
+            jpeg = overlay(entry.path, float_masks(mask), row["box"], width, height)
             write_atomic(self.target("overlays", entry.rel, ".jpg"), jpeg)
 
 

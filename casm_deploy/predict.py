@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from casm_deploy.backends import Backend, ModelInfo, open_model
+from casm_deploy.backends import DEFAULT_BATCH, Backend, ModelInfo, Pending, open_model
 from casm_deploy.images import ImageError, read_image, resize_square
 from casm_deploy.metrics import Box, masks_to_boxes
 
@@ -57,8 +57,16 @@ def scale_box(box: Box | None, size: int, width: int, height: int) -> Box | None
     ]
 
 
+def float_masks(masks: np.ndarray) -> np.ndarray:
+    """Masks as floats in [0, 1]: uint8 masks (from the GPU, 8-bit levels) divided by 255."""
+    if masks.dtype == np.uint8:
+        return masks.astype(np.float32) / 255
+    return masks
+
+
 def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
-    """A (S, S) mask at `width` x `height` (bilinear, as the decoder upsamples)."""
+    """A (S, S) mask, float or uint8, at `width` x `height` (bilinear, as the decoder
+    upsamples)."""
     import cv2
 
     if mask.shape == (height, width):
@@ -115,13 +123,21 @@ def _items(inputs: Any) -> list[Any]:
 class Masker:
     """A mask extractor loaded from an ONNX, TorchScript or checkpoint file."""
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, batch_size: int = DEFAULT_BATCH):
         self.backend = backend
+        self.batch_size = batch_size
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "auto", device: str = "auto") -> Masker:
-        """Open `path` (.onnx, .ts or a training checkpoint) on `device` (auto: CUDA if any)."""
-        return cls(open_model(path, backend, device))
+    def load(
+        cls,
+        path: str | Path,
+        backend: str = "auto",
+        device: str = "auto",
+        batch_size: int = DEFAULT_BATCH,
+    ) -> Masker:
+        """Open `path` (.onnx, .ts or a training checkpoint) on `device` (auto: CUDA if any),
+        for batches of up to `batch_size` images (`predict`'s default; TensorRT's range)."""
+        return cls(open_model(path, backend, device, batch_size), batch_size)
 
     @property
     def info(self) -> ModelInfo:
@@ -135,10 +151,20 @@ class Masker:
         """(B, S, S, 3) uint8 RGB -> masks (B, S, S) in [0, 1] and logits (B, K)."""
         return self.backend(images)
 
+    def submit(self, images: Sequence[Any], uint8_masks: bool = False) -> Pending:
+        """`run` without waiting: (S, S, 3) uint8 images (arrays, or tensors on the device)
+        -> a Pending whose `result()` is (masks, logits); masks as uint8 levels if asked."""
+        return self.backend.submit(images, uint8_masks)
+
     def describe(
         self, masks: np.ndarray, logits: np.ndarray, sizes: list[tuple[int, int]]
     ) -> list[dict[str, Any]]:
-        """Per image: box in original pixels, mask mean, label and score (JSON-ready)."""
+        """Per image: box in original pixels, mask mean, label and score (JSON-ready).
+
+        `masks` are floats in [0, 1] or uint8 levels (then boxes and means are those of the
+        8-bit mask, as a PNG holds it).
+        """
+        masks = float_masks(masks)
         boxes = masks_to_boxes(masks)
         probabilities = softmax(logits.astype(np.float64))
         rows = []
@@ -159,12 +185,14 @@ class Masker:
             )
         return rows
 
-    def predict(self, inputs: Any, batch_size: int = 64, mask_size: str = "original") -> Prediction:
+    def predict(
+        self, inputs: Any, batch_size: int | None = None, mask_size: str = "original"
+    ) -> Prediction:
         """Masks, boxes and labels of images given as paths, arrays or tensors.
 
         Args:
             inputs: one image or a list; see `to_uint8_image` for the accepted kinds.
-            batch_size: images per model call.
+            batch_size: images per model call (default: the one given to `load`).
             mask_size: `original` (each image's own size) or `model` (S x S).
 
         Raises:
@@ -173,6 +201,7 @@ class Masker:
         if mask_size not in ("original", "model"):
             raise ValueError(f"mask_size {mask_size!r}: choose original or model")
         items = _items(inputs)
+        batch_size = batch_size or self.batch_size
         result = Prediction()
         for start in range(0, len(items), batch_size):
             decoded = [to_uint8_image(item, self.image_size) for item in items[start:][:batch_size]]

@@ -224,6 +224,9 @@ def test_config_refuses_bad_values():
 
 @pytest.mark.gpu
 def test_cuda_onnxruntime_and_torchscript_fp16(checkpoint, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime without the CUDA provider")
     out = tmp_path / "cuda"
     cfg = ExportConfig(
         checkpoint=str(checkpoint), out=str(out), onnx=True, precision="fp16", device="cuda"
@@ -238,6 +241,9 @@ def test_cuda_onnxruntime_and_torchscript_fp16(checkpoint, tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_fp32_onnx_on_the_cuda_provider(checkpoint, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime without the CUDA provider")
     cfg = ExportConfig(checkpoint=str(checkpoint), out=str(tmp_path), onnx=True, device="cuda")
     report = run(cfg)
     onnx_result = next(r for r in report["parity"]["results"] if r["format"] == "onnx")

@@ -365,19 +365,22 @@ def test_cuda_requested_without_cuda_is_a_user_error(models):
         casm_deploy.Masker.load(models["onnx"], device="cuda")
 
 
-def test_dali_jpeg_decoding_matches_opencv(models, corpus, tmp_path):
-    """--decoder dali (DALI's CPU decoder here, nvJPEG on a GPU): the same records as OpenCV."""
-    pytest.importorskip("nvidia.dali")
+@pytest.mark.parametrize("decoder", ["dali", "torchvision"])
+def test_jpeg_decoders_match_opencv(models, corpus, tmp_path, decoder):
+    """--decoder dali / torchvision (their CPU decoders here, nvJPEG on a GPU): the same
+    records as OpenCV."""
+    if decoder == "dali":
+        pytest.importorskip("nvidia.dali")
     root, expected = corpus
     runs = {}
-    for decoder in ("opencv", "dali"):
-        out = tmp_path / decoder
+    for name in ("opencv", decoder):
+        out = tmp_path / name
         args = ["infer", str(root), "--model", str(models["onnx"]), "--out", str(out)]
-        result = runner.invoke(app, [*args, "--batch", "4", "--decoder", decoder])
+        result = runner.invoke(app, [*args, "--batch", "4", "--decoder", name])
         assert result.exit_code == EXIT_SOME_FAILED, result.output
-        runs[decoder] = {r["path"]: r for r in _records(out)}
-    assert runs["dali"].keys() == runs["opencv"].keys() == expected.keys()
-    for path, record in runs["dali"].items():
+        runs[name] = {r["path"]: r for r in _records(out)}
+    assert runs[decoder].keys() == runs["opencv"].keys() == expected.keys()
+    for path, record in runs[decoder].items():
         reference = runs["opencv"][path]
         assert record["status"] == reference["status"], path
         if record["status"] == "ok":
