@@ -16,8 +16,16 @@ import torch
 
 
 def command(script: str, args: argparse.Namespace) -> str:
-    """The command line that reproduces the run, every option spelled out (`--out` left out)."""
-    options = (f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
+    """The command line that reproduces the run, every option spelled out (`--out` left out).
+
+    A switch (a boolean option) is spelled `--flag` when on and left out when off.
+    """
+    options = []
+    for key, value in vars(args).items():
+        flag = f"--{key.replace('_', '-')}"
+        if key == "out" or value is False:
+            continue
+        options.append(flag if value is True else f"{flag} {value}")
     return " ".join([f"python benchmarks/{script}", *options])
 
 
@@ -34,7 +42,10 @@ def machine(*libraries: ModuleType) -> dict:
 
 
 def write_json(path: str | Path, result: dict) -> None:
+    """Write `result` through a temporary file and a rename: a kill leaves the old or the new."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
     print(f"wrote {path}")
