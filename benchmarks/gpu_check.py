@@ -324,25 +324,6 @@ def tf32_state() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def tf32_off(off: bool) -> Iterator[None]:
-    """No TF32 in CUDA convolutions and matmuls inside (a no-op unless `off`)."""
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    if hasattr(cudnn, "conv"):
-        name, strict, settings = "fp32_precision", "ieee", (cudnn.conv, matmul)
-    else:
-        name, strict, settings = "allow_tf32", False, (cudnn, matmul)
-    saved = [getattr(s, name) for s in settings]
-    if off:
-        for setting in settings:
-            setattr(setting, name, strict)
-    try:
-        yield
-    finally:
-        for setting, value in zip(settings, saved, strict=True):
-            setattr(setting, name, value)
-
-
-@contextlib.contextmanager
 def counting_syncs(device: torch.device) -> Iterator[Counter | None]:
     """The host syncs inside, by the line that caused them (None off CUDA).
 
@@ -498,6 +479,7 @@ def train_config(ctx: Context, amp: str, channels_last: bool, tf32_is_off: bool)
     """One configuration: casm.step alone, then the epoch loop, on one fresh CASM."""
     from casm_deploy import train
     from casm_deploy.config import TrainConfig
+    from casm_deploy.export import ieee_fp32
     from casm_deploy.model import build_masker
     from casm_deploy.ui import progress
 
@@ -522,7 +504,7 @@ def train_config(ctx: Context, amp: str, channels_last: bool, tf32_is_off: bool)
     release(device)
     if ctx.cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    with tf32_off(tf32_is_off):
+    with ieee_fp32() if tf32_is_off else contextlib.nullcontext():
         torch.manual_seed(0)
         masker = build_masker(cfg.arch, 1000, cfg.width).to(device, memory_format=layout)
         casm = train.CASM(masker, cfg, random.Random(0))

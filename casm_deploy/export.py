@@ -180,7 +180,7 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
             triton = write_triton(out / "triton", cfg.triton_name, onnx_path, spec, cfg.max_batch)
 
         status.update("parity with eager fp32")
-        with _ieee_fp32():
+        with ieee_fp32():
             report = check_parity(masker, written, images, image_source, device)
 
     files = {
@@ -599,7 +599,7 @@ def _onnxruntime_predict(path: Path, device: torch.device) -> tuple[parity.Predi
 
 
 @contextlib.contextmanager
-def _ieee_fp32() -> Iterator[None]:
+def ieee_fp32() -> Iterator[None]:
     """No TF32 in CUDA convolutions and matmuls: the eager reference must be true float32."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     if hasattr(cudnn, "conv"):  # PyTorch >= 2.9
