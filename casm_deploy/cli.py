@@ -229,8 +229,8 @@ def train(
     workers: Annotated[
         int | None,
         typer.Option(
-            help="Data-loading processes (0: in the main process) [default: 1 on the CPU; on "
-            "CUDA the cores, shared by the node's GPUs].",
+            help="Data-loading processes (0: in the main process). Default: 1 on the CPU; on "
+            "CUDA the cores, shared by the node's GPUs.",
             show_default=False,
         ),
     ] = _T.workers,
