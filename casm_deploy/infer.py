@@ -28,6 +28,7 @@ import numpy as np
 from casm_deploy import __version__
 from casm_deploy.backends import Pending
 from casm_deploy.config import InferConfig, config_to_dict
+from casm_deploy.cpus import usable_cpus
 from casm_deploy.errors import UserError
 from casm_deploy.images import (
     Encoded,
@@ -75,7 +76,7 @@ def run(cfg: InferConfig) -> dict[str, Any]:
         f"{info.backend} {info.precision} on {info.provider}, batch {cfg.batch}"
     )
     writer = Writer(out, cfg)
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = cfg.workers or usable_cpus()
     jpeg = jpeg_stage(cfg, info.device, masker.image_size, workers)
     decoder = "OpenCV" if jpeg is None else f"OpenCV, and for JPEGs {jpeg.decoder.name}"
     console.print(f"decoding: {decoder} with {workers} threads")

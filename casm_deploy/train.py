@@ -37,6 +37,7 @@ from casm_deploy.config import (
     config_from_dict,
     config_to_dict,
 )
+from casm_deploy.cpus import usable_cpus
 from casm_deploy.data import build_loader, own_boxes, read_classes
 from casm_deploy.errors import UserError
 from casm_deploy.metrics import (
@@ -700,8 +701,7 @@ def loader_workers(workers: int | None, device: torch.device, job: Distributed) 
         return workers
     if device.type != "cuda":
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // job.local_world)
+    return max(1, usable_cpus() // job.local_world)
 
 
 def ensure_data(cfg: TrainConfig) -> None:
