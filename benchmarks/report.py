@@ -245,6 +245,24 @@ def method_cost_tuning(result: dict) -> str:
     return table([*header, "class score after", "mask mean"], rows)
 
 
+def image_memory(result: dict) -> str:
+    """Peak resident memory one image at the pixel limit adds, per step."""
+    rows = [
+        [
+            r["step"].replace("_", " "),
+            r["file"],
+            str(r["file_mb"]),
+            f"{r['added_mb']:.0f}",
+            f"{r['seconds']:.1f}",
+        ]
+        for r in result["rows"]
+    ]
+    settings = result["settings"]
+    size = f"{settings['width']} x {settings['height']} px ({settings['megapixels']:g} MP)"
+    header = ["step", "file", "file MB", f"MB added at {size}", "seconds"]
+    return table(header, rows)
+
+
 # JSON file(s) -> {marker name: renderer}; a renderer gets the files' contents in this order.
 RENDERERS = {
     ("train_step.json", "train_step_bf16.json"): {"train_step": train_step},
@@ -256,6 +274,7 @@ RENDERERS = {
         "extraction-profile": extraction_profile,
     },
     ("method_cost.json",): {"method_cost": method_cost, "method_cost-tuning": method_cost_tuning},
+    ("image_memory.json",): {"image_memory": image_memory},
 }
 
 

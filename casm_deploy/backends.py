@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from casm_deploy.config import PRECISIONS
 from casm_deploy.errors import UserError
 
 BACKENDS = ("auto", "onnx", "torchscript", "eager")
@@ -122,14 +125,27 @@ def backend_of(path: Path, backend: str) -> str:
 
 
 def open_model(
-    path: str | Path, backend: str = "auto", device: str = "auto", batch: int = DEFAULT_BATCH
+    path: str | Path,
+    backend: str = "auto",
+    device: str = "auto",
+    batch: int = DEFAULT_BATCH,
+    expect_sha256: str = "",
 ) -> Backend:
     """Load a model file for inference, for batches of up to `batch` images (TensorRT builds
     its engine for that range; the pinned buffers are that large).
 
+    An ONNX file is data: ONNX Runtime runs only ONNX operators. A TorchScript file is a
+    program: loading and calling it runs the code it holds. Its code is inspected first (see
+    `export.check_torchscript_code`), a safeguard, not a sandbox: use ONNX for files you did not
+    make. A checkpoint is read with `weights_only=True`.
+
+    Before anything in the file is parsed, its SHA-256 is compared with `expect_sha256` (if
+    given) and with the digest an export.json beside it records for it (if any). Then its
+    metadata, its inputs and outputs and one zero image through the model are checked.
+
     Raises:
-        UserError: the file is missing or not a casm-deploy model, the backend does not match
-            it, or the device asked for is not usable.
+        UserError: the file is missing, changed or not a casm-deploy model, the backend does not
+            match it, the device asked for is not usable, or the model does not run.
     """
     from casm_deploy.export import sha256_file
     from casm_deploy.ui import console
@@ -140,6 +156,7 @@ def open_model(
     kind = backend_of(path, backend)
     resolved = resolve_device(device)
     sha256 = sha256_file(path)
+    check_digest(path, sha256, expect_sha256)
     model: Backend
     if kind == "onnx":
         model = OnnxBackend(path, device, resolved, sha256, batch)
@@ -149,20 +166,113 @@ def open_model(
         model = EagerBackend(path, resolved, sha256, batch)
     for notice in model.notices:
         console.print(f"[yellow]note:[/yellow] {notice}")
+    probe(model, path)  # after the notices: a TensorRT engine is built here, on the first run
     return model
 
 
-def _info(path: Path, meta: dict[str, str], **fields: Any) -> ModelInfo:
-    """ModelInfo from an export's metadata (strings; lists are JSON)."""
+def check_digest(path: Path, sha256: str, expected: str = "") -> None:
+    """Refuse a model file whose SHA-256 is not `expected` (if given) or not the one the
+    export.json beside it records for it (written by `casm-deploy export`; if it lists it).
+
+    Raises:
+        UserError: `expected` is not a SHA-256, or a digest differs.
+    """
+    if expected:
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", expected.strip()):
+            raise UserError(f"--expect-sha256 {expected!r}: not a SHA-256 (64 hex digits)")
+        expected = expected.strip().lower()
+        if expected != sha256:
+            raise UserError(
+                f"{path}: refused: its SHA-256 is {sha256}, not the expected {expected}"
+            )
+    try:
+        report = json.loads((path.parent / "export.json").read_text())
+        recorded = [f.get("sha256") for f in report["files"].values() if f["file"] == path.name]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # no export.json here, or not one that lists files
+    if recorded and recorded[0] != sha256:
+        raise UserError(
+            f"{path}: refused: its SHA-256 is {sha256}, but the export.json beside it records "
+            f"{recorded[0]}: the file was changed after export"
+        )
+
+
+def probe(model: Backend, path: Path) -> None:
+    """One zero image through the model, so that a wrong model fails here in one line rather
+    than after the first batch of images is decoded.
+
+    Raises:
+        UserError: the model fails, or its outputs are not masks (1, 1, S, S) and logits (1, K).
+    """
+    size, classes = model.info.image_size, model.info.num_classes
+    want = f"masks (1, 1, {size}, {size}) and logits (1, {classes})"
+    try:
+        if isinstance(model, _TorchBackend):  # the module's own outputs, before `submit`
+            with torch.inference_mode():
+                outputs = model.module(torch.zeros(1, 3, size, size, device=model.device))
+            shapes = [tuple(t.shape) for t in outputs] if isinstance(outputs, tuple) else []
+            if shapes != [(1, 1, size, size), (1, classes)]:
+                raise UserError(f"{path}: on one image it returns {shapes or outputs}, not {want}")
+        masks, logits = model(np.zeros((1, size, size, 3), np.uint8))
+    except UserError:
+        raise
+    except Exception as error:  # whatever the runtime raises for a graph that does not fit
+        raise UserError(
+            f"{path}: the model fails on one {size}x{size} image ({first_line(error)})"
+        ) from None
+    if masks.shape != (1, size, size) or logits.shape != (1, classes):
+        raise UserError(
+            f"{path}: on one image it returns masks {masks.shape} and logits {logits.shape}, "
+            f"not {want}"
+        )
+
+
+def _info(path: Path, meta: dict[str, Any], **fields: Any) -> ModelInfo:
+    """ModelInfo from an export's metadata (strings; lists are JSON), checked key by key.
+
+    Raises:
+        UserError: a key is missing or not of its kind (the message names it).
+    """
+    size = positive_field(path, meta, "image_size")
+    classes = positive_field(path, meta, "num_classes")
+    precision = meta.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise UserError(
+            f"{path}: metadata precision {precision!r} is not one of {', '.join(PRECISIONS)}"
+        )
     return ModelInfo(
         path=str(path),
-        image_size=int(meta["image_size"]),
-        num_classes=int(meta["num_classes"]),
-        wnids=tuple(json.loads(meta.get("wnids", "[]"))),
-        names=tuple(json.loads(meta.get("names", "[]"))),
-        precision=meta.get("precision", "fp32"),
+        image_size=size,
+        num_classes=classes,
+        wnids=label_field(path, meta, "wnids", classes),
+        names=label_field(path, meta, "names", classes),
+        precision=precision,
         **fields,
     )
+
+
+def positive_field(path: Path, meta: dict[str, Any], key: str) -> int:
+    """A positive integer of the metadata (a string in ONNX metadata, or a JSON number)."""
+    if key not in meta:
+        raise UserError(f"{path}: its metadata has no {key!r} (not a complete casm-deploy export)")
+    value = meta[key]
+    if isinstance(value, bool) or not re.fullmatch(r"[0-9]+", str(value)) or int(value) < 1:
+        raise UserError(f"{path}: metadata {key} {value!r} is not a positive integer")
+    return int(value)
+
+
+def label_field(path: Path, meta: dict[str, Any], key: str, classes: int) -> tuple[str, ...]:
+    """The class ids or names of the metadata: a JSON list of strings, one per class (or none)."""
+    value = meta.get(key, "[]")
+    try:
+        labels = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError:
+        labels = None
+    if not isinstance(labels, list) or not all(isinstance(v, str) for v in labels):
+        raise UserError(f"{path}: metadata {key} is not a JSON list of strings")
+    if len(labels) not in (0, classes):
+        raise UserError(f"{path}: metadata {key} lists {len(labels)} classes, not {classes}")
+    return tuple(labels)
 
 
 # --- host <-> device --------------------------------------------------------------------------
@@ -339,6 +449,35 @@ def preload_cuda(ort: Any) -> None:
             preload()
 
 
+def check_onnx_io(session: Any, path: Path, size: int, classes: int) -> None:
+    """The graph's inputs and outputs against its metadata: float images (B, 3, S, S) in,
+    float masks (B, 1, S, S) and logits (B, K) out, the batch B a dynamic dimension.
+
+    Raises:
+        UserError: a tensor is missing or of another type or shape (the message names it).
+    """
+    expected = {
+        "input": (session.get_inputs(), {"images": (3, size, size)}),
+        "output": (session.get_outputs(), {"masks": (1, size, size), "logits": (classes,)}),
+    }
+    for kind, (args, shapes) in expected.items():
+        found = {arg.name: arg for arg in args}
+        for name, dims in shapes.items():
+            arg = found.get(name)
+            if arg is None:
+                have = ", ".join(found) or "none"
+                raise UserError(f"{path}: the graph has no {kind} {name!r} (it has {have})")
+            shape = list(arg.shape)  # ints, or names / None for dynamic dimensions
+            batch_dynamic = bool(shape) and not isinstance(shape[0], int)
+            if arg.type != "tensor(float)" or not batch_dynamic or tuple(shape[1:]) != dims:
+                want = ", ".join(map(str, ("B", *dims)))
+                raise UserError(
+                    f"{path}: its {kind} {name!r} is {arg.type} {shape}, but its metadata "
+                    f"(image_size {size}, num_classes {classes}) needs float32 ({want}), "
+                    "B dynamic"
+                )
+
+
 def short(provider: str) -> str:
     return provider.removesuffix("ExecutionProvider")
 
@@ -362,8 +501,8 @@ class OnnxBackend:
         from casm_deploy.export import read_metadata
 
         meta = read_metadata(path)
-        precision = meta.get("precision", "fp32")
-        size = int(meta["image_size"])
+        info = _info(path, meta, backend="onnx", device=device, provider="", sha256=sha256)
+        precision, size = info.precision, info.image_size
         available = list(ort.get_available_providers())
         self.notices: list[str] = []
         self.max_batch = batch
@@ -403,6 +542,7 @@ class OnnxBackend:
         if device == "cuda":
             preload_cuda(ort)
         self.session, used = self._start(ort, path, chain)
+        check_onnx_io(self.session, path, size, info.num_classes)
         if used == TENSORRT:
             self.notices.append(
                 f"TensorRT builds its engine for batches 1-{batch} on the first run of this "
@@ -422,7 +562,7 @@ class OnnxBackend:
             device = "cpu"
         self.device = torch.device(device, index) if device == "cuda" else torch.device("cpu")
         self.io = DeviceIO(self.device, batch, size) if device == "cuda" else None
-        self.info = _info(path, meta, backend="onnx", device=device, provider=used, sha256=sha256)
+        self.info = dataclasses.replace(info, device=device, provider=used)
 
     def _start(self, ort: Any, path: Path, chain: list[tuple[str, dict[str, Any]]]):
         """The session of the first provider in `chain` that starts, and that provider."""
@@ -544,11 +684,6 @@ class TorchScriptBackend(_TorchBackend):
         from casm_deploy.export import load_torchscript, read_metadata
 
         meta = read_metadata(path)
-        self._setup(device, batch, int(meta["image_size"]))
-        try:
-            self.module = load_torchscript(path, self.device)
-        except Exception as error:
-            raise UserError(f"{path}: TorchScript cannot load it ({error})") from None
         self.info = _info(
             path,
             meta,
@@ -557,6 +692,13 @@ class TorchScriptBackend(_TorchBackend):
             provider=f"torch.jit {device}",
             sha256=sha256,
         )
+        self._setup(device, batch, self.info.image_size)
+        try:
+            self.module = load_torchscript(path, self.device)
+        except UserError:
+            raise
+        except Exception as error:
+            raise UserError(f"{path}: TorchScript cannot load it ({first_line(error)})") from None
 
 
 class EagerBackend(_TorchBackend):

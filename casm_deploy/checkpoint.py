@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from casm_deploy.errors import UserError
-from casm_deploy.model import Masker, build_masker
+from casm_deploy.model import ARCHS, Masker, build_masker
 
 FORMAT = "casm-deploy/checkpoint"
 VERSION = 1
@@ -116,24 +116,96 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def masker_from_checkpoint(checkpoint: dict[str, Any]) -> Masker:
-    """Rebuild the Masker (eval mode, CPU) from a loaded checkpoint."""
-    spec = checkpoint["model"]
+# The model description's keys and their types (the labels, shared_encoder: optional).
+SPEC_TYPES = {"arch": str, "width": int, "num_classes": int, "upsample": str, "image_size": int}
+KINDS = {str: "a string", int: "an integer"}
+
+
+def check_spec(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The model description of a checkpoint, checked key by key.
+
+    Raises:
+        UserError: it is missing, or a key is missing or of another type (the message names it).
+    """
+    spec = checkpoint.get("model")
+    if not isinstance(spec, dict):
+        raise UserError(f"{path}: the checkpoint has no 'model' description (arch, sizes)")
+    for key, kind in SPEC_TYPES.items():
+        if key not in spec:
+            raise UserError(f"{path}: the checkpoint's model description has no {key!r}")
+        value = spec[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UserError(f"{path}: model {key} {value!r} is not {KINDS[kind]}")
+        if kind is int and value < 1:
+            raise UserError(f"{path}: model {key} {value} is not positive")
+    if spec["arch"] not in ARCHS:
+        raise UserError(f"{path}: model arch {spec['arch']!r} is not one of {', '.join(ARCHS)}")
+    if spec["upsample"] not in ("nearest", "bilinear"):
+        raise UserError(f"{path}: model upsample {spec['upsample']!r} is not nearest or bilinear")
+    for key in ("wnids", "names"):
+        labels = spec.get(key, [])
+        if not isinstance(labels, list | tuple) or not all(isinstance(v, str) for v in labels):
+            raise UserError(f"{path}: model {key} is not a list of strings")
+        if len(labels) not in (0, spec["num_classes"]):
+            raise UserError(
+                f"{path}: model {key} lists {len(labels)} classes, not {spec['num_classes']}"
+            )
+    if not isinstance(spec.get("shared_encoder", True), bool):
+        raise UserError(f"{path}: model shared_encoder {spec['shared_encoder']!r} is not a bool")
+    return spec
+
+
+def load_weights(module: torch.nn.Module, state: Any, path: str | Path, key: str) -> None:
+    """`module.load_state_dict(state)`, its errors as one line naming the first bad key.
+
+    Raises:
+        UserError: `state` is missing or empty, or its keys or shapes do not fit `module`.
+    """
+    if not isinstance(state, dict) or not state:
+        raise UserError(f"{path}: the checkpoint's {key!r} weights are missing or empty")
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except Exception as error:  # a tensor of another shape, or a value that is no tensor
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines or [type(error).__name__])[0]
+        raise UserError(f"{path}: the {key!r} weights do not fit the model ({detail})") from None
+    for what, names in (
+        ("lack", result.missing_keys),
+        ("have an unexpected", result.unexpected_keys),
+    ):
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            raise UserError(f"{path}: the {key!r} weights {what} key {names[0]!r}{more}")
+
+
+def masker_from_checkpoint(checkpoint: dict[str, Any], path: str | Path = "checkpoint") -> Masker:
+    """Rebuild the Masker (eval mode, CPU) from a loaded checkpoint (read from `path`).
+
+    Raises:
+        UserError: the model description or the weights are missing or do not fit.
+    """
+    spec = check_spec(checkpoint, path)
     shared = spec.get("shared_encoder", True)  # absent from checkpoints older than --unshared
     masker = build_masker(
         spec["arch"], spec["num_classes"], spec["width"], spec["upsample"], shared_encoder=shared
     )
-    masker.encoder.load_state_dict(checkpoint["encoder"])
-    masker.decoder.load_state_dict(checkpoint["decoder"])
+    load_weights(masker.encoder, checkpoint.get("encoder"), path, "encoder")
+    load_weights(masker.decoder, checkpoint.get("decoder"), path, "decoder")
     if not shared:
-        masker.mapping_encoder.load_state_dict(checkpoint["mapping_encoder"])
+        load_weights(
+            masker.mapping_encoder, checkpoint.get("mapping_encoder"), path, "mapping_encoder"
+        )
     return masker.eval()
 
 
 def load_masker(path: str | Path) -> tuple[Masker, dict[str, Any]]:
-    """The Masker of a checkpoint file and its model description (`checkpoint["model"]`)."""
+    """The Masker of a checkpoint file and its model description (`checkpoint["model"]`).
+
+    Raises:
+        UserError: as `load_checkpoint` and `masker_from_checkpoint`.
+    """
     checkpoint = load_checkpoint(path)
-    return masker_from_checkpoint(checkpoint), checkpoint["model"]
+    return masker_from_checkpoint(checkpoint, path), checkpoint["model"]
 
 
 @dataclass

@@ -262,11 +262,23 @@ def train(
             "the reference's training has them)."
         ),
     ] = _T.fill,
+    skip_bad_images: Annotated[
+        bool,
+        typer.Option(
+            "--skip-bad-images",
+            help="Skip training images that do not decode (each is replaced by the next "
+            "image; metrics.jsonl lists them) instead of stopping the run. Torch loader only.",
+        ),
+    ] = _T.skip_bad_images,
     out: Annotated[Path, typer.Option(help="Folder of runs.")] = Path(_T.out),
     name: Annotated[str, typer.Option(help="Run name (default: <preset>-<score>-s<seed>).")] = "",
-    resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = (
-        False
-    ),
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue the run from its last checkpoint, with the settings it started with "
+            "(before its first checkpoint: start it afresh)."
+        ),
+    ] = False,
 ) -> None:
     """Pre-train the classifier, then train a CASM into OUT/NAME (checkpoint, metrics.jsonl).
 
@@ -293,6 +305,7 @@ def train(
             loader=loader,
             resize=resize,
             fill=fill,
+            skip_bad_images=skip_bad_images,
             pretrain_epochs=pretrain_epochs,
             pretrain_batch_size=pretrain_batch_size,
             classifier_only=classifier_only,
@@ -408,7 +421,8 @@ def evaluate(
         typer.Option(
             help="Write the first model's scores here (keys LE, OM, F1, F1a, mask_mean, "
             "mask_std, mask_entropy, mask_tv, n_images; with --copies also copy_share_lighter, "
-            "copy_touch_both); other methods beside it."
+            "copy_touch_both; OM_note when some images are of classes the model does not know, "
+            "which OM leaves out); other methods beside it."
         ),
     ] = "",
 ) -> None:
@@ -556,13 +570,20 @@ def export(
 
 
 EXIT_SOME_FAILED = 3  # `infer`: every file is recorded, but some could not be processed
+EXIT_OUT_UNWRITABLE = 4  # `infer`: OUT's disk stopped taking writes (full, quota, read-only)
 
 
 @app.command()
 def infer(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     model: Annotated[
-        Path, typer.Option(help="masker.onnx or masker.ts (casm-deploy export) or a checkpoint.")
+        Path,
+        typer.Option(
+            help="masker.onnx or masker.ts (casm-deploy export) or a checkpoint. An ONNX file "
+            "is data; a TorchScript file is a program: loading and running it runs the code it "
+            "holds (it is inspected first, a safeguard, not a sandbox), so use ONNX for model "
+            "files you did not make yourself."
+        ),
     ] = Path(_I.model),
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path(_I.out),
     batch: Annotated[int, typer.Option(help="Images per model call.")] = _I.batch,
@@ -598,6 +619,25 @@ def infer(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Delete OUT's earlier results and start over.")
     ] = _I.overwrite,
+    expect_sha256: Annotated[
+        str,
+        typer.Option(
+            metavar="HEX",
+            help="Pin the model file: refuse it unless its SHA-256 is HEX (compared before "
+            "anything in it is parsed or loaded).",
+        ),
+    ] = _I.expect_sha256,
+    retry_errors: Annotated[
+        bool,
+        typer.Option("--retry-errors", help="Do the files recorded as errors again."),
+    ] = _I.retry_errors,
+    max_megapixels: Annotated[
+        float,
+        typer.Option(
+            help="Refuse larger images (width x height), before decoding them; also caps the "
+            "file size. Bounds each decoding thread's memory."
+        ),
+    ] = _I.max_megapixels,
 ) -> None:
     """Masks, boxes and labels for every image file under FOLDER.
 
@@ -608,9 +648,13 @@ def infer(
     Run the same command again after an interruption to do only the files not yet recorded.
 
     Exit status: 0 every file ok; 3 some files could not be read or written (see boxes.jsonl);
-    2 bad usage (missing folder or model, OUT holding another run's results).
+    2 bad usage (missing folder or model, OUT holding another run's results or in use by
+    another run, a link where an output file should be); 4 OUT's disk stopped taking writes
+    (full, over quota, read-only, I/O error): what is recorded stays valid, and the same
+    command resumes once there is room.
     """
     from casm_deploy import infer as job
+    from casm_deploy.outfolder import OutUnwritable
 
     def go() -> dict[str, Any]:
         cfg = InferConfig(
@@ -627,8 +671,15 @@ def infer(
             overlay=overlay,
             coco=coco,
             overwrite=overwrite,
+            expect_sha256=expect_sha256,
+            retry_errors=retry_errors,
+            max_megapixels=max_megapixels,
         )
-        return job.run(cfg)
+        try:
+            return job.run(cfg)
+        except OutUnwritable as error:
+            typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(EXIT_OUT_UNWRITABLE) from None
 
     summary = _call(go)
     if summary["error"]:

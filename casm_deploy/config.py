@@ -120,6 +120,9 @@ class TrainConfig:
     # What a masked-out pixel becomes: black (0 in [0, 1]), or the ImageNet mean colour, as the
     # reference's training does by masking the normalised image.
     fill: str = "black"
+    # A training file that does not decode is skipped (replaced by the next sample, and listed
+    # in metrics.jsonl) instead of stopping the run. Validation images are never skipped.
+    skip_bad_images: bool = False
 
     # Classifier pre-training on clean images (Adam, one-cycle schedule).
     classifier_only: bool = False  # stop after pre-training (classifiers for the Fig. 3 test)
@@ -355,8 +358,14 @@ class InferConfig:
     overlay: bool = False  # also OUT/overlays/<path>.jpg: the image, its mask and box
     coco: str = ""  # also write COCO-style detections here
     overwrite: bool = False  # start over: delete OUT's earlier results
+    expect_sha256: str = ""  # refuse a model file of another SHA-256 (checked before it is read)
+    retry_errors: bool = False  # do the files recorded as errors again
+    # larger images are refused unread, which bounds each worker's memory (why 120: images.py)
+    max_megapixels: float = 120.0
 
     def __post_init__(self) -> None:
+        if not self.max_megapixels > 0:
+            raise ValueError(f"--max-megapixels must be positive, not {self.max_megapixels}")
         if self.batch < 1:
             raise ValueError(f"--batch must be at least 1, not {self.batch}")
         if self.workers < 0:

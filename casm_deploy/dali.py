@@ -31,6 +31,9 @@ How it matches the torch loader, and where it differs:
   partial batch is dropped (`LastBatchPolicy.DROP`, the torch loader's `drop_last`). In
   validation the last batch is padded by the reader and trimmed by the iterator
   (`pad_last_batch` + `LastBatchPolicy.PARTIAL`), so each image is seen exactly once.
+- Bad files: a file DALI cannot decode fails the whole pipeline, with a message that does not
+  name it; the loader finds it (OpenCV decodes the failing batch's files again) and raises a
+  one-line UserError naming it. It cannot skip one: `--skip-bad-images` takes the torch loader.
 """
 
 from __future__ import annotations
@@ -41,7 +44,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from casm_deploy.data import RRC_RATIO, RRC_SCALE, epoch_order, shard_bounds, validation_policy
+from casm_deploy.data import (
+    RRC_RATIO,
+    RRC_SCALE,
+    decode_image,
+    epoch_order,
+    shard_bounds,
+    validation_policy,
+)
 from casm_deploy.errors import UserError
 
 
@@ -150,7 +160,8 @@ class DALILoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        pipe = self.pipeline(self.epoch_order())
+        order = self.epoch_order()
+        pipe = self.pipeline(order)
         batches = DALIGenericIterator(
             [pipe],
             ["images", "indices"],
@@ -159,13 +170,43 @@ class DALILoader:
             last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL,
             auto_reset=False,
         )
-        for (batch,) in batches:
+        done = 0  # batches handed out
+        while True:
+            try:
+                (batch,) = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as error:
+                if "decoders.image" not in str(error):
+                    raise
+                raise self.decode_error(order, done, error) from None
+            done += 1
             images = batch["images"].permute(0, 3, 1, 2)  # (B, S, S, 3) -> (B, 3, S, S) view
             indices = batch["indices"].view(-1).long()  # (B, 1) int32 -> (B,)
             labels = self.labels[indices]
             if images.is_cuda:  # beside the images, from pinned memory, without blocking
                 labels = labels.pin_memory().to(images.device, non_blocking=True)
             yield images, labels, indices
+
+    def decode_error(self, order: list[int], done: int, error: RuntimeError) -> UserError:
+        """A one-line UserError for DALI's failure to decode a batch after `done` batches.
+
+        DALI's message (many lines) does not name the file: the files of the failing batch and
+        of those it may have prefetched are decoded again with OpenCV to find it.
+        """
+        start, end = shard_bounds(len(order), self.shard_id, self.num_shards)
+        first = start + done * self.batch_size
+        for i in order[first : min(end, first + 3 * self.batch_size)]:  # prefetch depth 2
+            try:
+                decode_image(self.samples[i][0])
+            except UserError as bad:
+                return bad
+        lines = [line.strip() for line in str(error).splitlines() if "failure" in line]
+        reason = f" ({lines[0]})" if lines else ""
+        return UserError(
+            f"DALI cannot decode an image of batch {done + 1} of this pass{reason}; "
+            "--loader torch names the file"
+        )
 
     def pipeline(self, order: list[int]):
         """A built DALI pipeline that reads `order` (this process's shard of it) once."""

@@ -54,11 +54,14 @@ class DatasetInfo:
     names: list[str]
 
 
-def read_classes(root: str | Path) -> DatasetInfo:
-    """Class list of an ImageNet-layout folder: `classes.txt` if present, else `train/` folders.
+def read_classes(root: str | Path, split: str = "") -> DatasetInfo:
+    """Class list of an ImageNet-layout folder: `classes.txt` if present, else `train/` folders,
+    else (when a `split` is given, as eval does) that split's folders: a test set of its own
+    classes needs no class list to be scored on its boxes.
 
     Raises:
-        UserError: the folder is missing or has neither a class list nor a `train/` folder.
+        UserError: the folder is missing or has neither a class list nor a `train/` folder
+            (nor a `split` folder, when one is given).
     """
     root = Path(root)
     if not root.is_dir():
@@ -76,6 +79,8 @@ def read_classes(root: str | Path) -> DatasetInfo:
         entries.sort()
     elif (root / "train").is_dir():
         entries = [(p.name, p.name) for p in sorted((root / "train").iterdir()) if p.is_dir()]
+    elif split and (root / split).is_dir():
+        entries = [(p.name, p.name) for p in sorted((root / split).iterdir()) if p.is_dir()]
     else:
         raise UserError(f"{root}: no classes.txt and no train/ folder; not an ImageNet layout")
     if not entries:
@@ -182,7 +187,10 @@ def decode_image(path: str | Path) -> np.ndarray:
     """
     import cv2
 
-    data = np.fromfile(path, dtype=np.uint8)  # np.fromfile + imdecode: non-ASCII names work
+    try:
+        data = np.fromfile(path, dtype=np.uint8)  # np.fromfile + imdecode: non-ASCII names work
+    except OSError as error:  # e.g. a file removed or unreadable since it was listed
+        raise UserError(f"{path}: cannot read image ({error.strerror or error})") from None
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise UserError(f"{path}: cannot decode image")
@@ -297,6 +305,40 @@ class ImageDataset(Dataset):
         return np.ascontiguousarray(image), label, index
 
 
+# --skip-bad-images skips at most this many files in a row: past that the data set is broken,
+# not a few of its files.
+MAX_SKIPPED_IN_A_ROW = 100
+
+
+class CheckedDataset(Dataset):
+    """An ImageDataset whose files that do not decode come back as problems, not exceptions.
+
+    A DataLoader worker's exception reaches the main process wrapped in the worker's traceback,
+    many lines long; returned as data, TorchLoader raises it there as the one-line UserError it
+    is, whatever the number of workers. With `skip`, a bad file is replaced by the next sample
+    that decodes, so batches keep their size and every shard its number of batches.
+    Items: `(image, label, index, problems)`, the problems the bad files' messages, one a line
+    ("" when none); index -1 when no file decoded (the image and label are then placeholders).
+    """
+
+    def __init__(self, dataset: ImageDataset, skip: bool = False):
+        self.dataset, self.skip = dataset, skip
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int, int, str]:
+        n, problems = len(self.dataset), []
+        for k in range(min(n, MAX_SKIPPED_IN_A_ROW + 1) if self.skip else 1):
+            try:
+                image, label, got = self.dataset[(index + k) % n]
+                return image, label, got, "\n".join(problems)
+            except UserError as error:
+                problems.append(str(error))
+        size = self.dataset.size
+        return np.zeros((size, size, 3), np.uint8), 0, -1, "\n".join(problems)
+
+
 def epoch_order(
     n: int, *, shuffle: bool, seed: int, epoch: int, fraction: float = 1.0, multiple: int = 1
 ) -> list[int]:
@@ -331,6 +373,10 @@ class TorchLoader:
     `device`; indices stay on the CPU. The decoded batch is NHWC uint8: it crosses to a GPU as
     uint8 (4x fewer bytes than float) from pinned memory without blocking, and becomes float
     there; its NCHW view is channels-last without a copy.
+
+    A file that does not decode raises a UserError naming it; with `skip_bad`, it is replaced
+    by the next sample that decodes (`CheckedDataset`) and listed in `bad_files` (the messages
+    of the files skipped in the last pass, each once).
     """
 
     def __init__(
@@ -344,11 +390,14 @@ class TorchLoader:
         shard_id: int = 0,
         num_shards: int = 1,
         device: str | torch.device = "cpu",
+        skip_bad: bool = False,
     ):
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
         self.workers, self.fraction, self.drop_last = workers, fraction, drop_last
         self.shard_id, self.num_shards = shard_id, num_shards
         self.device = torch.device(device)
+        self.skip_bad = skip_bad
+        self.bad_files: list[str] = []
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.epoch = epoch
@@ -376,7 +425,7 @@ class TorchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         loader = DataLoader(
-            self.dataset,
+            CheckedDataset(self.dataset, self.skip_bad),
             batch_size=self.batch_size,
             sampler=self.indices(),
             num_workers=self.workers,
@@ -384,11 +433,25 @@ class TorchLoader:
             prefetch_factor=4 if self.workers else None,
             pin_memory=self.device.type == "cuda",
         )
-        for images, labels, indices in loader:
+        self.bad_files = []
+        for images, labels, indices, problems in loader:
+            self._check(indices, problems)
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             images = images.permute(0, 3, 1, 2).float().div_(255)  # NHWC uint8 -> NCHW view
             yield images, labels, indices
+
+    def _check(self, indices: torch.Tensor, problems: list[str]) -> None:
+        """Raise the batch's first bad file as a UserError, or (`skip_bad`) list its bad files."""
+        for index, problem in zip(indices.tolist(), problems, strict=True):
+            if not problem:
+                continue
+            lines = problem.splitlines()
+            if not self.skip_bad:
+                raise UserError(lines[0])
+            if index < 0:
+                raise UserError(f"{lines[0]}, and the {len(lines) - 1} files after it too")
+            self.bad_files += [line for line in lines if line not in self.bad_files]
 
 
 def build_loader(
@@ -408,6 +471,7 @@ def build_loader(
     shard_id: int = 0,
     num_shards: int = 1,
     device: str = "cpu",
+    skip_bad: bool = False,
 ) -> TorchLoader | DALILoader:
     """The training and validation data loader: a TorchLoader or a `dali.DALILoader`.
 
@@ -416,11 +480,12 @@ def build_loader(
     `limit` keeps the first N images of the split (0: all of them). `shard_id` / `num_shards`
     (global rank / world size) give each process its block of every epoch; `device` is where
     the batches go (cpu, auto, cuda, cuda:N): DALI decodes there, the torch loader decodes on
-    the CPU and sends its batches there.
+    the CPU and sends its batches there. `skip_bad`: a file that does not decode is skipped
+    (the torch loader's `bad_files` lists them) instead of stopping the pass with a UserError.
 
     Raises:
         UserError: an unknown loader, "dali" where DALI does not import, or "dali" for training
-            with the "stretch" policy.
+            with the "stretch" policy or with `skip_bad`.
     """
     if loader not in LOADERS:
         raise UserError(f"--loader {loader!r}: choose one of {', '.join(LOADERS)}")
@@ -436,6 +501,11 @@ def build_loader(
                 "--loader dali cannot train with --resize stretch (its training pipeline always "
                 "crops and flips); use --loader torch"
             )
+        loader = "torch"
+    if skip_bad and loader != "torch":
+        # DALI fails the whole pipeline on a file it cannot decode; it cannot skip one.
+        if loader == "dali":
+            raise UserError("--loader dali cannot skip bad images; use --loader torch")
         loader = "torch"
     if loader != "torch":
         from casm_deploy.dali import dali_available
@@ -481,4 +551,5 @@ def build_loader(
         shard_id=shard_id,
         num_shards=num_shards,
         device=device,
+        skip_bad=skip_bad,
     )

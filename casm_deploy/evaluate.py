@@ -52,6 +52,19 @@ class Method:
     stats: MaskStats = field(default_factory=MaskStats)
     copy_share_sum: float = 0.0  # sums over images of `metrics.copy_coverage`'s two results
     copy_touch_count: int = 0
+    unknown_images: int = 0  # images of classes the classifier does not know: no OM for them
+
+    def om_note(self) -> str:
+        """Why OM leaves images out ("" when it counts them all): it needs the model's classes."""
+        n, unknown = self.meter.n_images, self.unknown_images
+        if not unknown:
+            return ""
+        if unknown == n:
+            return f"OM is not defined for these {n} images: the model does not know their classes"
+        return (
+            f"OM counts only the {n - unknown} images of the model's classes: "
+            f"it is not defined for the other {unknown}"
+        )
 
     def result(self) -> dict:
         copies = {}
@@ -61,10 +74,12 @@ class Method:
                 "copy_share_lighter": self.copy_share_sum / n if n else None,
                 "copy_touch_both": self.copy_touch_count / n if n else None,
             }
+        note = {"OM_note": self.om_note()} if self.unknown_images else {}
         return {
             **{k: v for k, v in self.meter.result().items() if k != "n_images"},
             **self.stats.result(),
             **copies,
+            **note,
             "n_images": self.meter.n_images,
         }
 
@@ -141,13 +156,22 @@ def load_classifiers(paths: tuple[str, ...], data_wnids: list[str]) -> list[tupl
 def run(cfg: EvalConfig) -> dict:
     """Score every method on `cfg.data`; print the tables; write `cfg.json` when given.
 
+    The data's classes: its classes.txt, else its train/ folders, else (a test set of its own)
+    the folders of `cfg.split`. LE and F1 need only the boxes; OM needs the model's classes.
+
     Returns:
         {"scores": {method: {LE, OM, F1, F1a, mask_*, n_images; with `cfg.copies` also
-                             copy_share_lighter, copy_touch_both}},
+                             copy_share_lighter, copy_touch_both; OM_note when some images
+                             are of classes the model does not know (OM leaves them out)}},
          "classifiers": {mask model: {classifier: {clean, masked_in, masked_out, inpainted}}},
          "leak": {mask model: `leak.mask_only_accuracy`'s dict} with `cfg.leak_control`}
     """
-    info = read_classes(cfg.data)
+    info = read_classes(cfg.data, split=cfg.split)
+    root = Path(cfg.data)
+    if not (root / "classes.txt").is_file() and not (root / "train").is_dir():
+        console.print(
+            f"{root}: no classes.txt and no train/: the classes are {cfg.split}/'s folder names"
+        )
     annotations = Path(cfg.annotations) if cfg.annotations else Path(cfg.data) / "annotations"
     if not annotations.is_dir():
         raise UserError(f"{annotations}: no annotations folder (pass --annotations DIR)")
@@ -189,6 +213,9 @@ def run(cfg: EvalConfig) -> dict:
             bars.advance(task)
 
     scores = {m.name: m.result() for m in methods}
+    for method in methods:
+        if method.is_model and method.unknown_images:
+            console.print(f"{method.name}: {method.om_note()}")
     accuracy = {
         mask: {
             clf: {v: (r / n if n else None) for v, (r, n) in by_variant.items()}
@@ -224,6 +251,7 @@ def score_batch(method: Method, masks, logits, labels, gt_boxes) -> None:
         scores = localization_scores(mask, box, gt)
         known = method.labels[label]
         correct = None if known < 0 else guess == known
+        method.unknown_images += known < 0
         method.meter.update(scores["hit"], scores["f1"], scores["f1a"], correct)
         if method.copies:
             share, touches_both = copy_coverage(mask, gt)

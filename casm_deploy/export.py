@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import io
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -118,7 +120,7 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
     device = torch.device(cfg.device)
     checkpoint_path = Path(cfg.checkpoint)
     checkpoint = load_checkpoint(checkpoint_path)
-    masker = masker_from_checkpoint(checkpoint).to(device)
+    masker = masker_from_checkpoint(checkpoint, checkpoint_path).to(device)
     spec = checkpoint["model"]
     size = int(spec["image_size"])
     data = resolve_data(cfg.data, checkpoint, checkpoint_path)
@@ -132,7 +134,9 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name in FILES.values():  # never leave a file of an earlier export beside this one
+    # never leave a file of an earlier export beside this one, nor its export.json (whose
+    # digests would then refuse the new files)
+    for name in (*FILES.values(), "export.json"):
         (out / name).unlink(missing_ok=True)
     base = base_metadata(checkpoint, sha256_file(checkpoint_path))
     model = masker if cfg.precision not in DTYPES else HalfMasker(masker, DTYPES[cfg.precision])
@@ -316,9 +320,112 @@ def export_torchscript(
 
 
 def load_torchscript(path: Path, device: torch.device) -> torch.jit.ScriptModule:
-    """Load a TorchScript export (the deprecation warnings silenced as when it was written)."""
+    """Load a TorchScript export after `check_torchscript_code`, then `check_torchscript_graphs`
+    (the deprecation warnings silenced as when it was written).
+
+    Raises:
+        UserError: the file is not a TorchScript archive, or its code is refused.
+    """
+    check_torchscript_code(path)
     with _torchscript_warnings():
-        return torch.jit.load(str(path), map_location=device)
+        module = torch.jit.load(str(path), map_location=device)
+    check_torchscript_graphs(module, path)
+    return module
+
+
+# --- what a TorchScript file may do -----------------------------------------------------------
+#
+# A TorchScript file is a program, not data: torch.jit.load runs its `__setstate__` methods and
+# every call runs its `forward`, with any operator PyTorch has, file I/O included (ONNX is data:
+# ONNX Runtime runs only ONNX operators). A masker needs tensor maths only, so a file is refused
+# when its code uses an operator outside aten:: and prim::, one that reads or writes a file, or a
+# call into code its graph does not show. This is a safeguard against a tampered file, not a
+# sandbox: load TorchScript only from sources you trust.
+
+SAFE_NAMESPACES = ("aten", "prim")
+OPAQUE_CALLS = ("prim::PythonOp", "prim::IgnoredPythonOp", "prim::CallFunction", "prim::CallMethod")
+FILE_ARGUMENTS = ("filename", "file", "path", "fname", "filepath", "directory")
+FILE_OPERATORS = ("aten::from_file", "aten::save", "aten::load")  # named too: schemas change
+
+
+@functools.cache
+def file_operators() -> frozenset[str]:
+    """The operators that touch files: FILE_OPERATORS and every registered operator with a
+    string argument naming a file."""
+    found = set(FILE_OPERATORS)
+    for schema in torch._C._jit_get_all_schemas():
+        if any(a.name in FILE_ARGUMENTS and "str" in str(a.type) for a in schema.arguments):
+            found.add(schema.name)
+    return frozenset(found)
+
+
+def _refuse(path: Path, what: str) -> None:
+    raise UserError(
+        f"{path}: refused: its TorchScript code uses {what}, which a masker never needs (a "
+        "TorchScript file is a program: load only files you trust; ONNX files are data)"
+    )
+
+
+def check_torchscript_code(path: Path) -> None:
+    """Read an archive's serialized code (its `code/*.py` records, TorchScript source) before
+    torch.jit.load runs any of it, with torch's own zip reader: the records torch will read.
+
+    Raises:
+        UserError: not a TorchScript archive, or its code names an operator of another
+            namespace, a custom class or a file operator.
+    """
+    try:
+        reader = torch._C.PyTorchFileReader(str(path))
+        records = reader.get_all_records()
+    except RuntimeError as error:
+        raise UserError(f"{path}: not a TorchScript archive ({first_line(error)})") from None
+    sources = [r for r in records if r.endswith(".py")]
+    if not any(r.startswith("code/") for r in sources):
+        raise UserError(f"{path}: no TorchScript code in it (not written by torch.jit.save)")
+    file_names = {name.split("::")[1]: name for name in file_operators()}
+    for record in sources:
+        text = reader.get_record(record).decode("utf-8", "replace")
+        for namespace in re.findall(r"\bops\.(\w+)\.", text):  # ops.NS.name(...): a foreign op
+            if namespace not in SAFE_NAMESPACES:
+                _refuse(path, f"{namespace}:: operators")
+        if re.search(r"\btorch\.classes\b", text):
+            _refuse(path, "a custom class")
+        # any word that is a file operator's name, however it is reached (torch.X, ops.aten.X)
+        for word in sorted(set(re.findall(r"\w+", text)) & file_names.keys()):
+            _refuse(path, file_names[word])
+
+
+def check_torchscript_graphs(module: torch.jit.ScriptModule, path: Path) -> None:
+    """Check every node of every method and hook of every submodule, calls inlined, before the
+    module is first called: only aten:: and prim:: operators, no file operator, no opaque call.
+
+    Raises:
+        UserError: a node is refused (the message names its operator).
+    """
+    denied = file_operators()
+    for submodule in module.modules():
+        scripted = submodule._c
+        functions = [scripted._get_method(name) for name in scripted._method_names()]
+        functions += [*scripted._get_forward_pre_hooks(), *scripted._get_forward_hooks()]
+        for function in functions:
+            graph = getattr(function, "inlined_graph", None) or function.graph
+            for node in _all_nodes(graph.nodes()):
+                kind = node.kind()
+                if kind.split("::")[0] not in SAFE_NAMESPACES:
+                    _refuse(path, kind)
+                if kind in denied or kind in OPAQUE_CALLS:
+                    _refuse(path, kind)
+
+
+def _all_nodes(nodes: Any) -> Iterator[Any]:
+    """Nodes with those of their blocks (if, loop) and subgraphs (fork), depth first."""
+    for node in nodes:
+        yield node
+        for block in node.blocks():
+            yield from _all_nodes(block.nodes())
+        for name in node.attributeNames():
+            if node.kindOf(name) == "g":
+                yield from _all_nodes(node.g(name).nodes())
 
 
 def export_pt2(

@@ -4,19 +4,39 @@ file into the model's (S, S, 3) RGB input or a one-line reason why it cannot.
 infer: scan -> read_image (parallel threads; OpenCV releases the GIL) -> batch -> backend.
 With a GPU, the JPEGs of a batch can instead be decoded there (`TorchvisionJpegs`: nvJPEG
 through torchvision; or DALI, `casm_deploy.dali.JpegDecoder`), and stay there for the model.
+
+A file is checked before it is decoded, each step bounding what the next may cost: it must
+be a regular file (a FIFO would block the reader forever) no larger than `max_file_bytes`;
+its header, read first, must declare at most `max_pixels` pixels; then the whole file is
+read and must hold a whole JPEG or PNG (bytes after the image's end are allowed).
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from casm_deploy.config import InferConfig
+
+# PIL warns of a "decompression bomb" from 89 MP; the cap here (checked right after the
+# header) is the one that decides, so its warning would only be noise on the user's console.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-MAX_PIXELS = 1 << 30  # OpenCV's own decoding limit (CV_IO_MAX_IMAGE_PIXELS)
+# The default pixel cap (`infer --max-megapixels`, written once in InferConfig): 120 MP admits
+# the largest camera photos (102 MP medium format, 108 MP phones) and refuses what a few
+# kilobytes can declare to exhaust memory (a decoded image is 3 bytes a pixel, its mask 1
+# more). PIL refuses more than 178,956,970 pixels whatever the cap says.
+MAX_PIXELS = round(InferConfig.max_megapixels * 1e6)
+BYTES_PER_PIXEL = 4  # the most an uncompressed 8-bit RGBA file takes ...
+FILE_HEADROOM = 64 << 20  # ... plus metadata, thumbnails, a motion photo's video
 
 
 class ImageError(Exception):
@@ -40,45 +60,83 @@ class Encoded:
 
 @dataclass(frozen=True)
 class Entry:
-    """One input file: its path relative to the scanned folder (POSIX separators) and on disk."""
+    """One input file: its path relative to the scanned folder (POSIX separators) and on disk.
+
+    `error` is set for what the scan could not look at (a folder it cannot list: `rel` ends
+    with "/"; an entry it cannot stat): the reason, one line, without the path.
+    """
 
     rel: str
     path: Path
+    error: str | None = None
 
 
 def is_image_name(name: str) -> bool:
     return name.lower().endswith(EXTENSIONS)
 
 
+def max_file_bytes(max_pixels: int = MAX_PIXELS) -> int:
+    """The largest file accepted: an uncompressed RGBA image at `max_pixels`, plus headroom."""
+    return BYTES_PER_PIXEL * max_pixels + FILE_HEADROOM
+
+
 def scan(root: str | Path, exclude: Path | None = None) -> Iterator[Entry]:
     """Every file under `root` with an image extension (any case), depth first, sorted by name.
 
-    Streamed: one directory listing is in memory at a time, never the whole tree. Symbolic
+    Streamed: one directory listing per level is in memory, never the whole tree. Symbolic
     links to files are yielded (dangling ones too: reading them reports the error); links to
-    directories are not followed, so a tree cannot loop or reach outside `root`. `exclude` (an
-    output folder inside `root`) is skipped.
+    directories are not followed, so a tree cannot loop or reach outside `root`. `exclude`
+    (an output folder inside `root`) is skipped. What cannot be listed or stat'ed is yielded
+    with its `error`, so every problem is reported and the scan goes on.
     """
     root = Path(root)
-    exclude = exclude.resolve() if exclude is not None else None
+    try:
+        excluded = os.stat(exclude) if exclude is not None else None
+    except OSError:
+        excluded = None  # not there: nothing to skip
 
-    def walk(folder: Path, prefix: str) -> Iterator[Entry]:
+    def listing(folder: Path, prefix: str) -> Iterator[tuple[os.DirEntry, str] | Entry]:
         try:
             with os.scandir(folder) as it:
                 entries = sorted(it, key=lambda e: e.name)
-        except OSError:
-            return  # an unreadable subfolder holds no files we could name
-        for entry in entries:
+        except OSError as error:
+            return iter([Entry(prefix or "./", folder, _reason(error))])
+        return ((entry, prefix) for entry in entries)
+
+    stack = [listing(root, "")]  # one listing per level: any depth, no recursion
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+            continue
+        if isinstance(item, Entry):  # a folder that could not be listed
+            yield item
+            continue
+        entry, prefix = item
+        rel = prefix + entry.name
+        try:
             if entry.is_dir(follow_symlinks=False):
-                sub = Path(entry.path)
-                if exclude is None or sub.resolve() != exclude:
-                    yield from walk(sub, f"{prefix}{entry.name}/")
-            elif is_image_name(entry.name) and (entry.is_file() or entry.is_symlink()):
-                yield Entry(prefix + entry.name, Path(entry.path))
+                if excluded is None or not _same(entry.stat(follow_symlinks=False), excluded):
+                    stack.append(listing(Path(entry.path), rel + "/"))
+            elif is_image_name(entry.name) and (
+                entry.is_symlink() or entry.is_file(follow_symlinks=False)
+            ):
+                yield Entry(rel, Path(entry.path))
+        except OSError as error:  # this entry alone: the scan goes on
+            yield Entry(rel, Path(entry.path), _reason(error))
 
-    yield from walk(root, "")
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def read_image(path: str | Path, size: int) -> tuple[np.ndarray, int, int]:
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+def read_image(
+    path: str | Path, size: int, *, max_pixels: int = MAX_PIXELS
+) -> tuple[np.ndarray, int, int]:
     """Decode `path` and resize the whole image to `size` x `size` (no crop: the mask must cover
     every pixel of the original).
 
@@ -87,60 +145,181 @@ def read_image(path: str | Path, size: int) -> tuple[np.ndarray, int, int]:
     scale (libjpeg's DCT scaling), which keeps memory and time small.
 
     Returns:
-        The (size, size, 3) uint8 RGB image, and the original width and height.
+        The (size, size, 3) uint8 RGB image, and the original width and height as shown.
 
     Raises:
-        ImageError: the file is missing, empty, truncated, not an image, or too large.
+        ImageError: the file is missing, not a regular file, empty, truncated, not an image,
+            or too large (more than `max_pixels` pixels, or `max_file_bytes(max_pixels)`).
     """
-    data, width, height = read_encoded(path)
-    return decode(data, width, height, size), width, height
+    f = read_file(path, max_pixels=max_pixels)
+    return decode(f.data, f.width, f.height, size, f.orientation), f.width, f.height
 
 
-def read_encoded(path: str | Path) -> tuple[np.ndarray, int, int]:
+def read_encoded(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, int, int]:
     """The bytes of an image file and its width and height as shown, after the header checks.
 
     Raises:
         ImageError: as `read_image`, for everything but undecodable image data.
     """
-    encoded = read_file(path)
+    encoded = read_file(path, max_pixels=max_pixels)
     return encoded.data, encoded.width, encoded.height
 
 
-def read_file(path: str | Path) -> Encoded:
+def read_file(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> Encoded:
     """An image file's bytes and header facts, after the checks of `read_encoded`.
 
     Raises:
         ImageError: as `read_encoded`.
     """
+    with open(_open_regular(path, max_file_bytes(max_pixels)), "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        width, height, orientation, mode = _header(file)  # PIL reads the header only
+        if width * height > max_pixels:
+            raise ImageError(f"too large: {width}x{height} pixels (limit {max_pixels})")
+        file.seek(0)
+        buffer = bytearray(size)
+        done = 0
+        while done < size and (n := file.readinto(memoryview(buffer)[done:])):
+            done += n
+    del buffer[done:]  # a file cut short while being read: the checks below see it
+    if is_jpeg(buffer) and not _jpeg_ends(buffer):
+        raise ImageError("truncated JPEG (no end-of-image marker after the image data)")
+    if buffer.startswith(PNG_SIGNATURE) and not _png_ends(buffer):
+        raise ImageError("truncated PNG (no IEND chunk)")
+    return Encoded(np.frombuffer(buffer, np.uint8), width, height, orientation, mode)
+
+
+def _open_regular(path: str | Path, limit: int) -> int:
+    """A descriptor of `path` open for reading, once known to be a regular file of 1 to
+    `limit` bytes.
+
+    Opened without blocking, so a FIFO cannot hang the reader; checked again once open, so a
+    file swapped in between is still seen for what it is.
+    """
     try:
-        data = np.fromfile(path, dtype=np.uint8)  # with imdecode: any file name works
+        _check_regular(os.stat(path), limit)  # before opening: a device is never opened
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         kind = "dangling symbolic link" if os.path.islink(path) else "file not found"
         raise ImageError(kind) from None
-    except IsADirectoryError:
-        raise ImageError("a directory, not a file") from None
     except OSError as error:
-        raise ImageError(f"cannot read: {error.strerror or error}") from None
-    if data.size == 0:
+        raise ImageError(f"cannot read: {_reason(error)}") from None
+    try:
+        _check_regular(os.fstat(fd), limit)
+    except ImageError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_regular(st: os.stat_result, limit: int) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError("a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"not a regular file ({_file_kind(st.st_mode)})")
+    if st.st_size == 0:
         raise ImageError("empty file")
-    width, height, orientation, mode = _header(data)
-    if width * height > MAX_PIXELS:
-        raise ImageError(f"too large: {width}x{height} pixels (limit {MAX_PIXELS})")
-    return Encoded(data, width, height, orientation, mode)
+    if st.st_size > limit:
+        raise ImageError(f"too large: {st.st_size} bytes (limit {limit}, from the pixel limit)")
 
 
-def is_jpeg(data: np.ndarray) -> bool:
-    return data[:2].tobytes() == b"\xff\xd8"
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
-def decode(data: np.ndarray, width: int, height: int, size: int) -> np.ndarray:
-    """Encoded bytes (checked by `read_encoded`) -> (size, size, 3) uint8 RGB, with OpenCV."""
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def is_jpeg(data) -> bool:
+    return bytes(data[:2]) == b"\xff\xd8"
+
+
+def _jpeg_ends(data: bytearray) -> bool:
+    """Whether an end-of-image marker follows the first scan's data.
+
+    The marker segments are walked to the first start of scan (an EXIF thumbnail's own EOI
+    lies inside one of them); the entropy-coded data after it cannot hold FF D9 (byte
+    stuffing), so the first FF D9 there ends the image, and whatever follows is extra.
+    """
+    at, end = 2, len(data)
+    while at + 4 <= end:
+        if data[at] != 0xFF:  # stray bytes between segments: skipped, as libjpeg does
+            at = data.find(b"\xff", at)
+            if at < 0:
+                return False
+            continue
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            at += 2
+        elif marker == 0xD9:  # the end before any image data
+            return False
+        else:
+            length = data[at + 2] << 8 | data[at + 3]
+            if marker == 0xDA:  # start of scan
+                return data.find(b"\xff\xd9", at + 2 + length) >= 0
+            at += 2 + length
+    return False
+
+
+def _png_ends(data: bytearray) -> bool:
+    """Whether the chunks (4-byte length, type, data, CRC) reach IEND inside the file."""
+    at, end = len(PNG_SIGNATURE), len(data)
+    while at + 12 <= end:
+        if data[at + 4 : at + 8] == b"IEND":
+            return True
+        at += 12 + int.from_bytes(data[at : at + 4], "big")
+    return False
+
+
+def decode(
+    data: np.ndarray, width: int, height: int, size: int, orientation: int | None = None
+) -> np.ndarray:
+    """Encoded bytes (checked by `read_file`) -> (size, size, 3) uint8 RGB, with OpenCV.
+
+    `width` and `height` are as shown; `orientation` is the header's (None: read it again).
+    """
     import cv2
 
-    image = cv2.imdecode(data, _read_flag(data, width, height, size))
-    if image is None:
-        raise ImageError("corrupt or unsupported image data")
-    return cv2.cvtColor(resize_square(image, size), cv2.COLOR_BGR2RGB)
+    if orientation is None:
+        orientation = _orientation_of(data)
+    flag = _read_flag(data, width, height, size)
+    image, orientation = _decode_stored(data, width, height, orientation, flag)
+    # resized in the stored frame, oriented after: the same pixels, a small copy to turn
+    image = orient_array(resize_square(image, size), orientation)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_overlay(path: str | Path, side: int, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The image as shown, BGR uint8 (as OpenCV gives it), its longest side at most `side`:
+    (max(1, round(height * s)), max(1, round(width * s)), 3) with s = min(1, side / longest).
+
+    Checked as `read_image`; a large JPEG is decoded at a reduced scale.
+
+    Raises:
+        ImageError: as `read_image`.
+    """
+    import cv2
+
+    f = read_file(path, max_pixels=max_pixels)
+    scale = min(1.0, side / max(f.width, f.height))
+    width, height = max(1, round(f.width * scale)), max(1, round(f.height * scale))
+    flag = cv2.IMREAD_COLOR
+    if f.is_jpeg:  # the strongest reduction that keeps the longest side >= `side`
+        flag = next((flag for k, flag in _reduced() if max(f.width, f.height) // k >= side), flag)
+    image, orientation = _decode_stored(f.data, f.width, f.height, f.orientation, flag)
+    stored = (width, height) if orientation < 5 else (height, width)
+    if (image.shape[1], image.shape[0]) != stored:
+        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        image = cv2.resize(image, stored, interpolation=interpolation)
+    return orient_array(image, orientation)
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
@@ -151,20 +330,76 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(image), (size, size), interpolation=interpolation)
 
 
-def _header(data: np.ndarray) -> tuple[int, int, int, str]:
-    """Width and height as shown, EXIF orientation and pixel mode, from the header (PIL reads
-    only the header), after checks that catch what OpenCV would decode silently: a JPEG or PNG
-    cut short."""
-    import io
+# EXIF orientation -> (transpose, flip rows, flip columns) that show the stored pixels as a
+# viewer does (PIL's ImageOps.exif_transpose), in this order
+ORIENTATIONS = {
+    1: (False, False, False),
+    2: (False, False, True),
+    3: (False, True, True),
+    4: (False, True, False),
+    5: (True, False, False),
+    6: (True, False, True),
+    7: (True, True, True),
+    8: (True, True, False),
+}
 
+
+def orient_array(image: np.ndarray, orientation: int) -> np.ndarray:
+    """A decoded (H, W, ...) array as shown under its EXIF `orientation`."""
+    transpose, flip_rows, flip_columns = ORIENTATIONS[orientation]
+    if transpose:
+        image = image.swapaxes(0, 1)
+    if flip_rows:
+        image = image[::-1]
+    if flip_columns:
+        image = image[:, ::-1]
+    return np.ascontiguousarray(image)
+
+
+def _decode_stored(
+    data: np.ndarray, width: int, height: int, orientation: int, flag: int
+) -> tuple[np.ndarray, int]:
+    """The image decoded as stored, and the orientation still to apply to it.
+
+    OpenCV is told to ignore the orientation, so every format is oriented here alike, from
+    the header that gave the width and height: the two agree by construction, and the
+    decoded size is checked against them. TIFF is the exception: its reader (libtiff)
+    orients the image itself whatever the flag, so a TIFF already decoded as shown is left so.
+    """
+    import cv2
+
+    image = cv2.imdecode(data, flag | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:
+        raise ImageError("corrupt or unsupported image data")
+    factor = next((k for k, reduced in _reduced() if reduced == flag), 1)
+    shown = (-(-height // factor), -(-width // factor))  # libjpeg rounds a scaled size up
+    stored = shown if orientation < 5 else shown[::-1]
+    if _is_tiff(data) and image.shape[:2] == shown:
+        return image, 1
+    if image.shape[:2] != stored:
+        got = f"{image.shape[1]}x{image.shape[0]}"
+        raise ImageError(f"decoded size {got} differs from the header's {stored[1]}x{stored[0]}")
+    return image, orientation
+
+
+def _is_tiff(data) -> bool:
+    return bytes(data[:4]) in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # also BigTIFF
+
+
+def _header(file) -> tuple[int, int, int, str]:
+    """Width and height as shown, EXIF orientation and pixel mode, from the header of an open
+    file (PIL reads the header, not the pixels)."""
     from PIL import Image, UnidentifiedImageError
 
-    raw = data.tobytes()
     try:
-        with Image.open(io.BytesIO(raw)) as image:
-            width, height = image.size
+        with Image.open(file) as image:
             kind, mode = image.format, image.mode
-            orientation = image.getexif().get(0x0112, 1) if kind in ("JPEG", "TIFF", "WEBP") else 1
+            width, height = image.size
+            if kind == "TIFF":  # PIL gives a TIFF's size as shown: take the stored one
+                width, height = image.tag_v2.get(256, width), image.tag_v2.get(257, height)
+            # a PNG's EXIF after the pixels would make PIL decode them all to find it
+            exif = kind in ("JPEG", "MPO", "TIFF", "WEBP") or "exif" in image.info
+            orientation = image.getexif().get(0x0112, 1) if exif else 1
     except UnidentifiedImageError:
         raise ImageError("not an image (unrecognised format)") from None
     except Image.DecompressionBombError as error:
@@ -175,16 +410,32 @@ def _header(data: np.ndarray) -> tuple[int, int, int, str]:
         raise ImageError(f"broken image header ({type(error).__name__}: {error})") from None
     if width < 1 or height < 1:
         raise ImageError(f"invalid size {width}x{height}")
-    tail = raw[-4096:].rstrip(b"\0\n\r ")
-    if kind == "JPEG" and b"\xff\xd9" not in tail[-64:]:
-        raise ImageError("truncated JPEG (no end-of-image marker)")
-    if kind == "PNG" and b"IEND" not in tail[-16:]:
-        raise ImageError("truncated PNG (no IEND chunk)")
-    if orientation not in range(1, 9):
+    if orientation not in ORIENTATIONS:
         orientation = 1  # a broken tag: OpenCV shows the image as stored too
-    if orientation in (5, 6, 7, 8):  # transposed by the EXIF orientation OpenCV applies
+    if orientation >= 5:  # transposed by the orientation
         width, height = height, width
     return width, height, orientation, mode
+
+
+def _orientation_of(data: np.ndarray) -> int:
+    """The header's orientation, or 1 where PIL cannot read it (OpenCV then says why)."""
+    import io
+
+    try:
+        return _header(io.BytesIO(data))[2]
+    except ImageError:
+        return 1
+
+
+def _reduced() -> tuple[tuple[int, int], ...]:
+    """(factor, flag) of OpenCV's reduced JPEG decoding, strongest first."""
+    import cv2
+
+    return (
+        (8, cv2.IMREAD_REDUCED_COLOR_8),
+        (4, cv2.IMREAD_REDUCED_COLOR_4),
+        (2, cv2.IMREAD_REDUCED_COLOR_2),
+    )
 
 
 def _read_flag(data: np.ndarray, width: int, height: int, size: int) -> int:
@@ -192,12 +443,7 @@ def _read_flag(data: np.ndarray, width: int, height: int, size: int) -> int:
     import cv2
 
     if is_jpeg(data):  # only JPEG decodes at a reduced scale for free
-        reduced = (
-            (8, cv2.IMREAD_REDUCED_COLOR_8),
-            (4, cv2.IMREAD_REDUCED_COLOR_4),
-            (2, cv2.IMREAD_REDUCED_COLOR_2),
-        )
-        for factor, flag in reduced:
+        for factor, flag in _reduced():
             if min(width, height) // factor >= 2 * size:
                 return flag
     return cv2.IMREAD_COLOR
@@ -225,11 +471,12 @@ def torchvision_decodes() -> bool:
 def orient(image, orientation: int):
     """A decoded (C, H, W) tensor as shown under its EXIF `orientation` (PIL's exif_transpose).
 
-    OpenCV applies the orientation when it decodes; torchvision does not on the GPU.
+    torchvision does not apply it (as OpenCV is told not to: `orient_array` does it there).
     """
-    if orientation in (5, 6, 7, 8):
+    transpose, flip_rows, flip_columns = ORIENTATIONS[orientation]
+    if transpose:
         image = image.transpose(1, 2)
-    flips = {2: (2,), 3: (1, 2), 4: (1,), 6: (2,), 7: (1, 2), 8: (1,)}.get(orientation, ())
+    flips = (1,) * flip_rows + (2,) * flip_columns
     return image.flip(flips) if flips else image
 
 
@@ -280,7 +527,11 @@ class TorchvisionJpegs:
         decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
         images = []
         for image, f in zip(decoded, files, strict=True):
-            image = orient(image, f.orientation).unsqueeze(0).float()  # (1, 3, H, W)
+            image = orient(image, f.orientation)
+            if tuple(image.shape[1:]) != (f.height, f.width):
+                got = f"{image.shape[2]}x{image.shape[1]}"
+                raise ImageError(f"decoded size {got} differs from the header's")
+            image = image.unsqueeze(0).float()  # (1, 3, H, W)
             image = F.interpolate(
                 image, size=(self.size, self.size), mode="bilinear", antialias=True
             )

@@ -11,9 +11,11 @@ back as 8-bit levels (float32 for `--masks npy`).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import shutil
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -31,6 +33,7 @@ from casm_deploy.config import InferConfig, config_to_dict
 from casm_deploy.cpus import usable_cpus
 from casm_deploy.errors import UserError
 from casm_deploy.images import (
+    MAX_PIXELS,
     Encoded,
     Entry,
     ImageError,
@@ -38,35 +41,62 @@ from casm_deploy.images import (
     decode,
     read_file,
     read_image,
+    read_overlay,
     scan,
     torchvision_decodes,
+)
+from casm_deploy.outfolder import (
+    IDENTITY,
+    PARTIAL,
+    RECORD,
+    SUMMARY,
+    Lock,
+    OutputError,
+    Record,
+    as_user_error,
+    check_outputs,
+    drop_errors,
+    is_fatal,
+    name_limits,
+    read_record,
+    rows,
+    unwritable,
+    write_atomic,
+    write_own,
 )
 from casm_deploy.predict import Masker, float_masks, resize_mask
 from casm_deploy.ui import console, progress
 
-RECORD = "boxes.jsonl"
-IDENTITY = "infer.json"  # what produced OUT: a rerun must match it to resume
-RESULTS = (RECORD, "summary.json", IDENTITY, "masks", "overlays")
+RESULTS = (RECORD, SUMMARY, IDENTITY, "masks", "overlays")  # what --overwrite deletes
 AHEAD = 2  # batches decoded ahead of the model, and batches being written behind it
 OVERLAY_SIDE = 512  # longest side of an overlay image
-
-
-class OutputError(Exception):
-    """An output file that cannot or must not be written; the message is the reason."""
 
 
 def run(cfg: InferConfig) -> dict[str, Any]:
     """Run the model over every image under `cfg.dir`; returns the content of summary.json.
 
     Raises:
-        UserError: the folder, the model or OUT cannot be used (nothing is written then).
+        UserError: the folder, the model or an output path cannot be used (checked before the
+            first image), or another run holds OUT.
+        OutUnwritable: OUT's disk stopped taking writes (full, quota, read-only, I/O error);
+            the batches recorded before stay, and a rerun resumes.
     """
     root = Path(cfg.dir)
     if not root.is_dir():
         raise UserError(f"{root}: {'not a folder' if root.exists() else 'no such folder'}")
-    masker = Masker.load(cfg.model, cfg.backend, cfg.device, cfg.batch)
-    info = masker.info
     out = Path(cfg.out)
+    check_outputs(out, cfg.coco)
+    masker = Masker.load(cfg.model, cfg.backend, cfg.device, cfg.batch, cfg.expect_sha256)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise as_user_error(error, out) from None
+    with Lock(out):  # one run per OUT; --overwrite and the record's repairs happen under it
+        return run_locked(cfg, root, out, masker)
+
+
+def run_locked(cfg: InferConfig, root: Path, out: Path, masker: Masker) -> dict[str, Any]:
+    info = masker.info
     done = prepare_out(out, cfg, masker)
     # A counting pass first: the progress bar gets its total, and memory stays flat (a count,
     # not the list of files).
@@ -86,30 +116,33 @@ def run(cfg: InferConfig) -> dict[str, Any]:
     uint8_masks = info.device == "cuda" and cfg.masks != "npy"
     counts = {"ok": 0, "error": 0}
     started = time.perf_counter()
-    with (
-        ThreadPoolExecutor(workers, thread_name_prefix="infer") as pool,
-        open(out / RECORD, "a", encoding="utf-8") as record,
-        progress() as bars,
-    ):
-        task = bars.add_task("infer", total=todo, info="")
-        entries = (entry for entry in scan(root, exclude=out) if entry.rel not in done)
-        pending: deque[list[tuple[dict[str, Any], Future | None]]] = deque()
-        on_device: deque[Launched] = deque()
-        batches = batched(entries, cfg.batch)
-        for batch in decode_ahead(pool, batches, masker.image_size, jpeg):
-            on_device.append(launch(batch, masker, uint8_masks))
-            if len(on_device) > depth:
+    try:
+        with (
+            ThreadPoolExecutor(workers, thread_name_prefix="infer") as pool,
+            Record(out / RECORD) as record,
+            progress() as bars,
+        ):
+            task = bars.add_task("infer", total=todo, info="")
+            entries = (entry for entry in scan(root, exclude=out) if entry.rel not in done)
+            pending: deque[list[tuple[dict[str, Any], Future | None]]] = deque()
+            on_device: deque[Launched] = deque()
+            batches = batched(entries, cfg.batch)
+            limit = max_pixels(cfg)
+            for batch in decode_ahead(pool, batches, masker.image_size, limit, jpeg):
+                on_device.append(launch(batch, masker, uint8_masks))
+                if len(on_device) > depth:
+                    pending.append(collect(on_device.popleft(), masker, writer, pool))
+                while len(pending) > AHEAD or (pending and all_done(pending[0])):
+                    finished = append_records(record, pending.popleft(), counts)
+                    bars.update(task, advance=finished, info=_rate(counts, started))
+            while on_device:
                 pending.append(collect(on_device.popleft(), masker, writer, pool))
-            while len(pending) > AHEAD or (pending and all_done(pending[0])):
+            while pending:
                 finished = append_records(record, pending.popleft(), counts)
                 bars.update(task, advance=finished, info=_rate(counts, started))
-        while on_device:
-            pending.append(collect(on_device.popleft(), masker, writer, pool))
-        while pending:
-            finished = append_records(record, pending.popleft(), counts)
-            bars.update(task, advance=finished, info=_rate(counts, started))
-    if jpeg is not None:
-        jpeg.close()
+    finally:
+        if jpeg is not None:
+            jpeg.close()
     seconds = time.perf_counter() - started
     summary = write_summary(out, cfg, masker, counts, seconds)
     if cfg.coco:
@@ -119,6 +152,10 @@ def run(cfg: InferConfig) -> dict[str, Any]:
 
 
 # --- the pipeline -----------------------------------------------------------------------------
+
+
+def max_pixels(cfg: InferConfig) -> int:
+    return round(cfg.max_megapixels * 1e6)
 
 
 def batched(entries: Iterable[Entry], size: int) -> Iterator[list[Entry]]:
@@ -131,6 +168,7 @@ def decode_ahead(
     pool: ThreadPoolExecutor,
     batches: Iterable[list[Entry]],
     size: int,
+    limit: int = MAX_PIXELS,
     jpeg: JpegStage | None = None,
 ) -> Iterator[list[tuple[Entry, Future]]]:
     """Each batch with one decoding future per file, submitted AHEAD batches before it is
@@ -143,9 +181,14 @@ def decode_ahead(
     queue: deque[list[tuple[Entry, Future]]] = deque()
     for batch in batches:
         if jpeg is None:
-            futures = [pool.submit(read_image, entry.path, size) for entry in batch]
+            futures = [
+                failed(e) or pool.submit(read_image, e.path, size, max_pixels=limit) for e in batch
+            ]
         else:
-            prepared = [pool.submit(prepare, entry.path, size, jpeg.decoder) for entry in batch]
+            prepared = [
+                failed(entry) or pool.submit(prepare, entry.path, size, jpeg.decoder, limit)
+                for entry in batch
+            ]
             futures = jpeg.submit(prepared)
         queue.append(list(zip(batch, futures, strict=True)))
         if len(queue) > AHEAD:
@@ -153,14 +196,26 @@ def decode_ahead(
     yield from queue
 
 
-def prepare(path: Path, size: int, decoder: Any) -> tuple[str, Any, int, int]:
+def failed(entry: Entry) -> Future | None:
+    """An entry the scan could not stat or read (its `error`): a future holding that reason,
+    so it becomes an error row without being read; None for the others."""
+    reason = getattr(entry, "error", None)
+    if reason is None:
+        return None
+    future: Future = Future()
+    future.set_exception(ImageError(reason))
+    return future
+
+
+def prepare(path: Path, size: int, decoder: Any, limit: int) -> tuple[str, Any, int, int]:
     """("jpeg", the `Encoded` file, w, h) for a JPEG `decoder` takes, left for it; ("image",
     decoded by OpenCV, w, h) otherwise."""
-    encoded = read_file(path)
+    encoded = read_file(path, max_pixels=limit)
     width, height = encoded.width, encoded.height
     if decoder.accepts(encoded):
         return "jpeg", encoded, width, height
-    return "image", decode(encoded.data, width, height, size), width, height
+    image = decode(encoded.data, width, height, size, encoded.orientation)
+    return "image", image, width, height
 
 
 class JpegStage:
@@ -206,7 +261,9 @@ class JpegStage:
         try:
             return self.decoder([encoded])[0]
         except Exception:
-            return decode(encoded.data, encoded.width, encoded.height, self.size)
+            return decode(
+                encoded.data, encoded.width, encoded.height, self.size, encoded.orientation
+            )
 
     def close(self) -> None:
         self.thread.shutdown()
@@ -308,11 +365,16 @@ def all_done(batch: list[tuple[dict[str, Any], Future | None]]) -> bool:
 
 
 def append_records(
-    record: io.TextIOBase, batch: list[tuple[dict[str, Any], Future | None]], counts: dict
+    record: Record, batch: list[tuple[dict[str, Any], Future | None]], counts: dict
 ) -> int:
-    """Wait for the batch's files, then append its records in one write, flushed and fsync'd:
-    a file is recorded only once its outputs are on disk."""
-    lines = []
+    """Wait for the batch's files, then append its records in one write, fsync'd: a file is
+    recorded only once its outputs are on disk.
+
+    Raises:
+        OutUnwritable: a file's outputs met a full, read-only or failing disk; the batch is
+            not recorded (its files were not the problem: a rerun does them again).
+    """
+    lines, counted = [], {"ok": 0, "error": 0}
     for row, job in batch:
         if job is not None:
             try:
@@ -320,13 +382,15 @@ def append_records(
             except OutputError as error:
                 row = {"path": row["path"], "status": "error", "error": str(error)}
             except OSError as error:
+                if is_fatal(error):
+                    raise unwritable(error, Path(record.path).parent) from None
                 reason = f"cannot write its outputs ({error.strerror or error})"
                 row = {"path": row["path"], "status": "error", "error": reason}
-        counts[row["status"]] += 1
+        counted[row["status"]] += 1
         lines.append(json.dumps(row) + "\n")
-    record.write("".join(lines))
-    record.flush()
-    os.fsync(record.fileno())
+    record.append("".join(lines))
+    for status, n in counted.items():
+        counts[status] += n
     return len(lines)
 
 
@@ -335,7 +399,7 @@ def _rate(counts: dict[str, int], started: float) -> str:
     return f"{(counts['ok'] + counts['error']) / seconds:.0f} img/s, {counts['error']} errors"
 
 
-# --- OUT: resuming, and writing inside it only ------------------------------------------------
+# --- OUT: resuming (outfolder: the lock, the record, and writing inside OUT only) ----------
 
 
 def identity(cfg: InferConfig, masker: Masker) -> dict[str, Any]:
@@ -350,21 +414,15 @@ def identity(cfg: InferConfig, masker: Masker) -> dict[str, Any]:
 
 
 def prepare_out(out: Path, cfg: InferConfig, masker: Masker) -> set[str]:
-    """Make OUT ready and return the paths it has already recorded.
+    """Make OUT ready (under its lock) and return the paths not to do again.
 
     A new or empty OUT starts fresh; an OUT of the same run resumes; `--overwrite` deletes an
-    earlier run's results first. A folder of anything else is refused (nothing is deleted).
+    earlier run's results first; `--retry-errors` takes the error rows out of the record, so
+    their files are done again. OUT's contents were checked by `check_outputs`.
     """
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a folder")
     marker = out / IDENTITY
     wanted = identity(cfg, masker)
-    if out.is_dir() and any(out.iterdir()):
-        if not marker.is_file():
-            raise UserError(
-                f"--out {out}: not empty and not an infer output (no {IDENTITY}); "
-                "choose a new or empty folder"
-            )
+    if marker.is_file():
         if cfg.overwrite:
             remove_results(out)
         else:
@@ -378,62 +436,29 @@ def prepare_out(out: Path, cfg: InferConfig, masker: Masker) -> set[str]:
                     f"--out {out} holds results of another run (changed: {', '.join(changed)}"
                     "); use --overwrite to start over, or another --out"
                 )
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(marker, (json.dumps(wanted, indent=2) + "\n").encode())
-    return read_record(out / RECORD)
+    write_own(marker, (json.dumps(wanted, indent=2) + "\n").encode())
+    recorded = read_record(out / RECORD)
+    if recorded.damaged:
+        lines = ", ".join(map(str, recorded.damaged[:10]))
+        more = f" and {len(recorded.damaged) - 10} more" if len(recorded.damaged) > 10 else ""
+        console.print(
+            f"[yellow]warning[/]: {out / RECORD}: damaged line(s) {lines}{more}, kept as they "
+            "are and skipped; the files they were (if any) are done again"
+        )
+    if cfg.retry_errors and recorded.errors:
+        drop_errors(out / RECORD)
+        console.print(f"{len(recorded.errors)} files recorded as errors are done again")
+        return recorded.ok
+    return recorded.done
 
 
 def remove_results(out: Path) -> None:
-    import shutil
-
     for name in RESULTS:
         path = out / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
-
-
-def read_record(path: Path) -> set[str]:
-    """The paths recorded in boxes.jsonl. A line cut short by a kill is removed from the file
-    (its file is done again)."""
-    if not path.is_file():
-        return set()
-    done: set[str] = set()
-    good_end = 0
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            try:
-                done.add(json.loads(line)["path"])
-            except (ValueError, KeyError, TypeError):
-                break
-            good_end += len(line)
-    if good_end < path.stat().st_size:
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-    return done
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write through a temporary file and a rename: a reader sees the old file or the new one.
-
-    The temporary name is fixed, so a kill leaves no stray file behind for long (the next
-    write of the same output replaces it); a link planted there is removed, not followed.
-    """
-    temporary = path.with_name(f".{path.name}.partial")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-    try:
-        fd = os.open(temporary, flags, 0o644)
-    except OSError:  # ELOOP: a link sits there
-        os.unlink(temporary)
-        fd = os.open(temporary, flags, 0o644)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
 
 
 class Writer:
@@ -444,9 +469,14 @@ class Writer:
         self.real_out = out.resolve()
         self.cfg = cfg
         self.checked: set[Path] = set()  # folders already made and found inside OUT
+        self.name_max, self.path_max = name_limits(out)
 
     def target(self, folder: str, rel: str, suffix: str) -> Path:
         """OUT/folder/rel+suffix, after checking that it stays inside OUT.
+
+        A file name too long for the file system becomes a readable prefix, "~", 16 hex
+        digits of the SHA-256 of `rel` (unique) and the suffix; a path too long for it goes to
+        OUT/folder/~long/ under such a name. The record then names the file written.
 
         Raises:
             OutputError: the path would leave OUT (`..`, an absolute path, or a symbolic link
@@ -456,6 +486,10 @@ class Writer:
         if Path(rel).is_absolute() or ".." in parts:
             raise OutputError(f"output path {rel!r} would leave the output folder")
         path = self.out / folder / (rel + suffix)
+        if len(os.fsencode(path.name)) > self.name_max:
+            path = path.with_name(self.short_name(rel, suffix))
+        if len(os.fsencode(path)) + len(PARTIAL) + 1 >= self.path_max:  # and its temporary
+            path = self.out / folder / "~long" / self.short_name(rel, suffix)
         if path.parent in self.checked:
             return path
         existing = path.parent
@@ -468,40 +502,70 @@ class Writer:
             self.checked.add(path.parent)
         return path
 
-    def write(self, entry: Entry, mask: np.ndarray, row: dict[str, Any]) -> None:
-        """Write one (S, S) mask: floats in [0, 1], or uint8 levels (from the GPU; resized as
-        they are for `--mask-size original`, so a level may differ by one from resizing the
-        float mask first)."""
-        import cv2
+    def short_name(self, rel: str, suffix: str) -> str:
+        tail = f"~{hashlib.sha256(os.fsencode(rel)).hexdigest()[:16]}{suffix}"
+        prefix = os.fsencode(Path(rel).name)[: self.name_max - len(tail)]
+        return prefix.decode("utf-8", "ignore") + tail  # a character cut in two is dropped
 
+    def write(self, entry: Entry, mask: np.ndarray, row: dict[str, Any]) -> None:
+        """Write one (S, S) mask: floats in [0, 1], or uint8 levels (from the GPU).
+
+        PNG masks are made 8-bit at S x S and resized as levels for `--mask-size original`
+        (a float mask of a 13,000 px image would take 676 MB; a level may differ by one from
+        resizing the floats first); npy keeps floats. A shortened name is recorded in the row
+        ("mask", "overlay": the path written, relative to OUT).
+        """
         width, height = row["width"], row["height"]
-        full = resize_mask(mask, width, height) if self.cfg.mask_size == "original" else mask
+        original = self.cfg.mask_size == "original"
         if self.cfg.masks == "png":
-            levels = full if full.dtype == np.uint8 else np.rint(full * 255).astype(np.uint8)
-            ok, png = cv2.imencode(".png", levels)
+            import cv2
+
+            levels = mask if mask.dtype == np.uint8 else np.rint(mask * 255).astype(np.uint8)
+            full = resize_mask(levels, width, height) if original else levels
+            ok, png = cv2.imencode(".png", full)
             if not ok:
                 raise OutputError("cannot encode the mask as PNG")
-            write_atomic(self.target("masks", entry.rel, ".png"), png.tobytes())
+            self.put("masks", entry.rel, ".png", png.tobytes(), row, "mask")
         elif self.cfg.masks == "npy":
+            floats = float_masks(mask).astype(np.float32)
+            full = resize_mask(floats, width, height) if original else floats
             buffer = io.BytesIO()
-            np.save(buffer, float_masks(full).astype(np.float32))
-            write_atomic(self.target("masks", entry.rel, ".npy"), buffer.getvalue())
+            np.save(buffer, full)
+            self.put("masks", entry.rel, ".npy", buffer.getvalue(), row, "mask")
         if self.cfg.overlay:
-            jpeg = overlay(entry.path, float_masks(mask), row["box"], width, height)
-            write_atomic(self.target("overlays", entry.rel, ".jpg"), jpeg)
+            jpeg = overlay(
+                entry.path, float_masks(mask), row["box"], width, height, max_pixels(self.cfg)
+            )
+            self.put("overlays", entry.rel, ".jpg", jpeg, row, "overlay")
+
+    def put(self, folder: str, rel: str, suffix: str, data: bytes, row: dict, key: str) -> None:
+        path = self.target(folder, rel, suffix)
+        write_atomic(path, data)
+        if path != self.out / folder / (rel + suffix):
+            row[key] = path.relative_to(self.out).as_posix()
 
 
-def overlay(path: Path, mask: np.ndarray, box: list[int] | None, width: int, height: int) -> bytes:
+def overlay(
+    path: Path,
+    mask: np.ndarray,
+    box: list[int] | None,
+    width: int,
+    height: int,
+    limit: int = MAX_PIXELS,
+) -> bytes:
     """The image (longest side at most OVERLAY_SIDE) dimmed where the mask is low, with its box."""
     import cv2
 
-    scale = min(1.0, OVERLAY_SIDE / max(width, height))
-    w, h = max(1, round(width * scale)), max(1, round(height * scale))
-    image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
-    image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+    try:
+        # a large JPEG is decoded at a reduced scale
+        image = read_overlay(path, OVERLAY_SIDE, max_pixels=limit)
+    except ImageError as error:  # the file changed since it was read for the model
+        raise OutputError(f"cannot make the overlay: {error}") from None
+    h, w = image.shape[:2]
     weight = resize_mask(mask, w, h)[:, :, None]
     shown = (image * (0.3 + 0.7 * weight)).astype(np.uint8)  # salient pixels stay bright
     if box is not None:
+        scale = min(1.0, OVERLAY_SIDE / max(width, height))
         x0, y0, x1, y1 = (round(v * scale) for v in box)
         cv2.rectangle(shown, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), (0, 255, 0), 1)
     ok, jpeg = cv2.imencode(".jpg", shown, [cv2.IMWRITE_JPEG_QUALITY, 90])
@@ -513,18 +577,12 @@ def overlay(path: Path, mask: np.ndarray, box: list[int] | None, width: int, hei
 # --- the results ------------------------------------------------------------------------------
 
 
-def read_rows(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
-
-
 def write_summary(
     out: Path, cfg: InferConfig, masker: Masker, counts: dict[str, int], seconds: float
 ) -> dict[str, Any]:
     """OUT/summary.json: counts over the whole record (every run into OUT), speed of this one."""
     totals = {"ok": 0, "error": 0}
-    for row in read_rows(out / RECORD):
+    for row in rows(out / RECORD):
         totals[row["status"]] += 1
     info = masker.info
     done = counts["ok"] + counts["error"]
@@ -543,7 +601,7 @@ def write_summary(
         "package_version": __version__,
         "config": config_to_dict(cfg),
     }
-    write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    write_own(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 
 
@@ -551,7 +609,7 @@ def write_coco(record: Path, path: Path, masker: Masker) -> None:
     """COCO-style detections: `images`, `categories` (ids = class index + 1) and one
     `annotations` entry with a `score` per image with a box (the results list of COCO's API)."""
     images, annotations = [], []
-    for image_id, row in enumerate(read_rows(record), start=1):
+    for image_id, row in enumerate(rows(record), start=1):
         if row["status"] != "ok":
             continue
         images.append(
@@ -581,8 +639,11 @@ def write_coco(record: Path, path: Path, masker: Masker) -> None:
         for k in range(info.num_classes)
     ]
     coco = {"images": images, "annotations": annotations, "categories": categories}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, (json.dumps(coco) + "\n").encode())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise as_user_error(error, path) from None
+    write_own(path, (json.dumps(coco) + "\n").encode())
 
 
 def show(summary: dict[str, Any], out: Path) -> None:

@@ -134,10 +134,20 @@ class Masker:
         backend: str = "auto",
         device: str = "auto",
         batch_size: int = DEFAULT_BATCH,
+        expect_sha256: str = "",
     ) -> Masker:
         """Open `path` (.onnx, .ts or a training checkpoint) on `device` (auto: CUDA if any),
-        for batches of up to `batch_size` images (`predict`'s default; TensorRT's range)."""
-        return cls(open_model(path, backend, device, batch_size), batch_size)
+        for batches of up to `batch_size` images (`predict`'s default; TensorRT's range).
+
+        A TorchScript file is a program (loading and calling it runs its code; it is inspected
+        first, a safeguard, not a sandbox); an ONNX file is data: prefer ONNX for files you did
+        not make. `expect_sha256` pins the file: a file of another SHA-256 is refused before
+        anything in it is read, as is one that differs from the export.json beside it.
+
+        Raises:
+            UserError: see `open_model`.
+        """
+        return cls(open_model(path, backend, device, batch_size, expect_sha256), batch_size)
 
     @property
     def info(self) -> ModelInfo:

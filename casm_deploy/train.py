@@ -653,6 +653,26 @@ def casm_epoch(casm: CASM, loader, bars, description: str) -> dict:
     }
 
 
+def skipped_files(loader, enabled: bool) -> dict:
+    """With --skip-bad-images, the epoch's skipped files over all the ranks, for its log line:
+    `train_skipped` (how many) and `train_skipped_files` (their messages); {} without."""
+    if not enabled:
+        return {}
+    bad = list(loader.bad_files)
+    if _is_distributed():
+        gathered: list[list[str] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, bad)
+        bad = [message for part in gathered for message in part or []]
+    bad = sorted(set(bad))
+    return {"train_skipped": len(bad), "train_skipped_files": bad}
+
+
+def skipped_note(train_metrics: dict) -> str:
+    """The end of an epoch's printed line: how many bad files it skipped, if any."""
+    n = train_metrics.get("train_skipped", 0)
+    return f", skipped {n} bad image{'s' if n > 1 else ''} (metrics.jsonl lists them)" if n else ""
+
+
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     """`auto` -> CUDA when available, else CPU; a CUDA device asked for must exist.
 
@@ -736,6 +756,49 @@ def _trim_log(log_path: Path, last: dict) -> None:
     tmp.replace(log_path)
 
 
+# What a kill during a write leaves in a run folder: `checkpoint.save_atomic`'s temporaries
+# (`.<file name>.<random>.tmp`, full-size) of the checkpoint and the pool files, and
+# `_trim_log`'s. Without the folder's lock, only those older than STALE_SECONDS are ours to
+# remove: no save takes that long, and a younger one may be another run's write in progress.
+TEMPORARIES = (".checkpoint.pt.*.tmp", ".pool-*.pt.*.tmp", "metrics.tmp")
+STALE_SECONDS = 3600
+
+
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on `run_dir` (on its `.lock` file), held while the returned file is
+    open and dropped by the system when the process ends, kill -9 included; None where the
+    file system (or the platform) has no locks.
+
+    Raises:
+        UserError: another process holds it: a run is going on in that folder.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows has no fcntl
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = (run_dir / ".lock").open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(f"{run_dir}: another training run is using this folder") from None
+    except OSError:  # a file system without locks
+        handle.close()
+        return None
+    return handle
+
+
+def remove_temporaries(run_dir: Path, locked: bool) -> None:
+    """Delete what interrupted writes left in `run_dir` (TEMPORARIES): all of them under the
+    folder's lock, else those older than STALE_SECONDS."""
+    for pattern in TEMPORARIES:
+        for path in run_dir.glob(pattern):
+            with contextlib.suppress(FileNotFoundError):
+                if locked or time.time() - path.stat().st_mtime > STALE_SECONDS:
+                    path.unlink()
+
+
 def _rng_state(rng: random.Random) -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "python": rng.getstate()}
 
@@ -751,7 +814,9 @@ def run(cfg: TrainConfig) -> Path:
 
     Writes `config.json`, `metrics.jsonl` (one line per epoch of either phase) and
     `checkpoint.pt` (atomically, at every epoch end), plus `pool-<step>.pt`, the thinning
-    pool that the checkpoint names, when the pool is used.
+    pool that the checkpoint names, when the pool is used. The folder is locked while the run
+    goes on (`.lock`); the temporaries of writes that a kill interrupted are removed at start.
+    `cfg.resume` before the first checkpoint starts the run afresh.
 
     Under torchrun (`torchrun --nproc-per-node N -m casm_deploy train ...`) every process trains
     on its own shard of each epoch with the same weights (gradients averaged at every step);
@@ -759,30 +824,47 @@ def run(cfg: TrainConfig) -> Path:
     """
     run_dir = Path(cfg.out) / cfg.run_name
     ckpt_path = run_dir / "checkpoint.pt"
-    if ckpt_path.exists() and not cfg.resume:
-        raise UserError(
-            f"{run_dir}: a run is already there; pass --resume to continue it, "
-            "or choose another --name"
-        )
-    if cfg.resume:
-        if not ckpt_path.exists():
-            raise UserError(f"{ckpt_path}: nothing to resume")
-        # A resumed run goes on with the settings it started with, whatever the flags say now.
-        stored_path = run_dir / "config.json"
-        if not stored_path.is_file():
-            raise UserError(f"{stored_path}: missing; cannot tell how the run was started")
-        stored = json.loads(stored_path.read_text())
-        cfg = dataclasses.replace(config_from_dict(TrainConfig, stored), resume=True)
-
-    # Every rank has made the checks above before any rank can pass this line (torchrun's
-    # rendezvous), so no rank sees the files that rank 0 writes next.
-    joined = dist.is_available() and dist.is_initialized()
-    job, device = init_distributed(cfg.device)
+    main = distributed_from_env().main
+    # Rank 0 holds the folder's lock for the whole run: a second run into it is refused.
+    created = not run_dir.exists()
+    lock = lock_run_dir(run_dir) if main else None
     try:
-        return _train(cfg, job, device)
+        if ckpt_path.exists() and not cfg.resume:
+            raise UserError(
+                f"{run_dir}: a run is already there; pass --resume to continue it, "
+                "or choose another --name"
+            )
+        if cfg.resume:
+            stored_path = run_dir / "config.json"
+            if ckpt_path.exists() and not stored_path.is_file():
+                raise UserError(f"{stored_path}: missing; cannot tell how the run was started")
+            if stored_path.is_file():
+                # A resumed run goes on with the settings it started with, whatever the flags
+                # say now.
+                cfg = config_from_dict(TrainConfig, json.loads(stored_path.read_text()))
+            # Killed before its first checkpoint (or never started): it starts from scratch.
+            cfg = dataclasses.replace(cfg, resume=ckpt_path.exists())
+            if not cfg.resume and main:
+                console.print(f"{run_dir}: no checkpoint to resume yet; starting the run afresh")
+        if main:
+            remove_temporaries(run_dir, locked=lock is not None)
+
+        # Every rank has made the checks above before any rank can pass this line (torchrun's
+        # rendezvous), so no rank sees the files that rank 0 writes next.
+        joined = dist.is_available() and dist.is_initialized()
+        job, device = init_distributed(cfg.device)
+        try:
+            return _train(cfg, job, device)
+        finally:
+            if not joined and dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
     finally:
-        if not joined and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        if lock is not None:
+            if created and [p.name for p in run_dir.iterdir()] == [".lock"]:
+                # Refused before it wrote anything (bad data, say): leave no empty run folder.
+                (run_dir / ".lock").unlink()
+                run_dir.rmdir()
+            lock.close()
 
 
 def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
@@ -821,7 +903,8 @@ def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
         device=str(device),  # where the batches go (DALI decodes there): this rank's device
     )
     # Each rank trains on its own disjoint block of every epoch; validation is rank 0's alone.
-    shard = dict(shard_id=job.rank, num_shards=job.world)
+    # Bad files are skipped in training only: validation scores every image.
+    shard = dict(shard_id=job.rank, num_shards=job.world, skip_bad=cfg.skip_bad_images)
     pretrain_loader = build_loader(
         root, "train", batch_size=cfg.pretrain_batch_size, train=True, **loader_args, **shard
     )
@@ -960,12 +1043,13 @@ def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
                 train_metrics = _pretrain_epoch(
                     masker, pretrain_loader, pre_opt, pre_sched, casm, bars, title
                 )
+                train_metrics |= skipped_files(pretrain_loader, cfg.skip_bad_images)
                 then = "casm" if cfg.casm_epochs else "done"
                 val = end_epoch("pretrain", e + 1, cfg.pretrain_epochs, then, t0, train_metrics)
                 if val is not None:
                     console.print(
                         f"{title}: train acc {train_metrics['train_acc']:.3f}, "
-                        f"val acc {val['val_acc']:.3f}"
+                        f"val acc {val['val_acc']:.3f}{skipped_note(train_metrics)}"
                     )
             phase, epoch = "casm", 0
         if phase == "casm":
@@ -978,12 +1062,14 @@ def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
                 t0 = time.time()
                 title = f"CASM {cfg.reproduce} {e + 1}/{cfg.casm_epochs}"
                 train_metrics = casm_epoch(casm, casm_loader, bars, title)
+                train_metrics |= skipped_files(casm_loader, cfg.skip_bad_images)
                 val = end_epoch("casm", e + 1, cfg.casm_epochs, "done", t0, train_metrics)
                 if val is not None:
                     console.print(
                         f"{title}: val acc {val['val_acc']:.3f}, masked-out "
                         f"{val['val_acc_masked']:.3f}, area {val['val_mask_mean']:.3f}, "
                         f"LE {val['val_LE']:.3f}, F1 {val['val_F1']:.3f}"
+                        f"{skipped_note(train_metrics)}"
                     )
     if job.main:
         console.print(f"done in {time.time() - started:.0f} s: {ckpt_path}")

@@ -88,6 +88,17 @@ def test_missing_data_is_a_user_error(tmp_path):
         read_classes(tmp_path)
 
 
+def test_classes_of_a_split_alone_when_asked(tmp_path):
+    for wnid in ("n2", "n1"):
+        (tmp_path / "val" / wnid).mkdir(parents=True)
+    with pytest.raises(UserError, match="not an ImageNet layout"):
+        read_classes(tmp_path)  # training needs classes.txt or train/
+    info = read_classes(tmp_path, split="val")  # eval of a test set of its own classes
+    assert info.wnids == info.names == ["n1", "n2"]
+    (tmp_path / "train" / "n3").mkdir(parents=True)
+    assert read_classes(tmp_path, split="val").wnids == ["n3"]  # train/ comes first
+
+
 def test_loader_batches_are_channels_last_floats(tiny_data):
     info = read_classes(tiny_data)
     loader = build_loader(tiny_data, "train", info.wnids, 32, 8, train=True, workers=0)

@@ -219,3 +219,51 @@ def test_bad_input_is_a_user_error(tiny_data, tmp_path, make_checkpoint):
         evaluate.run(EvalConfig(data=str(tiny_data)))
     with pytest.raises(UserError, match="no such file"):
         evaluate.run(EvalConfig(models=(str(tmp_path / "x.pt"),), data=str(tiny_data)))
+
+
+def test_a_new_test_set_without_classes_txt_or_train(tiny_data, tmp_path, make_checkpoint, capsys):
+    """val/<class>/ and annotations/ alone: the classes are val/'s folders; LE and F1 need only
+    the boxes, and OM, which needs the model's classes, is not defined for the unknown ones."""
+    import shutil
+
+    from casm_deploy.synth import generate
+
+    model = make_checkpoint(tmp_path / "m" / "checkpoint.pt", tiny_data)  # disk, triangle, square
+    for name, classes in (("new", ("star", "cross")), ("mixed", ("square", "star"))):
+        generate(
+            SynthConfig(
+                out=str(tmp_path / name),
+                classes=classes,
+                train_per_class=1,
+                val_per_class=2,
+                min_side=40,
+                max_side=48,
+                workers=1,
+            ),
+            progress=False,
+        )
+        (tmp_path / name / "classes.txt").unlink()
+        shutil.rmtree(tmp_path / name / "train")
+
+    out = tmp_path / "scores.json"
+    cfg = EvalConfig(models=(model,), data=str(tmp_path / "new"), workers=0, json=str(out))
+    scores = evaluate.run(dataclasses.replace(cfg, baselines=("center",)))["scores"]
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "no classes.txt and no train/: the classes are val/'s folder names" in printed
+    assert (
+        "m: OM is not defined for these 4 images: the model does not know their classes" in printed
+    )
+    written = json.loads(out.read_text())
+    assert set(written) == KEYS | {"OM_note"} and written["OM"] is None
+    assert written["n_images"] == 4 and 0 <= written["LE"] <= 1 and 0 <= written["F1"] <= 1
+    assert scores["center"]["OM"] is None and "not defined" in scores["center"]["OM_note"]
+
+    # Some classes known: OM counts their images only, and says so.
+    mixed = evaluate.run(dataclasses.replace(cfg, data=str(tmp_path / "mixed")))["scores"]["m"]
+    assert mixed["OM"] is not None and mixed["n_images"] == 4
+    assert mixed["OM_note"] == (
+        "OM counts only the 2 images of the model's classes: it is not defined for the other 2"
+    )
+    # Every class known (the usual case): no note, the documented keys only.
+    known = evaluate.run(dataclasses.replace(cfg, data=str(tiny_data)))["scores"]["m"]
+    assert set(known) == KEYS and known["OM"] is not None

@@ -186,11 +186,13 @@ def test_usage_errors_exit_2(models, tiny_data, tmp_path):
     (foreign / "precious.txt").write_text("keep me")
     cases.append((["infer", val, "--model", onnx, "--out", str(foreign)], "not an infer output"))
     for args, message in cases:
-        result = runner.invoke(app, [*args, "--out", str(foreign)] if "--out" not in args else args)
+        fresh = ["--out", str(tmp_path / "fresh")]  # OUT is checked before the model
+        result = runner.invoke(app, [*args, *fresh] if "--out" not in args else args)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (args, result.output)
         assert "Traceback" not in result.output
     assert (foreign / "precious.txt").read_text() == "keep me"
+    assert not (tmp_path / "fresh").exists()  # refused before anything is written
 
 
 def test_another_runs_out_is_refused_unless_overwrite(models, tiny_data, tmp_path):
@@ -302,9 +304,10 @@ def test_out_inside_the_folder_is_not_scanned(models, tiny_data, tmp_path):
 
 def test_read_record_drops_a_line_cut_short(tmp_path):
     path = tmp_path / "boxes.jsonl"
-    path.write_text('{"path": "a.jpg", "status": "ok"}\n{"path": "b.jpg", "sta')
-    assert read_record(path) == {"a.jpg"}
-    assert path.read_text() == '{"path": "a.jpg", "status": "ok"}\n'
+    line = '{"path": "a.jpg", "status": "error", "error": "empty file"}\n'
+    path.write_text(line + '{"path": "b.jpg", "sta')
+    assert read_record(path).done == {"a.jpg"}
+    assert path.read_text() == line
 
 
 def test_sigkill_and_resume(models, tmp_path):

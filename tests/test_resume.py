@@ -85,6 +85,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(train, tiny_data, tmp_
     resumed = train(tiny_data, tmp_path, "killed", "--resume")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert reference.wait(timeout=300) == 0, reference.stderr.read()
+    # The interrupted write's temporary went at the resume.
+    assert not [p.name for p in (tmp_path / "killed").iterdir() if p.name.endswith(".tmp")]
 
     # At most the epoch in progress was lost and redone: one log line per epoch, in order.
     logged = [(r["phase"], r.get("epoch")) for r in epochs_logged(log)]
@@ -99,11 +101,11 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(train, tiny_data, tmp_
             assert torch.equal(a[part][key], b[part][key]), (part, key)
 
 
-def test_resume_without_a_run_is_a_clear_error(train, tiny_data, tmp_path):
-    process = train(tiny_data, tmp_path, "none", "--resume")
-    assert process.wait(timeout=120) == 2
-    error = process.stderr.read()
-    assert "nothing to resume" in error and "Traceback" not in error
+def test_resume_before_any_checkpoint_starts_the_run(train, tiny_data, tmp_path):
+    short = ["--pretrain-epochs", "0", "--epochs", "1"]  # the last of a repeated option counts
+    process = train(tiny_data, tmp_path, "none", "--resume", *short)
+    assert process.wait(timeout=120) == 0, process.stderr.read()
+    assert torch.load(tmp_path / "none" / "checkpoint.pt", weights_only=True)["phase"] == "done"
 
 
 def test_a_second_run_into_the_same_folder_is_refused(train, tiny_data, tmp_path):

@@ -192,7 +192,8 @@ def test_the_torch_loader_pins_its_batches_for_a_gpu(tiny_data, monkeypatch):
 
         def __iter__(self):
             images = torch.full((2, 32, 32, 3), 255, dtype=torch.uint8)
-            return iter([(images, torch.tensor([0, 1]), torch.tensor([0, 1]))])
+            # CheckedDataset's items: image, label, index, problems ("" when none)
+            return iter([(images, torch.tensor([0, 1]), torch.tensor([0, 1]), ["", ""])])
 
     monkeypatch.setattr(data, "DataLoader", Recording)
     wnids = read_classes(tiny_data).wnids
