@@ -57,6 +57,8 @@ class ModelInfo:
     names: tuple[str, ...]
     precision: str
     sha256: str
+    # what it was trained on: "synthetic" (`data synth`'s shapes), "images", or "" (not known)
+    training_data: str = ""
 
     def label(self, index: int) -> tuple[str, str]:
         """The class id (WordNet id when known) and human name of a logit index."""
@@ -164,8 +166,12 @@ def open_model(
         model = TorchScriptBackend(path, resolved, sha256, batch)
     else:
         model = EagerBackend(path, resolved, sha256, batch)
+    if model.info.training_data == "synthetic":
+        from casm_deploy.checkpoint import SYNTHETIC_NOTE
+
+        model.notices.append(SYNTHETIC_NOTE)
     for notice in model.notices:
-        console.print(f"[yellow]note:[/yellow] {notice}")
+        console.print(f"[yellow]note:[/yellow] {notice}", soft_wrap=True)  # one line in logs
     probe(model, path)  # after the notices: a TensorRT engine is built here, on the first run
     return model
 
@@ -240,15 +246,30 @@ def _info(path: Path, meta: dict[str, Any], **fields: Any) -> ModelInfo:
         raise UserError(
             f"{path}: metadata precision {precision!r} is not one of {', '.join(PRECISIONS)}"
         )
+    wnids = label_field(path, meta, "wnids", classes)
+    names = label_field(path, meta, "names", classes)
     return ModelInfo(
         path=str(path),
         image_size=size,
         num_classes=classes,
-        wnids=label_field(path, meta, "wnids", classes),
-        names=label_field(path, meta, "names", classes),
+        wnids=wnids,
+        names=names,
         precision=precision,
+        training_data=export_training_data(meta, wnids, names),
         **fields,
     )
+
+
+def export_training_data(meta: dict[str, Any], wnids: Sequence[str], names: Sequence[str]) -> str:
+    """The kind of data an export was trained on, from its `training_data` metadata
+    ("synthetic", "images"); for exports made before it was recorded, "synthetic" when the
+    classes are `data synth`'s, else "" (not known)."""
+    from casm_deploy.checkpoint import SYNTHETIC, synthetic_labels
+
+    recorded = meta.get("training_data")
+    if recorded in (SYNTHETIC, "images"):
+        return recorded
+    return SYNTHETIC if synthetic_labels(list(wnids), list(names)) else ""
 
 
 def positive_field(path: Path, meta: dict[str, Any], key: str) -> int:
@@ -701,11 +722,37 @@ class TorchScriptBackend(_TorchBackend):
             raise UserError(f"{path}: TorchScript cannot load it ({first_line(error)})") from None
 
 
-class EagerBackend(_TorchBackend):
-    def __init__(self, path: Path, device: str, sha256: str, batch: int = DEFAULT_BATCH):
-        from casm_deploy.checkpoint import load_masker
+# What infer and `Masker.load` take, ending the message for a file of another kind.
+WANTED = (
+    "infer and Masker.load take an export (masker.onnx, masker.ts) or a casm-deploy training "
+    "checkpoint, runs/<name>/checkpoint.pt"
+)
+EXPORT_SUFFIXES = {"TorchScript": ".ts", "ONNX": ".onnx"}
 
-        masker, spec = load_masker(path)
+
+class EagerBackend(_TorchBackend):
+    """A training checkpoint, run by PyTorch. One whose mask decoder was never trained (a
+    classifier) is refused: its masks would be noise."""
+
+    def __init__(self, path: Path, device: str, sha256: str, batch: int = DEFAULT_BATCH):
+        from casm_deploy.checkpoint import (
+            check_decoder_trained,
+            identify,
+            load_checkpoint,
+            masker_from_checkpoint,
+            training_data_kind,
+        )
+
+        kind = identify(path)
+        if kind in EXPORT_SUFFIXES:  # infer chose the runtime by the suffix, .pt or .pth
+            raise UserError(
+                f"{path}: this is an exported model ({kind}) under a {path.suffix} name; infer "
+                f"picks the runtime by the suffix: name it {EXPORT_SUFFIXES[kind]}"
+            )
+        checkpoint = load_checkpoint(path, WANTED)
+        check_decoder_trained(checkpoint, path)
+        masker = masker_from_checkpoint(checkpoint, path)
+        spec = checkpoint["model"]
         self._setup(device, batch, int(spec["image_size"]))
         self.module = masker.to(self.device).to(memory_format=torch.channels_last)
         self.info = ModelInfo(
@@ -719,4 +766,5 @@ class EagerBackend(_TorchBackend):
             names=tuple(spec.get("names", ())),
             precision="fp32",
             sha256=sha256,
+            training_data=training_data_kind(checkpoint, path),
         )

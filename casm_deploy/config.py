@@ -11,6 +11,21 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_DATA = "data/synth"
+# visualize: grid.png is one column of cells per image (8,480 px wide at 64 images of 64 px),
+# and all the images go through each model in one batch; 64 keeps both small.
+MAX_VISUALIZE_IMAGES = 64
+
+
+def _flag(name: str) -> str:
+    """The command-line option of a config field: batch_size -> batch-size."""
+    return name.replace("_", "-")
+
+
+def _at_least(cfg: Any, name: str, low: int, option: str = "") -> None:
+    """Refuse `cfg.<name>` below `low` (None passes: an unset override), naming the option."""
+    value = getattr(cfg, name)
+    if value is not None and value < low:
+        raise ValueError(f"{option or '--' + _flag(name)} must be at least {low}, not {value}")
 
 
 @dataclass(frozen=True)
@@ -188,9 +203,19 @@ class TrainConfig:
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers must be 0 or more, not {self.workers}")
         for name in ("batch_size", "pretrain_batch_size", "image_size", "width", "pool_size"):
-            if getattr(self, name) < 1:
-                flag = name.replace("_", "-")
-                raise ValueError(f"--{flag} must be at least 1, not {getattr(self, name)}")
+            _at_least(self, name, 1)
+        # lr_decay_every and smf divide step and epoch numbers
+        for name in ("epochs", "pretrain_epochs", "lr_decay_every", "smf"):
+            _at_least(self, name, 0 if name.endswith("epochs") else 1)
+        if not self.grad_clip > 0:
+            raise ValueError(f"--grad-clip must be positive, not {self.grad_clip}")
+        # a learning rate of 0 holds that part still (a test of what the others do)
+        for name in ("lr", "pretrain_lr", "lr_decoder", "weight_decay", "lambda_r"):
+            _at_least(self, name, 0)
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"--momentum must be in [0, 1), not {self.momentum}")
+        if self.hp is not None and not 0 <= self.hp <= 1:
+            raise ValueError(f"--hp must be in [0, 1], not {self.hp}")
 
     @property
     def preset(self) -> Preset:
@@ -268,6 +293,9 @@ class EvalConfig:
     copies: bool = False  # data of `synth --copies 2`: also score how the mask covers both copies
 
     def __post_init__(self) -> None:
+        _at_least(self, "batch_size", 1, "--batch")
+        _at_least(self, "workers", 0)
+        _at_least(self, "limit", 0)
         if self.gradcam_stage not in (1, 2, 3, 4):
             raise ValueError(f"--gradcam-stage must be 1-4, not {self.gradcam_stage}")
         if self.classes not in ("all", "seen", "unseen"):
@@ -283,8 +311,15 @@ class VisualizeConfig:
     out: str = "runs/visualize"
     annotations: str = ""  # empty: DATA/annotations
     resize: str = "center-crop"
-    num_images: int = 8
+    num_images: int = 8  # at most MAX_VISUALIZE_IMAGES
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_images <= MAX_VISUALIZE_IMAGES:
+            raise ValueError(
+                f"--num-images must be 1-{MAX_VISUALIZE_IMAGES}, not {self.num_images} (the grid "
+                "is one column per image and all of them go through the model at once)"
+            )
 
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -328,6 +363,7 @@ class ExportConfig:
             raise ValueError(f"--max-batch must be at least 1, not {self.max_batch}")
         if self.parity_images < 64:
             raise ValueError(f"parity needs at least 64 real images, not {self.parity_images}")
+        _at_least(self, "parity_random", 0)
         if self.calibration_images < 1:
             raise ValueError(f"calibration needs at least 1 image, not {self.calibration_images}")
 
@@ -408,6 +444,7 @@ __all__ = [
     "EvalConfig",
     "ExportConfig",
     "InferConfig",
+    "MAX_VISUALIZE_IMAGES",
     "PRECISIONS",
     "PRESETS",
     "Preset",

@@ -31,6 +31,7 @@ from casm_deploy.metrics import (
     masks_to_boxes,
 )
 from casm_deploy.model import Masker
+from casm_deploy.paths import check_file
 from casm_deploy.ui import console, progress
 
 BASELINES = ("center", "full", "gradcam")
@@ -90,6 +91,21 @@ def label_map(model_wnids: list[str], data_wnids: list[str]) -> list[int]:
     return [index.get(wnid, -1) for wnid in data_wnids]
 
 
+def class_mismatch(name: str, model_wnids: list[str], data_wnids: list[str]) -> str:
+    """A one-line warning when a model's classes and the data's differ ("" when they match)."""
+    unknown = len(set(data_wnids) - set(model_wnids))
+    absent = len(set(model_wnids) - set(data_wnids))
+    parts = []
+    if unknown:
+        parts.append(
+            f"{unknown} of the data's {len(data_wnids)} classes are not the model's "
+            "(OM leaves their images out)"
+        )
+    if absent:
+        parts.append(f"{absent} of its {len(model_wnids)} classes are not in the data")
+    return f"warning: {name}: {'; '.join(parts)}" if parts else ""
+
+
 def constant_masks(box: list[int], size: int) -> Callable[[torch.Tensor], tuple]:
     """Masks that are 1 inside `box` and 0 elsewhere, for every image (centre / full).
 
@@ -124,6 +140,10 @@ def build_methods(cfg: EvalConfig, data_wnids: list[str]) -> tuple[list[Method],
     models = load_maskers(cfg.models)
     size = models[0].spec["image_size"]
     data_wnids = select_classes(data_wnids, models[0].spec["wnids"], cfg.classes)
+    for m in models:
+        warning = class_mismatch(m.name, m.spec["wnids"], data_wnids)
+        if warning and cfg.classes == "all":  # seen / unseen choose the difference on purpose
+            console.print(warning, soft_wrap=True)
     methods = [
         Method(
             m.name,
@@ -166,6 +186,8 @@ def run(cfg: EvalConfig) -> dict:
          "classifiers": {mask model: {classifier: {clean, masked_in, masked_out, inpainted}}},
          "leak": {mask model: `leak.mask_only_accuracy`'s dict} with `cfg.leak_control`}
     """
+    if cfg.json:
+        check_file(Path(cfg.json), "--json")
     info = read_classes(cfg.data, split=cfg.split)
     root = Path(cfg.data)
     if not (root / "classes.txt").is_file() and not (root / "train").is_dir():

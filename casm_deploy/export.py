@@ -15,11 +15,12 @@ import io
 import json
 import re
 import shutil
+import sys
 import tempfile
 import time
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,18 @@ import torch
 from torch import nn
 
 from casm_deploy import __version__, parity
-from casm_deploy.checkpoint import load_checkpoint, masker_from_checkpoint
+from casm_deploy.checkpoint import (
+    check_decoder_trained,
+    load_checkpoint,
+    masker_from_checkpoint,
+    training_data_kind,
+)
 from casm_deploy.config import ExportConfig, config_to_dict
 from casm_deploy.data import ImageDataset, list_images
 from casm_deploy.errors import UserError
 from casm_deploy.model import IMAGENET_MEAN, IMAGENET_STD, Masker
-from casm_deploy.ui import console
+from casm_deploy.paths import check_folder
+from casm_deploy.ui import console, progress
 
 INPUT = "images"
 OUTPUTS = ("masks", "logits")
@@ -44,6 +51,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 BF16_MIN_OPSET = 22  # ONNX Conv accepts bfloat16 from opset 22 on
 TRACE_CHECK_BATCHES = (1, 3, 5)  # torch.jit.trace re-runs the model at these batch sizes
 CALIBRATION_BATCH = 16
+WANTED = "export takes a training checkpoint, runs/<name>/checkpoint.pt"
 
 
 class HalfMasker(nn.Module):
@@ -115,11 +123,13 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
         UserError: the checkpoint or the parity data cannot be read, or CUDA is missing.
     """
     started = time.time()
+    check_folder(Path(cfg.out), "--out")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here; export with --device cpu")
     device = torch.device(cfg.device)
     checkpoint_path = Path(cfg.checkpoint)
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path, WANTED)
+    check_decoder_trained(checkpoint, checkpoint_path)  # no export of a random decoder's masks
     masker = masker_from_checkpoint(checkpoint, checkpoint_path).to(device)
     spec = checkpoint["model"]
     size = int(spec["image_size"])
@@ -138,7 +148,7 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
     # digests would then refuse the new files)
     for name in (*FILES.values(), "export.json"):
         (out / name).unlink(missing_ok=True)
-    base = base_metadata(checkpoint, sha256_file(checkpoint_path))
+    base = base_metadata(checkpoint, sha256_file(checkpoint_path), checkpoint_path)
     model = masker if cfg.precision not in DTYPES else HalfMasker(masker, DTYPES[cfg.precision])
     model = model.to(device).eval()
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(cfg.seed))
@@ -172,7 +182,9 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
                 with tempfile.TemporaryDirectory() as tmp:
                     fp32 = Path(tmp) / "fp32.onnx"
                     export_onnx(copy.deepcopy(masker).cpu(), example, fp32, opset, meta)
-                    quantize_int8(fp32, path, calibration_batches(calibration, size), meta)
+                    batches = calibration_batches(calibration, size)
+                    with _bar(status, "int8 calibration", len(batches), "batches") as advance:
+                        quantize_int8(fp32, path, batches, meta, on_batch=lambda: advance(1))
             else:
                 status.update(f"ONNX {cfg.precision}, opset {opset}")
                 meta["exporter"] = "torch.onnx.export (dynamo)"
@@ -183,9 +195,9 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
             onnx_path = written["onnx"]["path"]
             triton = write_triton(out / "triton", cfg.triton_name, onnx_path, spec, cfg.max_batch)
 
-        status.update("parity with eager fp32")
-        with ieee_fp32():
-            report = check_parity(masker, written, images, image_source, device)
+        runs = len(images) * (1 + len(parity.BATCH_SIZES) * len(written))
+        with ieee_fp32(), _bar(status, "parity with eager fp32", runs, "images") as advance:
+            report = check_parity(masker, written, images, image_source, device, advance)
 
     files = {
         fmt: {
@@ -213,10 +225,15 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
 # --- metadata ---------------------------------------------------------------------------------
 
 
-def base_metadata(checkpoint: dict[str, Any], checkpoint_sha256: str) -> dict[str, str]:
+def base_metadata(
+    checkpoint: dict[str, Any], checkpoint_sha256: str, checkpoint_path: str | Path = ""
+) -> dict[str, str]:
     """The metadata every artefact carries (strings: ONNX `metadata_props` hold strings).
 
     Structured values are JSON. Each exporter adds `precision` and `exporter` (and ONNX `opset`).
+    `training_data` is "synthetic" for a model of `data synth`'s shapes (infer warns that it
+    means nothing on photos), "images" for other data, "unknown" where the checkpoint does not
+    tell (see `checkpoint.training_data_kind`).
     """
     spec = checkpoint["model"]
     size = int(spec["image_size"])
@@ -243,6 +260,7 @@ def base_metadata(checkpoint: dict[str, Any], checkpoint_sha256: str) -> dict[st
         "package_version": __version__,
         "torch_version": torch.__version__,
         "training_config": json.dumps(checkpoint.get("config", {}), sort_keys=True),
+        "training_data": training_data_kind(checkpoint, checkpoint_path) or "unknown",
         "checkpoint_sha256": checkpoint_sha256,
     }
 
@@ -473,7 +491,11 @@ def write_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
 
 
 def quantize_int8(
-    fp32_path: Path, path: Path, batches: list[np.ndarray], metadata: dict[str, str]
+    fp32_path: Path,
+    path: Path,
+    batches: list[np.ndarray],
+    metadata: dict[str, str],
+    on_batch: Callable[[], None] | None = None,
 ) -> None:
     """Static QDQ int8 quantisation (per-channel weights) calibrated on `batches`.
 
@@ -485,7 +507,8 @@ def quantize_int8(
     The batches are calibrated one at a time (ONNX Runtime's `CalibStridedMinMax`, which every
     calibrator honours), each merged into the histograms: in one pass the calibrator holds every
     activation of every image at once, ~125 MB per image for a ResNet-50 at 224 px (~18 GB at
-    the default 128 images); one batch of 16 holds ~2 GB.
+    the default 128 images); one batch of 16 holds ~2 GB. `on_batch` is called as each batch
+    goes into the calibrator (a progress bar).
     """
     import onnx
     from onnxruntime.quantization import (
@@ -509,10 +532,12 @@ def quantize_int8(
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             images = next(self.batches, None)
+            if images is not None and on_batch is not None:
+                on_batch()
             return None if images is None else {INPUT: images}
 
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-        # (stdout: the histogram calibrator prints its progress)
+    with tempfile.TemporaryDirectory() as tmp, _quiet_print():
+        # (print: the histogram calibrator prints its progress)
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))  # shape inference, fusions
         quantize_static(
@@ -528,6 +553,32 @@ def quantize_int8(
             extra_options={"CalibStridedMinMax": 1},  # one batch of activations at a time
         )
     write_onnx_metadata(path, metadata)
+
+
+@contextlib.contextmanager
+def _quiet_print() -> Iterator[None]:
+    """`print` to nothing (ONNX Runtime's calibrators print as they go), while the console
+    keeps writing to the real stdout (a progress bar drawn meanwhile must still show)."""
+    previous = getattr(console, "_file", None)
+    console.file = getattr(sys.stdout, "rich_proxied_file", sys.stdout)  # under a live display
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        console.file = previous  # type: ignore[assignment]  # None: follow sys.stdout again
+
+
+@contextlib.contextmanager
+def _bar(status: Any, title: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
+    """A progress bar of `total` `unit` in place of the `console.status` spinner (rich shows
+    one live display at a time); yields `advance(n)`. Gone when done: the table follows."""
+    status.stop()
+    try:
+        with progress(transient=True) as bars:
+            task = bars.add_task(title, total=total, info=unit)
+            yield lambda n: bars.advance(task, n)
+    finally:
+        status.start()
 
 
 def mask_head(model: Any) -> list[str]:
@@ -729,13 +780,27 @@ def check_parity(
     images: np.ndarray,
     image_source: dict[str, Any],
     device: torch.device,
+    on_images: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Check every written file against the eager fp32 masker on the parity images.
 
     An fp16 or bf16 ONNX graph that ONNX Runtime cannot run on this device is reported as
-    skipped, with the reason; any other failure to run fails the check.
+    skipped, with the reason; any other failure to run fails the check. `on_images(n)` is
+    called as each batch of n images has gone through a model (a progress bar).
     """
-    ref = parity.reference(_torch_predict(masker, device), images, image_source["real"])
+
+    def counted(predict: parity.Predict) -> parity.Predict:
+        if on_images is None:
+            return predict
+
+        def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            outputs = predict(batch)
+            on_images(len(batch))
+            return outputs
+
+        return run
+
+    ref = parity.reference(counted(_torch_predict(masker, device)), images, image_source["real"])
     results = []
     for fmt, entry in written.items():
         path, precision = entry["path"], entry["precision"]
@@ -763,7 +828,7 @@ def check_parity(
                 result["failures"] = [first_line(error)]
             results.append(result)
             continue
-        result.update(parity.check(predict, images, ref, precision))
+        result.update(parity.check(counted(predict), images, ref, precision))
         if precision in DTYPES and device.type == "cpu" and fmt != "onnx":
             result["note"] = f"{precision} checked on CPU; CUDA kernels not checked (--device cuda)"
         results.append(result)

@@ -9,14 +9,21 @@ A file is checked before it is decoded, each step bounding what the next may cos
 be a regular file (a FIFO would block the reader forever) no larger than `max_file_bytes`;
 its header, read first, must declare at most `max_pixels` pixels; then the whole file is
 read and must hold a whole JPEG or PNG (bytes after the image's end are allowed).
+
+libpng and libjpeg print their warnings ("libpng warning: iCCP: known incorrect sRGB
+profile", "Corrupt JPEG data: ...") to stderr themselves, beneath Python and OpenCV's log
+level: `quiet_decoders` keeps them off the console while infer runs.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +37,7 @@ from casm_deploy.config import InferConfig
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+NO_IMAGES = f"no image files (looked for {' '.join(EXTENSIONS)}, any case, in all subfolders)"
 # The default pixel cap (`infer --max-megapixels`, written once in InferConfig): 120 MP admits
 # the largest camera photos (102 MP medium format, 108 MP phones) and refuses what a few
 # kilobytes can declare to exhaust memory (a decoded image is 3 bytes a pixel, its mask 1
@@ -37,6 +45,66 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_PIXELS = round(InferConfig.max_megapixels * 1e6)
 BYTES_PER_PIXEL = 4  # the most an uncompressed 8-bit RGBA file takes ...
 FILE_HEADROOM = 64 << 20  # ... plus metadata, thumbnails, a motion photo's video
+
+
+# The start of the lines libpng and libjpeg write to stderr: about files that decode anyway, or
+# that fail and get an error row that says so.
+NATIVE_NOISE = (
+    "libpng warning: ",
+    "libpng error: ",
+    "Corrupt JPEG data",
+    "Premature end of JPEG file",
+    "Invalid SOS parameters for sequential JPEG",
+    "Inconsistent progression sequence",
+    "Warning: unknown JFIF revision number",
+    "Unknown Adobe color transform code",
+)
+_FILTER = """
+import sys
+noise = tuple(arg.encode() for arg in sys.argv[1:])
+for line in sys.stdin.buffer:
+    if not line.startswith(noise):
+        sys.stderr.buffer.write(line)
+        sys.stderr.buffer.flush()
+"""
+
+
+@contextmanager
+def quiet_decoders() -> Iterator[None]:
+    """stderr (file descriptor 2, where C code writes) through a filter that drops the
+    `NATIVE_NOISE` lines and passes every other line on.
+
+    The filter is a small process of its own, in a session of its own (Ctrl-C does not stop
+    it): what this process prints as it crashes still gets through.
+    """
+    sys.stderr.flush()
+    filter_ = None
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr: nothing to filter
+        saved = None
+    if saved is not None:
+        command = [sys.executable, "-I", "-S", "-c", _FILTER, *NATIVE_NOISE]
+        try:
+            filter_ = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stderr=saved, start_new_session=True
+            )
+        except OSError:  # no interpreter to run it: stderr as it is
+            os.close(saved)
+    if filter_ is None:
+        yield
+        return
+    os.dup2(filter_.stdin.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last write end closes with filter_.stdin: it ends
+        os.close(saved)
+        filter_.stdin.close()
+        # a child process of this one may still hold the pipe: then the filter is let be
+        with suppress(subprocess.TimeoutExpired):
+            filter_.wait(timeout=5)
 
 
 class ImageError(Exception):

@@ -34,11 +34,13 @@ from casm_deploy.cpus import usable_cpus
 from casm_deploy.errors import UserError
 from casm_deploy.images import (
     MAX_PIXELS,
+    NO_IMAGES,
     Encoded,
     Entry,
     ImageError,
     TorchvisionJpegs,
     decode,
+    quiet_decoders,
     read_file,
     read_image,
     read_overlay,
@@ -75,9 +77,13 @@ OVERLAY_SIDE = 512  # longest side of an overlay image
 def run(cfg: InferConfig) -> dict[str, Any]:
     """Run the model over every image under `cfg.dir`; returns the content of summary.json.
 
+    What libpng and libjpeg print to stderr about a file ("libpng warning: ...") is kept off
+    the console (`quiet_decoders`); a file that fails to decode has its error row.
+
     Raises:
-        UserError: the folder, the model or an output path cannot be used (checked before the
-            first image), or another run holds OUT.
+        UserError: the folder (missing, or without any image file), the model or an output
+            path cannot be used (checked before the first image), or another run holds OUT.
+            A rerun of a finished run is no error: 0 files to do.
         OutUnwritable: OUT's disk stopped taking writes (full, quota, read-only, I/O error);
             the batches recorded before stay, and a rerun resumes.
     """
@@ -85,13 +91,16 @@ def run(cfg: InferConfig) -> dict[str, Any]:
     if not root.is_dir():
         raise UserError(f"{root}: {'not a folder' if root.exists() else 'no such folder'}")
     out = Path(cfg.out)
+    if next(scan(root, exclude=out), None) is None:  # before the model is loaded
+        raise UserError(f"{root}: {NO_IMAGES}")
     check_outputs(out, cfg.coco)
     masker = Masker.load(cfg.model, cfg.backend, cfg.device, cfg.batch, cfg.expect_sha256)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise as_user_error(error, out) from None
-    with Lock(out):  # one run per OUT; --overwrite and the record's repairs happen under it
+    # one run per OUT; --overwrite and the record's repairs happen under the lock
+    with Lock(out), quiet_decoders():
         return run_locked(cfg, root, out, masker)
 
 
@@ -533,9 +542,9 @@ class Writer:
             np.save(buffer, full)
             self.put("masks", entry.rel, ".npy", buffer.getvalue(), row, "mask")
         if self.cfg.overlay:
-            jpeg = overlay(
-                entry.path, float_masks(mask), row["box"], width, height, max_pixels(self.cfg)
-            )
+            label = overlay_label(row["name"], row["score"])
+            args = (entry.path, float_masks(mask), row["box"], width, height, max_pixels(self.cfg))
+            jpeg = overlay(*args, label=label)
             self.put("overlays", entry.rel, ".jpg", jpeg, row, "overlay")
 
     def put(self, folder: str, rel: str, suffix: str, data: bytes, row: dict, key: str) -> None:
@@ -552,8 +561,10 @@ def overlay(
     width: int,
     height: int,
     limit: int = MAX_PIXELS,
+    label: str = "",
 ) -> bytes:
-    """The image (longest side at most OVERLAY_SIDE) dimmed where the mask is low, with its box."""
+    """The image (longest side at most OVERLAY_SIDE) dimmed where the mask is low, with its box
+    and `label` (`overlay_label`; at the top left without a box)."""
     import cv2
 
     try:
@@ -564,14 +575,50 @@ def overlay(
     h, w = image.shape[:2]
     weight = resize_mask(mask, w, h)[:, :, None]
     shown = (image * (0.3 + 0.7 * weight)).astype(np.uint8)  # salient pixels stay bright
+    thickness = max(1, round(max(h, w) / 200))  # 1 px up to 300 px, 3 px at 512
+    corner = (0, 0)
     if box is not None:
         scale = min(1.0, OVERLAY_SIDE / max(width, height))
         x0, y0, x1, y1 = (round(v * scale) for v in box)
-        cv2.rectangle(shown, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), (0, 255, 0), 1)
+        cv2.rectangle(shown, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), BOX_COLOR, thickness)
+        corner = (x0, y0)
+    if label:
+        draw_label(shown, label, corner, thickness)
     ok, jpeg = cv2.imencode(".jpg", shown, [cv2.IMWRITE_JPEG_QUALITY, 90])
     if not ok:
         raise OutputError("cannot encode the overlay")
     return jpeg.tobytes()
+
+
+BOX_COLOR = (0, 255, 0)  # BGR: green, and the label's background
+
+
+def overlay_label(name: str, score: float) -> str:
+    """An overlay's label: the predicted class name and its probability."""
+    return f"{name} {score:.2f}"
+
+
+def draw_label(image: np.ndarray, text: str, corner: tuple[int, int], thickness: int) -> None:
+    """`text`, black on a filled box of BOX_COLOR, sitting on `corner` (a box's top left): above
+    it where there is room, else just below; shifted and shortened ("..") to stay inside."""
+    import cv2
+
+    h, w = image.shape[:2]
+    font, scale, weight = cv2.FONT_HERSHEY_SIMPLEX, max(0.3, max(h, w) / 640), max(1, thickness - 1)
+    pad = thickness + 1
+    text = text.encode("ascii", "replace").decode()  # Hershey fonts draw ASCII only
+    shown = text
+    while (size := cv2.getTextSize(shown, font, scale, weight))[0][0] + 2 * pad > w and text:
+        text = text[:-1]
+        shown = text + ".."
+    (text_width, text_height), baseline = size
+    box_width, box_height = text_width + 2 * pad, text_height + baseline + 2 * pad
+    x, y = corner
+    y = y - box_height if y >= box_height else y  # a box at the top edge: its label inside
+    x, y = max(0, min(x, w - box_width)), max(0, min(y, h - box_height))
+    cv2.rectangle(image, (x, y), (x + box_width - 1, y + box_height - 1), BOX_COLOR, cv2.FILLED)
+    origin = (x + pad, y + pad + text_height)
+    cv2.putText(image, shown, origin, font, scale, (0, 0, 0), weight, cv2.LINE_AA)
 
 
 # --- the results ------------------------------------------------------------------------------

@@ -175,10 +175,10 @@ def load_encoder_weights(encoder: Encoder, weights: str) -> list[str]:
     path = Path(weights).expanduser()
     if not path.is_file():
         path = _cached_torchvision_file(encoder.arch, weights)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(f"{path}: not a readable torchvision state dict ({error})") from None
+    from casm_deploy.checkpoint import load_file  # which imports this module
+
+    wanted = "--weights takes a torchvision state dict or a casm-deploy checkpoint"
+    state = load_file(path, wanted)
     if isinstance(state, dict) and "format" in state and "encoder" in state:
         state = state["encoder"]  # a casm-deploy checkpoint: start from its classifier
     elif isinstance(state, dict) and "state_dict" in state:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from casm_deploy.errors import UserError
+from casm_deploy.paths import check_file, check_folder
 
 RECORD = "boxes.jsonl"
 IDENTITY = "infer.json"  # what produced OUT: a rerun must match it to resume
@@ -164,11 +165,7 @@ def check_outputs(out: Path, coco: str) -> None:
     with none of its own files a link. The COCO file: not a folder or a link, in a folder that
     is (or can be made), and not one of OUT's own files.
     """
-    if out.is_symlink() and not out.exists():
-        raise UserError(f"--out {out}: a dangling symbolic link")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a folder")
-    _check_folder(out, "--out")
+    check_folder(out, "--out")
     if out.is_dir():
         if any(p.name != LOCK for p in out.iterdir()) and not (out / IDENTITY).is_file():
             raise UserError(
@@ -183,28 +180,11 @@ def check_outputs(out: Path, coco: str) -> None:
     if not coco:
         return
     path = Path(coco)
-    if path.is_symlink():
-        raise UserError(f"--coco {path}: a symbolic link; infer does not write through links")
-    if path.is_dir():
-        raise UserError(f"--coco {path}: a folder; give a file name")
-    if path.exists() and not path.is_file():
-        raise UserError(f"--coco {path}: not a regular file")
+    check_file(path, "--coco")
     if len(os.fsencode(f".{path.name}{PARTIAL}")) > _name_max(path.parent):
         raise UserError(f"--coco {path}: file name too long")
-    _check_folder(path.parent, "--coco")
     if path.resolve() in {(out / name).resolve() for name in (*OWN_FILES, "masks", "overlays")}:
         raise UserError(f"--coco {path}: would replace OUT's own {path.name}")
-
-
-def _check_folder(folder: Path, option: str) -> None:
-    """`folder`, or the nearest of its parents that exists, is a writable folder."""
-    existing = folder
-    while not os.path.lexists(existing) and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"{option} {folder}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{option} {folder}: {existing} is not writable")
 
 
 def _name_max(folder: Path) -> int:

@@ -144,6 +144,11 @@ class Masker:
         not make. `expect_sha256` pins the file: a file of another SHA-256 is refused before
         anything in it is read, as is one that differs from the export.json beside it.
 
+        A model trained on `casm-deploy data synth`'s shapes (the demo model) prints a note
+        saying its masks and labels mean nothing on photos (`info.training_data` is then
+        "synthetic"; the note is in `backend.notices`). A checkpoint whose mask decoder was
+        never trained (a `--classifier-only` run) is refused.
+
         Raises:
             UserError: see `open_model`.
         """

@@ -48,6 +48,7 @@ from casm_deploy.metrics import (
     masks_to_boxes,
 )
 from casm_deploy.model import Encoder, Masker, build_masker, load_encoder_weights
+from casm_deploy.paths import check_folder
 from casm_deploy.ui import console, progress
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -66,6 +67,49 @@ def amp_dtype(amp: str, device_type: str) -> torch.dtype | None:
     if amp == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("--amp bf16: this GPU does not support bfloat16 (use --amp fp16)")
     return AMP_DTYPES[amp]
+
+
+# x86 (AVX512-BF16, AMX) and Arm (BF16) flags of bfloat16 arithmetic in /proc/cpuinfo
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
+    """The first CPU's feature flags (x86 `flags`, Arm `Features`), or None where unknown."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
+def bf16_cpu_warning(amp: str, device_type: str, flags: set[str] | None) -> str:
+    """A warning for --amp bf16 on a CPU whose `flags` show no bfloat16 arithmetic ("" else).
+
+    Without it autocast's bf16 is emulated: one such CPU trained 11x slower than in fp32.
+    Unknown flags (None: no /proc/cpuinfo) give no warning.
+    """
+    if amp != "bf16" or device_type != "cpu" or flags is None or flags & BF16_CPU_FLAGS:
+        return ""
+    return (
+        "warning: --amp bf16 on a CPU without bfloat16 arithmetic (no avx512_bf16, amx_bf16 "
+        "or bf16 flag): slower than fp32 here; use --amp off"
+    )
+
+
+def too_few_images(
+    root: Path, phase: str, option: str, size: int, found: int, per_epoch: int, world: int
+) -> str:
+    """The message of a phase that would have no batch: the images found and the option."""
+    seen = f", {per_epoch} of them per epoch (--epoch-fraction)" if per_epoch < found else ""
+    where = f" on each of {world} processes" if world > 1 else ""
+    return (
+        f"{root}: {found} training images{seen}, too few for one {phase} batch of {size}{where}; "
+        f"pass a smaller {option}"
+    )
 
 
 def autocast(device_type: str, dtype: torch.dtype | None):
@@ -823,6 +867,8 @@ def run(cfg: TrainConfig) -> Path:
     rank 0 alone validates, writes the files and shows progress while the others wait.
     """
     run_dir = Path(cfg.out) / cfg.run_name
+    check_folder(Path(cfg.out), "--out")
+    check_folder(run_dir, "run folder")
     ckpt_path = run_dir / "checkpoint.pt"
     main = distributed_from_env().main
     # Rank 0 holds the folder's lock for the whole run: a second run into it is refused.
@@ -888,6 +934,9 @@ def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
         masker = masker.to(memory_format=torch.channels_last)
     broadcast_module(masker)  # the same seed gives the same weights; this makes sure of it
     casm = CASM(masker, cfg, rng)  # early: it refuses an --amp this device cannot run
+    warning = bf16_cpu_warning(cfg.amp, device.type, cpu_flags())
+    if warning and job.main:
+        console.print(warning, soft_wrap=True)
     if device.type == "cuda":
         # Every training batch has the same shape: let cuDNN time its algorithms once.
         torch.backends.cudnn.benchmark = True
@@ -917,15 +966,16 @@ def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
         **loader_args,
         **shard,
     )
-    for name, loader_, size, epochs in (
-        ("pre-training", pretrain_loader, cfg.pretrain_batch_size, cfg.pretrain_epochs),
-        ("CASM", casm_loader, cfg.batch_size, cfg.casm_epochs),
-    ):
+    found = len(casm_loader.samples)
+    phases = (
+        ("pre-training", pretrain_loader, cfg.pretrain_epochs, "--pretrain-batch-size", 1.0),
+        ("CASM", casm_loader, cfg.casm_epochs, "--batch-size", cfg.epoch_fraction),
+    )
+    for name, loader_, epochs, option, fraction in phases:
         if epochs and len(loader_) == 0:  # the last partial batch is dropped
-            where = f" on each of {job.world} processes" if job.world > 1 else ""
-            raise UserError(
-                f"{root}: too few training images for one {name} batch of {size}{where}"
-            )
+            per_epoch = max(1, int(found * fraction))  # as data.epoch_order cuts an epoch
+            size = loader_.batch_size
+            raise UserError(too_few_images(root, name, option, size, found, per_epoch, job.world))
     val_loader = build_loader(root, "val", batch_size=128, train=False, **loader_args)
     boxes = [  # each validation image's boxes of its own class, in the model frame
         own_boxes(path, info.wnids[label], root / "annotations", cfg.image_size, cfg.resize)
@@ -977,6 +1027,8 @@ def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
         "wnids": info.wnids,
         "names": info.names,
         "shared_encoder": not cfg.unshared,
+        # what it learned from: `data synth`'s shapes (its synth.json) or a folder of images
+        "data_kind": "synthetic" if (root / "synth.json").is_file() else "images",
     }
 
     def save(phase_: str, epoch_: int, metrics: dict) -> None:

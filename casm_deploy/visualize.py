@@ -3,6 +3,10 @@
 Writes a Fig. 2-style grid (original, masked-in, masked-out, inpainted masked-out per model), an
 HTML gallery with predicted and ground-truth boxes, heatmaps and the scorer's IoU, and a JSON
 record of both. Reads checkpoints (`load_masker`) and the data set (`data.py`); CPU only.
+
+DATA may also be any folder of images (not an ImageNet layout: no classes.txt, train/ or val/):
+then a seeded choice of its image files, whole as `infer` sees them, with the predicted boxes
+and labels only (no ground truth, no IoU).
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ from casm_deploy.data import (
     read_classes,
 )
 from casm_deploy.errors import UserError
+from casm_deploy.images import NO_IMAGES, ImageError, quiet_decoders, read_image, scan
 from casm_deploy.metrics import clip_box, localization_scores, masks_to_boxes
+from casm_deploy.paths import check_folder
+from casm_deploy.ui import console
 
 ROW_NAMES = ("original", "masked-in", "masked-out", "inpainted")
 MIN_CELL = 128  # small images are upscaled (nearest, integer factor) to at least this
@@ -61,32 +68,37 @@ def run(cfg: VisualizeConfig) -> dict[str, str]:
 
     Raises:
         UserError: no model, an unreadable checkpoint, models of different image sizes, an
-            unknown resize policy, or a data set / annotation problem.
+            unknown resize policy, a data set / annotation problem, or a plain folder
+            without a readable image file.
     """
     if not cfg.models:
         raise UserError("visualize needs at least one model checkpoint")
     check_policy(cfg.resize)
-    if cfg.num_images < 1:
-        raise UserError(f"--num-images must be at least 1, not {cfg.num_images}")
+    check_folder(Path(cfg.out), "--out")
     models = load_maskers(cfg.models)
     size = models[0].spec["image_size"]
 
-    info = read_classes(cfg.data)
-    annotations = Path(cfg.annotations) if cfg.annotations else Path(cfg.data) / "annotations"
-    samples = pick_samples(list_images(cfg.data, "val", info.wnids), cfg.num_images, cfg.seed)
-    dataset = ImageDataset(samples, size, train=False, policy=cfg.resize)
-    pixels = np.stack([dataset[i][0] for i in range(len(dataset))])  # (N,S,S,3) uint8 RGB
+    plain = is_plain_folder(Path(cfg.data))
+    if plain:  # no classes, no boxes: what the models see in someone's own photos
+        annotations = ""
+        pixels, records = folder_samples(Path(cfg.data), size, cfg.num_images, cfg.seed)
+    else:
+        info = read_classes(cfg.data)
+        annotations = Path(cfg.annotations) if cfg.annotations else Path(cfg.data) / "annotations"
+        samples = pick_samples(list_images(cfg.data, "val", info.wnids), cfg.num_images, cfg.seed)
+        dataset = ImageDataset(samples, size, train=False, policy=cfg.resize)
+        pixels = np.stack([dataset[i][0] for i in range(len(dataset))])  # (N,S,S,3) uint8 RGB
+        records = [
+            {
+                "path": str(path),
+                "class": info.wnids[label],
+                "name": info.names[label],
+                "boxes": own_boxes(path, info.wnids[label], annotations, size, cfg.resize),
+                "models": [],
+            }
+            for path, label in samples
+        ]
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255)  # (N,3,S,S)
-    records = [
-        {
-            "path": str(path),
-            "class": info.wnids[label],
-            "name": info.names[label],
-            "boxes": own_boxes(path, info.wnids[label], annotations, size, cfg.resize),
-            "models": [],
-        }
-        for path, label in samples
-    ]
 
     rows = []  # per model: the 4 grid rows, each (N,3,S,S)
     heatmaps = []  # per model: (N,S,S) continuous masks
@@ -106,6 +118,23 @@ def run(cfg: VisualizeConfig) -> dict[str, str]:
             boxes = masks_to_boxes(masks)
             predicted = logits.argmax(dim=1).tolist()
             names = model.spec.get("names") or model.spec["wnids"]
+            if plain:
+                probabilities = logits.softmax(dim=1)
+                for record, mask, box, k, p in zip(
+                    records, masks, boxes, predicted, probabilities, strict=True
+                ):
+                    record["models"].append(
+                        {
+                            "model": model.name,
+                            "checkpoint": model.path,
+                            "box": box,
+                            "predicted_class": model.spec["wnids"][k],
+                            "predicted_name": names[k],
+                            "score": round(float(p[k]), 6),
+                            "mask_mean": float(mask.mean()),
+                        }
+                    )
+                continue
             for record, mask, box, k in zip(records, masks, boxes, predicted, strict=True):
                 scores = localization_scores(mask, box, record["boxes"])
                 record["models"].append(
@@ -127,7 +156,7 @@ def run(cfg: VisualizeConfig) -> dict[str, str]:
     grid = draw_grid(
         [_to_uint8(r) for model_rows in rows for r in model_rows],
         [m.name for m in models],
-        [r["name"] for r in records],
+        [r["name"] or Path(r["path"]).name for r in records],  # a plain folder: file names
         size,
     )
     paths = {"grid": out / "grid.png", "html": out / "index.html", "json": out / "visualize.json"}
@@ -136,10 +165,57 @@ def run(cfg: VisualizeConfig) -> dict[str, str]:
         _gallery(out, pixels, [h.numpy() for h in heatmaps], records, models, size)
     )
     resolved = dataclasses.replace(cfg, annotations=str(annotations))
+    if plain:
+        console.print(
+            f"{cfg.data}: not an ImageNet layout (no classes.txt, train/ or val/): "
+            f"{len(records)} of its images, whole, with predicted boxes and labels only "
+            "(no ground truth, no IoU)",
+            markup=False,
+            highlight=False,
+        )
     paths["json"].write_text(
         json.dumps({"config": config_to_dict(resolved), "images": records}, indent=2) + "\n"
     )
     return {key: str(path) for key, path in paths.items()}
+
+
+def is_plain_folder(data: Path) -> bool:
+    """A folder of images rather than an ImageNet layout (classes.txt, train/ or val/)."""
+    layout = ("classes.txt", "train", "val")
+    return data.is_dir() and not any((data / name).exists() for name in layout)
+
+
+def folder_samples(
+    data: Path, size: int, count: int, seed: int
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """`count` image files under `data` (recursive), a seeded choice, read as `infer` reads
+    them (the whole image at S x S); files that do not decode are passed over.
+
+    Returns:
+        (N,S,S,3) uint8 RGB pixels and their records (no class, no boxes), in path order.
+
+    Raises:
+        UserError: no image file under `data` decodes.
+    """
+    entries = [entry for entry in scan(data) if entry.error is None]
+    picked = []
+    with quiet_decoders():  # libpng's and libjpeg's own warnings stay off the console
+        for i in np.random.default_rng(seed).permutation(len(entries)):
+            try:
+                picked.append((entries[i].path, read_image(entries[i].path, size)[0]))
+            except ImageError:
+                continue
+            if len(picked) == count:
+                break
+    if not picked:
+        found = f"{len(entries)} image files, none readable" if entries else NO_IMAGES
+        raise UserError(f"{data}: {found}")
+    picked.sort(key=lambda item: item[0])
+    records = [
+        {"path": str(path), "class": None, "name": None, "boxes": [], "models": []}
+        for path, _ in picked
+    ]
+    return np.stack([pixels for _, pixels in picked]), records
 
 
 def pick_samples(samples: list[tuple[Path, int]], count: int, seed: int) -> list[tuple[Path, int]]:
@@ -235,25 +311,35 @@ def _gallery(
     models: list[NamedMasker],
     image_size: int,
 ) -> str:
-    """Write the gallery's images under `out/images/` and return the HTML page."""
+    """Write the gallery's images under `out/images/` and return the HTML page.
+
+    Records without a class (a plain folder) show the predictions only.
+    """
     scale = cell_size(image_size) // image_size
     esc = html.escape
     cards = []
     for i, (image, record) in enumerate(zip(pixels, records, strict=True)):
-        parts = [
-            f"<h2>{esc(record['name'])} <small>({esc(record['class'])})</small></h2>",
-            f"<p class=path>{esc(record['path'])}</p>",
-        ]
+        if record["class"] is None:
+            title = esc(Path(record["path"]).name)
+        else:
+            title = f"{esc(record['name'])} <small>({esc(record['class'])})</small>"
+        parts = [f"<h2>{title}</h2>", f"<p class=path>{esc(record['path'])}</p>"]
         for j, (model, result) in enumerate(zip(models, record["models"], strict=True)):
             boxed, mask = f"images/{i:03d}-m{j}-boxes.png", f"images/{i:03d}-m{j}-mask.png"
             _write_png(out / boxed, draw_boxes(image, result["box"], record["boxes"], scale))
             _write_png(out / mask, heatmap(heatmaps[j][i], scale))
+            images = f"<img src='{esc(boxed)}' alt='boxes'><img src='{esc(mask)}' alt='mask'>"
+            if record["class"] is None:
+                parts.append(
+                    f"<div class=model>{images}<p><b>{esc(model.name)}</b><br>"
+                    f"predicted: {esc(result['predicted_name'])} ({result['score']:.2f})<br>"
+                    f"mask area {result['mask_mean']:.2f}</p></div>"
+                )
+                continue
             unseen = "" if record["class"] in model.spec["wnids"] else " (unseen class)"
             verdict = "hit" if result["hit"] else "miss"
             parts.append(
-                "<div class=model>"
-                f"<img src='{esc(boxed)}' alt='boxes'><img src='{esc(mask)}' alt='mask'>"
-                f"<p><b>{esc(model.name)}</b><br>"
+                f"<div class=model>{images}<p><b>{esc(model.name)}</b><br>"
                 f"true: {esc(record['name'])}{esc(unseen)}<br>"
                 f"predicted: {esc(result['predicted_name'])}"
                 f"{' &#10003;' if result['correct'] else ''}<br>"
@@ -262,6 +348,12 @@ def _gallery(
             )
         cards.append("<div class=card>" + "".join(parts) + "</div>")
     model_list = ", ".join(esc(f"{m.name} ({m.path})") for m in models)
+    legend = f"""<span style="color:rgb{GT_COLOR}">green = ground truth</span>.
+Heatmap: the continuous mask (blue 0, red 1). A hit is IoU &gt; 0.5 with the best ground-truth
+box, as the scorer counts it."""
+    if records and records[0]["class"] is None:
+        legend = """Heatmap: the continuous mask (blue 0, red 1). A folder of images without
+annotations: no ground truth, no IoU; predicted: the class and its probability."""
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>casm-deploy visualize</title>
 <style>
@@ -280,9 +372,7 @@ body {{ font-family: sans-serif; background: #f4f4f4; margin: 1em; }}
 <p>Models: {model_list}</p>
 <p class=legend>Boxes: <span style="color:rgb{PRED_COLOR}">red = predicted</span>
 (mask binarised at its mean, largest component, tight box)
-<span style="color:rgb{GT_COLOR}">green = ground truth</span>.
-Heatmap: the continuous mask (blue 0, red 1). A hit is IoU &gt; 0.5 with the best ground-truth
-box, as the scorer counts it. Full grid: <a href="grid.png">grid.png</a>.</p>
+{legend} Full grid: <a href="grid.png">grid.png</a>.</p>
 {chr(10).join(cards)}
 </body></html>
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from html.parser import HTMLParser
 from pathlib import Path
@@ -97,3 +98,67 @@ def test_pick_samples_is_seeded_and_spread():
     assert picked == visualize.pick_samples(samples, 6, seed=3)
     assert sorted(label for _, label in picked) == [0, 0, 1, 1, 2, 2]
     assert len(visualize.pick_samples(samples, 100, seed=0)) == 15
+
+
+def _photos(root: Path) -> Path:
+    """5 images in a folder and a subfolder, extensions in any case, a text file and a file
+    that is no image: not an ImageNet layout."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        folder = root / "trip" if i % 2 else root
+        folder.mkdir(parents=True, exist_ok=True)
+        image = rng.integers(0, 255, (48 + 8 * i, 64, 3), dtype=np.uint8)
+        cv2.imwrite(str(folder / f"{i}.{'JPG' if i < 3 else 'png'}"), image)
+    (root / "notes.txt").write_text("not an image")
+    (root / "broken.png").write_bytes(b"not a png either")
+    return root
+
+
+def test_a_plain_folder_of_images_gets_a_gallery_without_ground_truth(
+    tiny_data, tmp_path, make_checkpoint, capsys
+):
+    import cv2
+
+    model = make_checkpoint(tmp_path / "run-a" / "checkpoint.pt", tiny_data)
+    photos = _photos(tmp_path / "photos")
+    cfg = VisualizeConfig(models=(model,), data=str(photos), out=str(tmp_path / "a"), num_images=4)
+    written = visualize.run(cfg)
+    printed = capsys.readouterr().out
+    assert "not an ImageNet layout" in printed and "no ground truth, no IoU" in printed
+
+    assert cv2.imread(written["grid"]).shape[:2] == visualize.grid_shape(4, 1, 32)
+    page = Path(written["html"]).read_text()
+    assert "IoU" not in page.replace("no IoU", "") and "ground truth</span>" not in page
+    parser = _ImageSources()
+    parser.feed(page)
+    assert len(parser.sources) == 4 * 2
+    assert all((Path(written["html"]).parent / src).is_file() for src in parser.sources)
+
+    images = json.loads(Path(written["json"]).read_text())["images"]
+    paths = [image["path"] for image in images]
+    assert len(paths) == 4 and paths == sorted(paths)
+    assert all(Path(p).is_relative_to(photos) and Path(p).suffix != ".txt" for p in paths)
+    assert str(photos / "broken.png") not in paths
+    for image in images:
+        assert image["class"] is None and image["boxes"] == []
+        (result,) = image["models"]
+        assert "iou" not in result and 0.0 <= result["score"] <= 1.0
+        assert result["predicted_name"] in page
+
+    again = visualize.run(dataclasses.replace(cfg, out=str(tmp_path / "b")))
+    assert [i["path"] for i in json.loads(Path(again["json"]).read_text())["images"]] == paths
+    every = visualize.run(dataclasses.replace(cfg, out=str(tmp_path / "c"), num_images=50))
+    assert len(json.loads(Path(every["json"]).read_text())["images"]) == 5  # broken.png passed
+
+
+def test_a_plain_folder_without_images_is_a_user_error(tiny_data, tmp_path, make_checkpoint):
+    model = make_checkpoint(tmp_path / "run-a" / "checkpoint.pt", tiny_data)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    cfg = VisualizeConfig(models=(model,), data=str(empty), out=str(tmp_path / "out"))
+    with pytest.raises(UserError, match="no image files"):
+        visualize.run(cfg)
