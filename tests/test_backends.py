@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from pictures import scene
 from PIL import Image, ImageOps
 
 from casm_deploy import backends
@@ -322,30 +323,19 @@ def _jpeg(image: np.ndarray, orientation: int = 1, mode: str = "RGB") -> bytes:
     return buffer.getvalue()
 
 
-def _scene(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """A smooth picture with a few bright blocks (RGB)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    image = np.stack([x * 200 // width, y * 200 // height, (x + y) * 100 // (width + height)], 2)
-    for _ in range(4):
-        y0, x0 = rng.integers(0, height // 2), rng.integers(0, width // 2)
-        image[y0 : y0 + height // 4, x0 : x0 + width // 4] = rng.integers(100, 256, 3)
-    return image.astype(np.uint8)
-
-
 def test_read_file_reports_orientation_and_mode(tmp_path):
     path = tmp_path / "rotated.jpg"
-    path.write_bytes(_jpeg(_scene(20, 40), orientation=6))
+    path.write_bytes(_jpeg(scene(20, 40), orientation=6))
     encoded = read_file(path)
     assert (encoded.width, encoded.height, encoded.orientation) == (20, 40, 6)
     assert encoded.mode == "RGB" and encoded.is_jpeg
-    (tmp_path / "cmyk.jpg").write_bytes(_jpeg(_scene(20, 20), mode="CMYK"))
+    (tmp_path / "cmyk.jpg").write_bytes(_jpeg(scene(20, 20), mode="CMYK"))
     assert read_file(tmp_path / "cmyk.jpg").mode == "CMYK"
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_orient_matches_pil(orientation):
-    image = _scene(5, 7)
+    image = scene(5, 7)
     stored = Image.fromarray(image)
     exif = stored.getexif()
     exif[0x0112] = orientation
@@ -365,10 +355,10 @@ def test_torchvision_decoder_on_cpu_matches_opencv():
     decoder = TorchvisionJpegs(SIZE, "cpu")
     files = []
     for k, (h, w, orientation) in enumerate([(48, 64, 1), (40, 40, 1), (30, 90, 6), (20, 24, 3)]):
-        data = np.frombuffer(_jpeg(_scene(h, w, k), orientation), np.uint8).copy()
+        data = np.frombuffer(_jpeg(scene(h, w, k), orientation), np.uint8).copy()
         width, height = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
         files.append(Encoded(data, width, height, orientation, "RGB"))
-    grey = np.frombuffer(_jpeg(_scene(36, 36, 9), mode="L"), np.uint8).copy()
+    grey = np.frombuffer(_jpeg(scene(36, 36, 9), mode="L"), np.uint8).copy()
     files.append(Encoded(grey, 36, 36, 1, "L"))
     assert all(decoder.accepts(f) for f in files)
     assert not decoder.accepts(Encoded(grey, 36, 36, 1, "CMYK"))
@@ -402,7 +392,7 @@ class Picky:
 def test_jpeg_stage_retries_each_file_alone_then_opencv():
     from concurrent.futures import Future
 
-    good = np.frombuffer(_jpeg(_scene(24, 24)), np.uint8).copy()
+    good = np.frombuffer(_jpeg(scene(24, 24)), np.uint8).copy()
     odd = good.copy()
     odd[2] = 0  # no JPEG marker after SOI: the decoder and OpenCV both refuse it
 

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from pictures import scene
 from PIL import Image, ImageOps
 
 from casm_deploy.config import InferConfig
@@ -29,17 +30,6 @@ from casm_deploy.images import (
     read_overlay,
     scan,
 )
-
-
-def _scene(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """A smooth RGB picture with a few bright blocks: each orientation looks different."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    image = np.stack([x * 200 // width, y * 200 // height, (x + y) * 100 // (width + height)], 2)
-    for _ in range(4):
-        y0, x0 = rng.integers(0, height // 2), rng.integers(0, width // 2)
-        image[y0 : y0 + height // 4, x0 : x0 + width // 4] = rng.integers(100, 256, 3)
-    return image.astype(np.uint8)
 
 
 def _encode(image: np.ndarray, kind: str, orientation: int = 1) -> bytes:
@@ -82,7 +72,7 @@ def _run(code: str, timeout: float = 60) -> str:
 def test_symlink_loop_is_an_error_entry_not_a_crash(tmp_path):
     (tmp_path / "a.jpg").symlink_to(tmp_path / "b.jpg")
     (tmp_path / "b.jpg").symlink_to(tmp_path / "a.jpg")
-    (tmp_path / "c.png").write_bytes(_encode(_scene(8, 8), "PNG"))
+    (tmp_path / "c.png").write_bytes(_encode(scene(8, 8), "PNG"))
     assert [e.rel for e in scan(tmp_path)] == ["a.jpg", "b.jpg", "c.png"]
     with pytest.raises(ImageError, match="symbolic links"):
         read_file(tmp_path / "a.jpg")
@@ -177,7 +167,7 @@ def test_unlistable_folder_is_an_error_entry(tmp_path):
 
 def _declaring(width: int, height: int) -> bytes:
     """A small JPEG whose header (SOF0) declares `width` x `height` pixels."""
-    data = bytearray(_encode(_scene(16, 16), "JPEG"))
+    data = bytearray(_encode(scene(16, 16), "JPEG"))
     sof = data.index(b"\xff\xc0")
     data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
     return bytes(data)
@@ -192,7 +182,7 @@ def test_pixel_limit_refuses_a_small_file_declaring_a_huge_image(tmp_path):
     with pytest.raises(ImageError, match="too large"):
         read_image(path, 32)
     small = tmp_path / "small.png"
-    small.write_bytes(_encode(_scene(20, 30), "PNG"))
+    small.write_bytes(_encode(scene(20, 30), "PNG"))
     assert read_file(small).width == 30
     with pytest.raises(ImageError, match="too large: 30x20 pixels"):
         read_file(small, max_pixels=599)
@@ -200,11 +190,8 @@ def test_pixel_limit_refuses_a_small_file_declaring_a_huge_image(tmp_path):
         read_image(small, 32, max_pixels=599)
 
 
-def test_file_size_limit_is_checked_before_reading(tmp_path):
-    path = tmp_path / "sparse.jpg"
-    with open(path, "wb") as f:
-        f.write(_encode(_scene(16, 16), "JPEG"))
-        f.truncate(max_file_bytes() + 1)  # sparse: no disk used
+def _refused_with_peak(path: Path) -> tuple[str, int]:
+    """read_file's refusal of `path`, in a fresh interpreter, and the MB its peak grew by."""
     out = _run(
         f"""
         from casm_deploy.images import ImageError, read_file
@@ -219,30 +206,26 @@ def test_file_size_limit_is_checked_before_reading(tmp_path):
         """
     )
     reason, grown = out.splitlines()
+    return reason, int(grown)
+
+
+def test_file_size_limit_is_checked_before_reading(tmp_path):
+    path = tmp_path / "sparse.jpg"
+    with open(path, "wb") as f:
+        f.write(_encode(scene(16, 16), "JPEG"))
+        f.truncate(max_file_bytes() + 1)  # sparse: no disk used
+    reason, grown = _refused_with_peak(path)
     assert reason.startswith(f"too large: {max_file_bytes() + 1} bytes")
-    assert int(grown) < 50  # megabytes: the 0.5 GB file was never read
+    assert grown < 50  # megabytes: the 0.5 GB file was never read
 
 
 def test_header_is_checked_before_the_whole_file_is_read(tmp_path):
     path = tmp_path / "zeros.png"
     with open(path, "wb") as f:
         f.truncate(200 << 20)  # 200 MB of zeros, under the size limit
-    out = _run(
-        f"""
-        from casm_deploy.images import ImageError, read_file
-        import cv2, PIL.Image
-        {PEAK}
-        before = peak()
-        try:
-            read_file({str(path)!r})
-        except ImageError as error:
-            print(error)
-        print(peak() - before)
-        """
-    )
-    reason, grown = out.splitlines()
+    reason, grown = _refused_with_peak(path)
     assert "not an image" in reason
-    assert int(grown) < 50  # megabytes
+    assert grown < 50  # megabytes
 
 
 def test_default_limits():
@@ -264,7 +247,7 @@ def test_infer_has_the_max_megapixels_option():
 
 def test_read_overlay_decodes_large_jpegs_reduced(tmp_path, monkeypatch):
     path = tmp_path / "large.jpg"
-    image = cv2.resize(_scene(30, 40), (4000, 3000), interpolation=cv2.INTER_LINEAR)
+    image = cv2.resize(scene(30, 40), (4000, 3000), interpolation=cv2.INTER_LINEAR)
     path.write_bytes(_encode(image, "JPEG"))
     flags = []
     imdecode = cv2.imdecode
@@ -277,7 +260,7 @@ def test_read_overlay_decodes_large_jpegs_reduced(tmp_path, monkeypatch):
     reference = cv2.resize(image[:, :, ::-1], (512, 384), interpolation=cv2.INTER_AREA)  # BGR
     assert np.abs(overlay.astype(int) - reference).mean() < 3
     small = tmp_path / "small.png"
-    small.write_bytes(_encode(_scene(20, 30), "PNG"))
+    small.write_bytes(_encode(scene(20, 30), "PNG"))
     assert read_overlay(small, 512).shape == (20, 30, 3)  # never enlarged
     (tmp_path / "empty.jpg").write_bytes(b"")
     with pytest.raises(ImageError, match="empty"):
@@ -295,7 +278,7 @@ def test_read_overlay_decodes_large_jpegs_reduced(tmp_path, monkeypatch):
 def test_size_and_pixels_are_as_shown(tmp_path, kind, orientation):
     """Width and height, the model's input and the overlay are all the image as a viewer
     shows it (PIL's exif_transpose), whatever the format."""
-    data = _encode(_scene(48, 64), kind, orientation)  # stored 64 wide, 48 high
+    data = _encode(scene(48, 64), kind, orientation)  # stored 64 wide, 48 high
     path = tmp_path / f"x.{kind.lower()}"
     path.write_bytes(data)
     shown = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
@@ -312,7 +295,7 @@ def test_size_and_pixels_are_as_shown(tmp_path, kind, orientation):
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_orient_array_and_orient_agree_with_pil(orientation):
-    image = _scene(5, 7)
+    image = scene(5, 7)
     stored = Image.fromarray(image)
     exif = stored.getexif()
     exif[0x0112] = orientation
@@ -335,10 +318,10 @@ def test_trailing_bytes_after_a_whole_image_are_accepted(tmp_path, kind):
     """Motion photos append a video; other tools append their data."""
     if kind == "progressive JPEG":  # several scans, tables between them
         buffer = io.BytesIO()
-        Image.fromarray(_scene(48, 64)).save(buffer, "JPEG", quality=95, progressive=True)
+        Image.fromarray(scene(48, 64)).save(buffer, "JPEG", quality=95, progressive=True)
         data = buffer.getvalue()
     else:
-        data = _encode(_scene(48, 64), kind)
+        data = _encode(scene(48, 64), kind)
     (tmp_path / "plain").write_bytes(data)
     (tmp_path / "motion").write_bytes(data + b"\0\0\0\x18ftypmp42" + TRAILER)
     image, width, height = read_image(tmp_path / "motion", 32)
@@ -348,14 +331,14 @@ def test_trailing_bytes_after_a_whole_image_are_accepted(tmp_path, kind):
 
 def _with_thumbnail(data: bytes) -> bytes:
     """`data` with an APP1 segment holding a whole small JPEG (an EXIF thumbnail's FF D9)."""
-    thumbnail = _encode(_scene(8, 8, 3), "JPEG")
+    thumbnail = _encode(scene(8, 8, 3), "JPEG")
     segment = b"Exif\0\0" + thumbnail
     return data[:2] + b"\xff\xe1" + (len(segment) + 2).to_bytes(2, "big") + segment + data[2:]
 
 
 @pytest.mark.parametrize("kind", ["JPEG", "PNG"])
 def test_image_cut_short_is_truncated_even_with_data_after_the_cut(tmp_path, kind):
-    data = _encode(_scene(64, 64), kind)
+    data = _encode(scene(64, 64), kind)
     if kind == "JPEG":
         data = _with_thumbnail(data)
         assert read_image_bytes(tmp_path, data)[1:] == (64, 64)
