@@ -263,6 +263,21 @@ def image_memory(result: dict) -> str:
     return table(header, rows)
 
 
+def parts_check(result: dict) -> str:
+    """A clean-trained classifier's accuracy with each part of `data synth --parts` removed."""
+    accuracy = result["accuracy"]
+    rows = [["nothing", fixed(accuracy["clean"])]]
+    rows += [
+        [f"{part}{' (favourite)' if part == result['favourite'] else ''}", fixed(value)]
+        for part, value in accuracy["without"].items()
+    ]
+    verdict = (
+        f"parts redundant: {'yes' if result['redundant'] else 'no'}; "
+        f"prefers its favourite: {'yes' if result['prefers_favourite'] else 'no'}"
+    )
+    return table(["part removed", "val accuracy"], rows) + "\n" + verdict + "\n"
+
+
 # JSON file(s) -> {marker name: renderer}; a renderer gets the files' contents in this order.
 RENDERERS = {
     ("train_step.json", "train_step_bf16.json"): {"train_step": train_step},
@@ -275,6 +290,7 @@ RENDERERS = {
     },
     ("method_cost.json",): {"method_cost": method_cost, "method_cost-tuning": method_cost_tuning},
     ("image_memory.json",): {"image_memory": image_memory},
+    ("parts_check.json",): {"parts_check": parts_check},
 }
 
 

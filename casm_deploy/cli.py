@@ -134,7 +134,9 @@ Examples:
   # the first 5 classes only (the unseen-classes test trains on these)
   casm-deploy data synth data/classes5 --num-classes 5
   # two copies side by side, the right one replaced by clutter (paper 2.1)
-  casm-deploy data synth data/left --copies 2 --right clutter""",
+  casm-deploy data synth data/left --copies 2 --right clutter
+  # objects of three parts, any one of which identifies the class
+  casm-deploy data synth data/parts --parts 3""",
 )
 @_reflow
 def synth(
@@ -186,6 +188,15 @@ def synth(
             rich_help_panel=_LAYOUT,
         ),
     ] = _S.right,
+    parts: Annotated[
+        int,
+        typer.Option(
+            help="N > 0: each object is N parts (a shape, a texture patch, a glyph; 1 to 3), any "
+            "one of which identifies the class, the shape the easiest; part label maps and boxes "
+            "of the validation images in OUT/parts/. 0: one solid shape.",
+            rich_help_panel=_LAYOUT,
+        ),
+    ] = _S.parts,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same files.")] = (
         _S.seed
     ),
@@ -207,6 +218,7 @@ def synth(
         max_area=max_area,
         copies=copies,
         right=right,
+        parts=parts,
         seed=seed,
         workers=workers,
         overwrite=overwrite,
@@ -617,8 +629,10 @@ def evaluate(
         typer.Option(
             help="Write the first model's scores here (keys LE, OM, F1, F1a, mask_mean, "
             "mask_std, mask_entropy, mask_tv, n_images; with --copies also copy_share_lighter, "
-            "copy_touch_both; OM_note when some images are of classes the model does not know, "
-            "which OM leaves out); other methods beside it."
+            "copy_touch_both; when DATA has a parts/ folder (data synth --parts) also "
+            "part_coverage, parts_all_touched, part_share_least, n_part_images; OM_note when "
+            "some images are of classes the model does not know, which OM leaves out); other "
+            "methods beside it."
         ),
     ] = "",
 ) -> None:

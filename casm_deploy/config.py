@@ -46,6 +46,9 @@ class SynthConfig:
     # background and distractors of the same size, no object), to pre-train a classifier that
     # only ever sees the object on the left.
     right: str = "copy"
+    # > 0: each object is that many parts (synth.PART_KINDS: shape, texture, glyph), any one of
+    # which identifies the class; 0: one solid shape per object.
+    parts: int = 0
     seed: int = 0
     workers: int = 2
     overwrite: bool = False

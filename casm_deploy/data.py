@@ -3,11 +3,12 @@
 `build_loader` is the one entry point the training uses (the torch loader here, DALI's in
 dali.py); it yields `(images, labels, indices)` with images float in [0, 1], (B, 3, S, S),
 channels-last. Loaders only decode and resize: the normalisation lives inside the Masker. Box
-transforms mirror the image transforms exactly.
+and part label map transforms mirror the image transforms exactly.
 """
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -179,6 +180,71 @@ def own_boxes(
     return [transform_box(b, annotation.width, annotation.height, size, policy) for b in boxes]
 
 
+def read_parts(parts: Path, stem: str, width: int, height: int) -> np.ndarray:
+    """The part label map of one image, `parts/<stem>.png`, checked against `parts/<stem>.json`.
+
+    The PNG is a one-channel uint8 map at the image's original size, `width` x `height`
+    (0: no part, k + 1: the pixels of part k); the JSON lists the parts,
+    `{"parts": [{"name": ..., "box": [x0, y0, x1, y1]}, ...], "favourite": k}`.
+
+    Raises:
+        UserError: either file is missing or malformed, the map is not `width` x `height`,
+            or it has a label the JSON lists no part for (the message names the file).
+    """
+    import cv2
+
+    sidecar = Path(parts) / f"{stem}.json"
+    try:
+        listed = json.loads(sidecar.read_text())["parts"]
+        if not isinstance(listed, list) or not listed:
+            raise ValueError('"parts" is not a non-empty list')
+        for part in listed:
+            if not isinstance(part["name"], str) or len(part["box"]) != 4:
+                raise ValueError("a part needs a name and a box [x0, y0, x1, y1]")
+    except FileNotFoundError:
+        raise UserError(f"{sidecar}: part annotation not found") from None
+    except OSError as error:
+        raise UserError(f"{sidecar}: cannot read ({error.strerror or error})") from None
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
+        raise UserError(f"{sidecar}: not a valid part annotation ({error})") from None
+
+    png = Path(parts) / f"{stem}.png"
+    if not png.is_file():
+        raise UserError(f"{png}: part label map not found")
+    labels = cv2.imdecode(np.fromfile(png, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if labels is None:
+        raise UserError(f"{png}: cannot decode the part label map")
+    if labels.ndim != 2 or labels.dtype != np.uint8:
+        raise UserError(
+            f"{png}: not a one-channel uint8 label map (shape {labels.shape}, {labels.dtype})"
+        )
+    if labels.shape != (height, width):
+        raise UserError(
+            f"{png}: the label map is {labels.shape[1]}x{labels.shape[0]}, "
+            f"its image {width}x{height}"
+        )
+    top = int(labels.max())
+    if top > len(listed):
+        raise UserError(f"{png}: has label {top}, but {sidecar.name} lists {len(listed)} parts")
+    return labels
+
+
+def own_parts(
+    image_path: Path, annotations: Path, parts: Path, size: int, policy: str = "center-crop"
+) -> np.ndarray:
+    """The part label map of an image (`read_parts`), brought to the model frame like the image.
+
+    The image's original size is its annotation's, the one its boxes are transformed from.
+
+    Raises:
+        UserError: the annotation or either part file is missing or malformed.
+    """
+    stem = Path(image_path).stem
+    annotation = read_annotation(Path(annotations) / f"{stem}.xml")
+    labels = read_parts(parts, stem, annotation.width, annotation.height)
+    return transform_labels(labels, size, policy)
+
+
 def decode_image(path: str | Path) -> np.ndarray:
     """Decode an image file into RGB uint8 (H, W, 3).
 
@@ -197,14 +263,16 @@ def decode_image(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def resize_shorter(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize so that the shorter side is `size` (area interpolation when shrinking)."""
+def resize_shorter(image: np.ndarray, size: int, interpolation: int | None = None) -> np.ndarray:
+    """Resize so that the shorter side is `size` (area interpolation when shrinking, linear
+    when growing, unless `interpolation`, a cv2 flag, says otherwise)."""
     import cv2
 
     h, w = image.shape[:2]
     scale = size / min(h, w)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    if interpolation is None:
+        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     return cv2.resize(image, (new_w, new_h), interpolation=interpolation)
 
 
@@ -214,10 +282,29 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return image[top : top + size, left : left + size]
 
 
-def stretch(image: np.ndarray, size: int) -> np.ndarray:
+def stretch(image: np.ndarray, size: int, interpolation: int | None = None) -> np.ndarray:
+    """Resize to `size` x `size`, breaking the ratio (area interpolation unless told)."""
     import cv2
 
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    if interpolation is None:
+        interpolation = cv2.INTER_AREA
+    return cv2.resize(image, (size, size), interpolation=interpolation)
+
+
+def transform_labels(labels: np.ndarray, size: int, policy: str = "center-crop") -> np.ndarray:
+    """Map a label map (H, W) of an image into the `size` x `size` model frame, as the image.
+
+    The geometry of the validation images (`resize_shorter` then `center_crop`, or `stretch`),
+    sampled nearest-neighbour so that labels stay labels. cv2's INTER_NEAREST_EXACT samples
+    at pixel centres, like the images' area / linear resize; plain INTER_NEAREST is about half
+    an output pixel off, towards the top left.
+    """
+    import cv2
+
+    nearest = cv2.INTER_NEAREST_EXACT
+    if validation_policy(policy) == "stretch":
+        return stretch(labels, size, nearest)
+    return center_crop(resize_shorter(labels, size, nearest), size)
 
 
 def random_resized_crop_box(

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from casm_deploy.checkpoint import load_maskers
 from casm_deploy.config import EvalConfig, config_to_dict
-from casm_deploy.data import build_loader, check_policy, own_boxes, read_classes
+from casm_deploy.data import build_loader, check_policy, own_boxes, own_parts, read_classes
 from casm_deploy.errors import UserError
 from casm_deploy.gradcam import gradcam
 from casm_deploy.masking import binarize, inpaint, masked_in, masked_out
@@ -29,6 +29,7 @@ from casm_deploy.metrics import (
     copy_coverage,
     localization_scores,
     masks_to_boxes,
+    part_coverage,
 )
 from casm_deploy.model import Masker
 from casm_deploy.paths import check_file
@@ -37,6 +38,8 @@ from casm_deploy.ui import console, progress
 BASELINES = ("center", "full", "gradcam")
 SCORE_KEYS = ("LE", "OM", "F1", "F1a", "mask_mean", "mask_std", "mask_entropy", "mask_tv")
 COPY_KEYS = ("copy_share_lighter", "copy_touch_both")  # with --copies only
+# When DATA has a parts/ folder (data of `synth --parts`).
+PART_KEYS = ("part_coverage", "parts_all_touched", "part_share_least", "n_part_images")
 VARIANTS = ("clean", "masked_in", "masked_out", "inpainted")
 
 
@@ -53,6 +56,11 @@ class Method:
     stats: MaskStats = field(default_factory=MaskStats)
     copy_share_sum: float = 0.0  # sums over images of `metrics.copy_coverage`'s two results
     copy_touch_count: int = 0
+    parts: bool = False  # also score how the mask covers the object's parts (DATA/parts/)
+    part_touched_sum: float = 0.0  # sums over images of `metrics.part_coverage`'s results
+    part_all_count: int = 0
+    part_share_sum: float = 0.0
+    part_images: int = 0  # images with at least one part in the frame
     unknown_images: int = 0  # images of classes the classifier does not know: no OM for them
 
     def om_note(self) -> str:
@@ -75,11 +83,21 @@ class Method:
                 "copy_share_lighter": self.copy_share_sum / n if n else None,
                 "copy_touch_both": self.copy_touch_count / n if n else None,
             }
+        parts = {}
+        if self.parts:
+            n = self.part_images
+            parts = {
+                "part_coverage": self.part_touched_sum / n if n else None,
+                "parts_all_touched": self.part_all_count / n if n else None,
+                "part_share_least": self.part_share_sum / n if n else None,
+                "n_part_images": n,
+            }
         note = {"OM_note": self.om_note()} if self.unknown_images else {}
         return {
             **{k: v for k, v in self.meter.result().items() if k != "n_images"},
             **self.stats.result(),
             **copies,
+            **parts,
             **note,
             "n_images": self.meter.n_images,
         }
@@ -127,10 +145,13 @@ def select_classes(data_wnids: list[str], model_wnids: list[str], which: str) ->
     return chosen
 
 
-def build_methods(cfg: EvalConfig, data_wnids: list[str]) -> tuple[list[Method], int, list[str]]:
+def build_methods(
+    cfg: EvalConfig, data_wnids: list[str], parts: bool = False
+) -> tuple[list[Method], int, list[str]]:
     """The models of `cfg.models`, then the baselines on the first model's classifier.
 
     Also returns the data classes to score (`cfg.classes` against the first model's classes).
+    `parts`: every method also scores part coverage.
     """
     if not cfg.models:
         raise UserError("eval needs at least one model (a checkpoint)")
@@ -151,6 +172,7 @@ def build_methods(cfg: EvalConfig, data_wnids: list[str]) -> tuple[list[Method],
             label_map(m.spec["wnids"], data_wnids),
             is_model=True,
             copies=cfg.copies,
+            parts=parts,
         )
         for m in models
     ]
@@ -163,7 +185,7 @@ def build_methods(cfg: EvalConfig, data_wnids: list[str]) -> tuple[list[Method],
             fn = constant_masks([0, 0, size, size], size)
         else:
             fn = lambda images: gradcam(first, images, cfg.gradcam_stage)  # noqa: E731
-        methods.append(Method(baseline, fn, labels, copies=cfg.copies))
+        methods.append(Method(baseline, fn, labels, copies=cfg.copies, parts=parts))
     return methods, size, data_wnids
 
 
@@ -178,11 +200,15 @@ def run(cfg: EvalConfig) -> dict:
 
     The data's classes: its classes.txt, else its train/ folders, else (a test set of its own)
     the folders of `cfg.split`. LE and F1 need only the boxes; OM needs the model's classes.
+    When DATA has a parts/ folder (`data synth --parts`), every image of the split needs its
+    part label map and list there, and part coverage is scored too (`metrics.part_coverage`).
 
     Returns:
         {"scores": {method: {LE, OM, F1, F1a, mask_*, n_images; with `cfg.copies` also
-                             copy_share_lighter, copy_touch_both; OM_note when some images
-                             are of classes the model does not know (OM leaves them out)}},
+                             copy_share_lighter, copy_touch_both; when DATA has a parts/
+                             folder also part_coverage, parts_all_touched, part_share_least,
+                             n_part_images; OM_note when some images are of classes the
+                             model does not know (OM leaves them out)}},
          "classifiers": {mask model: {classifier: {clean, masked_in, masked_out, inpainted}}},
          "leak": {mask model: `leak.mask_only_accuracy`'s dict} with `cfg.leak_control`}
     """
@@ -198,7 +224,11 @@ def run(cfg: EvalConfig) -> dict:
     if not annotations.is_dir():
         raise UserError(f"{annotations}: no annotations folder (pass --annotations DIR)")
     check_policy(cfg.resize)
-    methods, size, wnids = build_methods(cfg, info.wnids)
+    parts = root / "parts"
+    has_parts = parts.is_dir()
+    if has_parts:
+        console.print(f"{parts}: also scoring part coverage ({', '.join(PART_KEYS[:3])})")
+    methods, size, wnids = build_methods(cfg, info.wnids, parts=has_parts)
     classifiers = load_classifiers(cfg.classifiers, wnids)
     loader = build_loader(
         cfg.data,
@@ -225,11 +255,16 @@ def run(cfg: EvalConfig) -> dict:
             gt_boxes = [own_boxes(p, wnids[y], annotations, size, cfg.resize) for p, y in samples]
             if cfg.copies:
                 check_two_copies(samples, gt_boxes)
+            part_maps = (
+                [own_parts(p, annotations, parts, size, cfg.resize) for p, _ in samples]
+                if has_parts
+                else None
+            )
             outputs = [method.masks(images) for method in methods]
             first_logits = outputs[0][1]  # the first method is always a model
             for method, (masks, logits) in zip(methods, outputs, strict=True):
                 logits = first_logits if logits is None else logits
-                score_batch(method, masks, logits, labels, gt_boxes)
+                score_batch(method, masks, logits, labels, gt_boxes, part_maps)
                 if method.name in counts and classifiers:
                     count_classifications(counts[method.name], classifiers, images, masks, labels)
             bars.advance(task)
@@ -257,14 +292,17 @@ def run(cfg: EvalConfig) -> dict:
                     method.masks, cfg.data, wnids, size, policy=cfg.resize,
                     workers=cfg.workers, limit=cfg.limit,
                 )  # fmt: skip
-    print_tables(scores, accuracy, leak, methods[0].name, cfg)
+    print_tables(scores, accuracy, leak, methods[0].name, cfg, parts=has_parts)
     if cfg.json:
         write_json(Path(cfg.json), scores, accuracy, leak, methods[0].name, cfg)
     return {"scores": scores, "classifiers": accuracy, "leak": leak}
 
 
-def score_batch(method: Method, masks, logits, labels, gt_boxes) -> None:
-    """LE / OM / F1 and mask statistics of one batch, into the method's meters."""
+def score_batch(method: Method, masks, logits, labels, gt_boxes, part_maps=None) -> None:
+    """LE / OM / F1 and mask statistics of one batch, into the method's meters.
+
+    `part_maps`: the images' part label maps in the model frame, for `method.parts`.
+    """
     masks_np = masks[:, 0].float().cpu().numpy()
     predicted = logits.argmax(1).tolist()
     for mask, box, gt, label, guess in zip(
@@ -279,6 +317,15 @@ def score_batch(method: Method, masks, logits, labels, gt_boxes) -> None:
             share, touches_both = copy_coverage(mask, gt)
             method.copy_share_sum += share
             method.copy_touch_count += int(touches_both)
+    if method.parts:
+        for mask, labels_in_frame in zip(masks_np, part_maps, strict=True):
+            coverage = part_coverage(mask, labels_in_frame)
+            if coverage is None:  # the crop cut every part away: nothing to count
+                continue
+            method.part_images += 1
+            method.part_touched_sum += coverage.touched
+            method.part_all_count += int(coverage.all_touched)
+            method.part_share_sum += coverage.share_least
     method.stats.update(masks)
 
 
@@ -314,18 +361,24 @@ def count_classifications(counts, classifiers, images, masks, labels) -> None:
             counts[name][variant][1] += int(known.sum())
 
 
-def print_tables(scores: dict, accuracy: dict, leak: dict, first: str, cfg: EvalConfig) -> None:
+def print_tables(
+    scores: dict, accuracy: dict, leak: dict, first: str, cfg: EvalConfig, parts: bool = False
+) -> None:
     table = Table(title=f"{cfg.data} ({cfg.split}, {cfg.resize})")
     table.add_column("method", no_wrap=True)
     copy_keys = COPY_KEYS if cfg.copies else ()
     copy_headers = ("lighter copy", "both copies") if cfg.copies else ()
-    headers = ("LE", "OM", "F1", "F1a", "area", "std", "entropy", "TV", *copy_headers, "images")
+    part_keys = PART_KEYS if parts else ()
+    # Short two-line headers: the table has to fit 120 columns (the console's width in logs).
+    part_headers = ("parts", "all\nparts", "least\npart", "part\nimages") if parts else ()
+    headers = ["LE", "OM", "F1", "F1a", "area", "std", "entropy", "TV"]
+    headers += [*copy_headers, *part_headers, "images"]
     for header in headers:
         table.add_column(header, justify="right")
     for name, result in scores.items():
         cells = [
             f"{result[k]:.3f}" if isinstance(result[k], float) else str(result[k])
-            for k in (*SCORE_KEYS, *copy_keys, "n_images")
+            for k in (*SCORE_KEYS, *copy_keys, *part_keys, "n_images")
         ]
         table.add_row(name, *["-" if c == "None" else c for c in cells])
     console.print(table)

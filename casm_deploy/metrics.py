@@ -2,14 +2,15 @@
 
 Used by train validation, eval, export parity and infer: binarise a mask at its mean, keep the
 largest connected component, take its box; score it (LE / OM / F1) and summarise masks
-(area, entropy, total variation), following the reference CASM code (kondiz/casme).
+(area, entropy, total variation), following the reference CASM code (kondiz/casme); and
+measure how a mask covers the two copies or the parts of an object (synth --copies / --parts).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -277,6 +278,65 @@ def copy_coverage(mask: Any, boxes: Sequence[Sequence[float]]) -> tuple[float, b
     total = sum(masses)
     share = min(masses) / total if total > 0 else 0.0
     return share, all(touched)
+
+
+class PartCoverage(NamedTuple):
+    """`part_coverage`'s result for one image."""
+
+    touched: float  # fraction of the object's parts the binary mask touches
+    all_touched: bool  # whether it touches every one
+    share_least: float  # the least-covered part's share of the mask mass on parts
+    n_parts: int  # the parts counted: those with at least one pixel in the frame
+
+
+def part_coverage(mask: Any, labels: Any) -> PartCoverage | None:
+    """How one mask covers the parts of an object (synth --parts); `copy_coverage` for n parts.
+
+    A part's pixels are those of its label in the part label map (0: no part, k + 1: part k),
+    brought to the mask's frame (`data.transform_labels`). As in `copy_coverage`, the binary
+    mask is the one LE starts from, binarised at the mask's mean (`binarize_at_mean`), before
+    the largest component is taken; it *touches* a part when at least one of its pixels is one
+    of the part's pixels (the part's own pixels, not its box, which may overlap another part).
+    A part's *weight* is the mean of the continuous mask over its pixels, so parts of different
+    sizes compare fairly: a mask of ones gives every part the same weight.
+
+    Only the parts with at least one pixel in the frame count: a part that the centre crop cuts
+    away entirely (or, rarely, one too thin to survive nearest-neighbour downsampling) is left
+    out of this image's fractions.
+
+    Args:
+        mask: (H,W) continuous mask in [0, 1] (a leading channel of 1 is accepted).
+        labels: (H,W) non-negative integer label map in the mask's frame.
+
+    Returns:
+        `PartCoverage(touched, all_touched, share_least, n_parts)`: share_least is the weight
+        of the least-covered part over the sum of the counted parts' weights (1/n: all n
+        equally; 0: one part gets nothing, also when no part gets any; 1 with a single part).
+        None when no part is in the frame.
+
+    Raises:
+        ValueError: when the label map is not of the mask's shape or has negative labels.
+    """
+    m = _single(mask)[0]  # (H,W) float64
+    labels = np.asarray(labels)
+    if labels.shape != m.shape:
+        raise ValueError(f"label map of shape {labels.shape} for a mask of shape {m.shape}")
+    flat = labels.reshape(-1).astype(np.intp)
+    if flat.size and flat.min() < 0:
+        raise ValueError("part labels must be non-negative")
+    binary = binarize_at_mean(m)
+    # Per label: pixel count, mask sum and binary pixels; label 0 (no part) is dropped.
+    pixels = np.bincount(flat)[1:]
+    n = len(pixels) + 1
+    mass = np.bincount(flat, weights=m.reshape(-1), minlength=n)[1:]
+    hits = np.bincount(flat, weights=binary.reshape(-1), minlength=n)[1:]
+    present = pixels > 0
+    if not present.any():
+        return None
+    weight, touched = mass[present] / pixels[present], hits[present] > 0
+    total = float(weight.sum())
+    share = float(weight.min()) / total if total > 0 else 0.0
+    return PartCoverage(float(touched.mean()), bool(touched.all()), share, int(present.sum()))
 
 
 def center_box(width: int, height: int) -> Box:
