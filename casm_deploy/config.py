@@ -388,7 +388,7 @@ class InferConfig:
     batch: int = 256
     backend: str = "auto"  # auto: from the model file's suffix
     device: str = "auto"  # auto: CUDA when there is one
-    workers: int = 0  # decoding and writing threads; 0: one per CPU core
+    workers: int = 0  # decoding and writing threads; 0: one per CPU this process may use (cpus.py)
     # opencv, dali or torchvision for JPEGs (auto: on CUDA dali when installed, else
     # torchvision's nvJPEG; opencv on the CPU)
     decoder: str = "auto"
@@ -408,7 +408,7 @@ class InferConfig:
         if self.batch < 1:
             raise ValueError(f"--batch must be at least 1, not {self.batch}")
         if self.workers < 0:
-            raise ValueError(f"--workers must be 0 (one per core) or more, not {self.workers}")
+            raise ValueError(f"--workers must be 0 (a CPU each) or more, not {self.workers}")
         if self.masks not in ("png", "npy", "none"):
             raise ValueError(f"--masks must be png, npy or none, not {self.masks!r}")
         if self.decoder not in ("auto", "opencv", "dali", "torchvision"):
