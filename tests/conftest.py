@@ -39,6 +39,28 @@ def tiny_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def make_small_synth():
+    """Writes a small data set of the named classes (1 train, 2 val images each, 40-48 px)."""
+
+    def write(out, classes: tuple[str, ...]):
+        from casm_deploy.synth import generate
+
+        config = SynthConfig(
+            out=str(out),
+            classes=classes,
+            train_per_class=1,
+            val_per_class=2,
+            min_side=40,
+            max_side=48,
+            workers=1,
+        )
+        generate(config, progress=False)
+        return out
+
+    return write
+
+
+@pytest.fixture(scope="session")
 def make_checkpoint():
     """Writes a checkpoint of the real schema with random weights for a data set's classes."""
 

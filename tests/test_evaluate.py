@@ -221,27 +221,16 @@ def test_bad_input_is_a_user_error(tiny_data, tmp_path, make_checkpoint):
         evaluate.run(EvalConfig(models=(str(tmp_path / "x.pt"),), data=str(tiny_data)))
 
 
-def test_a_new_test_set_without_classes_txt_or_train(tiny_data, tmp_path, make_checkpoint, capsys):
+def test_a_new_test_set_without_classes_txt_or_train(
+    tiny_data, tmp_path, make_checkpoint, make_small_synth, capsys
+):
     """val/<class>/ and annotations/ alone: the classes are val/'s folders; LE and F1 need only
     the boxes, and OM, which needs the model's classes, is not defined for the unknown ones."""
     import shutil
 
-    from casm_deploy.synth import generate
-
     model = make_checkpoint(tmp_path / "m" / "checkpoint.pt", tiny_data)  # disk, triangle, square
     for name, classes in (("new", ("star", "cross")), ("mixed", ("square", "star"))):
-        generate(
-            SynthConfig(
-                out=str(tmp_path / name),
-                classes=classes,
-                train_per_class=1,
-                val_per_class=2,
-                min_side=40,
-                max_side=48,
-                workers=1,
-            ),
-            progress=False,
-        )
+        make_small_synth(tmp_path / name, classes)
         (tmp_path / name / "classes.txt").unlink()
         shutil.rmtree(tmp_path / name / "train")
 

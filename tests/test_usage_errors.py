@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from casm_deploy import evaluate, export, train, visualize
 from casm_deploy.cli import app
-from casm_deploy.config import MAX_VISUALIZE_IMAGES, SynthConfig, VisualizeConfig
+from casm_deploy.config import MAX_VISUALIZE_IMAGES, VisualizeConfig
 from casm_deploy.errors import UserError
 from casm_deploy.paths import check_file, check_folder
 
@@ -201,24 +201,13 @@ def test_bf16_warning_only_on_a_cpu_without_bf16_arithmetic(tmp_path):
 
 
 def test_eval_warns_when_the_model_and_the_data_have_different_classes(
-    tiny_data, tmp_path, make_checkpoint
+    tiny_data, tmp_path, make_checkpoint, make_small_synth
 ):
     """A 3-class model on data of other classes: one warning line before the scores, and OM
     only where it is defined (null in the JSON and '-' in the table when it is nowhere)."""
-    from casm_deploy.synth import generate
-
     model = make_checkpoint(tmp_path / "m.pt", tiny_data)  # disk, triangle, square
     for name, classes in (("mixed", ("square", "star")), ("other", ("star", "cross"))):
-        config = SynthConfig(
-            out=str(tmp_path / name),
-            classes=classes,
-            train_per_class=1,
-            val_per_class=2,
-            min_side=40,
-            max_side=48,
-            workers=1,
-        )
-        generate(config, progress=False)
+        make_small_synth(tmp_path / name, classes)
 
     base = ["eval", model, "--workers", "0", "--json"]
     mixed = runner.invoke(app, [*base, str(tmp_path / "mixed.json"), str(tmp_path / "mixed")])
