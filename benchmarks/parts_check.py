@@ -3,19 +3,24 @@ classify with any one part removed, and does it lean on the favourite part most?
 
 Usage: python benchmarks/parts_check.py [--data DIR] [--num-classes 5] [--train-per-class 1000]
        [--val-per-class 60] [--parts 3] [--pretrain-epochs 10] [--width 32] [--seed 0]
-Prints a table and writes benchmarks/results/parts_check.json.
+       python benchmarks/parts_check.py --classifier CKPT --data DIR [--out JSON]
+Prints a table and writes benchmarks/results/parts_check.json (or --out).
 
 Generates a parts set (or reuses --data if it holds the same one), trains a classifier on it
 (`train --classifier-only`, the default recipe's model at 64 px), then classifies the
 validation images rendered in memory with nothing removed and with each part k removed
 (`synth.make_parts_sample(..., drop=k)`), JPEG-encoded like the files and resized like the
-validation loader. The check passes when the accuracy stays high (>= 80% of the clean accuracy)
-with any single part removed, and is lowest with the favourite part removed.
+validation loader. With `--classifier`, the given checkpoint is checked instead, on the
+validation images of the parts set `--data` made (as its synth.json records it), with no
+training: `make experiments` checks each seed's classifier so. The check passes when the
+accuracy stays high (>= 80% of the clean accuracy) with any single part removed, and is
+lowest with the favourite part removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -26,8 +31,8 @@ import torch
 from common import command, machine, write_json
 
 from casm_deploy.checkpoint import load_masker
-from casm_deploy.config import SynthConfig, TrainConfig
-from casm_deploy.data import center_crop, read_classes, resize_shorter
+from casm_deploy.config import SynthConfig, TrainConfig, config_from_dict
+from casm_deploy.data import center_crop, resize_shorter
 from casm_deploy.synth import (
     FAVOURITE,
     JPEG_QUALITY,
@@ -65,7 +70,7 @@ def accuracy(masker, cfg: SynthConfig, classes: list[int], size: int, drop: int 
     return correct / total
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="", help="parts set folder (default: a temporary one)")
     parser.add_argument("--num-classes", type=int, default=5)
@@ -75,38 +80,53 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=10)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classifier", default="", help="check this checkpoint; no training")
     parser.add_argument("--out", default="benchmarks/results/parts_check.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.classifier and not args.data:
+        parser.error("--classifier needs --data, the parts set it was trained on")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(args.data or Path(tmp) / "parts")
-        cfg = SynthConfig(
-            out=str(data),
-            num_classes=args.num_classes,
-            train_per_class=args.train_per_class,
-            val_per_class=args.val_per_class,
-            parts=args.parts,
-            seed=args.seed,
-        )
-        generate(cfg)
-        train_cfg = TrainConfig(
-            data=str(data),
-            out=tmp,
-            name="parts-classifier",
-            width=args.width,
-            classifier_only=True,
-            pretrain_epochs=args.pretrain_epochs,
-            seed=args.seed,
-        )
-        run_dir = train(train_cfg)
-        masker, _ = load_masker(run_dir / "checkpoint.pt")
+        if args.classifier:  # check a trained classifier on the set it was trained on
+            record = json.loads(Path(args.data, "synth.json").read_text())
+            cfg = config_from_dict(SynthConfig, record["config"])
+            checkpoint = Path(args.classifier)
+            epochs = "given"
+        else:
+            cfg = SynthConfig(
+                out=str(Path(args.data or Path(tmp) / "parts")),
+                num_classes=args.num_classes,
+                train_per_class=args.train_per_class,
+                val_per_class=args.val_per_class,
+                parts=args.parts,
+                seed=args.seed,
+            )
+            generate(cfg)
+            train_cfg = TrainConfig(
+                data=cfg.out,
+                out=tmp,
+                name="parts-classifier",
+                width=args.width,
+                classifier_only=True,
+                pretrain_epochs=args.pretrain_epochs,
+                seed=args.seed,
+            )
+            checkpoint = train(train_cfg) / "checkpoint.pt"
+            epochs = f"{args.pretrain_epochs} epochs"
+        if not cfg.parts:
+            raise SystemExit(f"{cfg.out} is not a parts set (data synth --parts)")
+        masker, spec = load_masker(checkpoint)
         trained = time.perf_counter() - start
 
-        wnids = read_classes(data).wnids
-        classes = [SHAPES.index(name) for name in read_classes(data).names]
-        assert len(classes) == len(wnids)
-        size = train_cfg.image_size
+        # The classifier's outputs in the order of its own classes (its wnids).
+        classes = [SHAPES.index(spec["names"][j]) for j in range(len(spec["wnids"]))]
+        size = spec["image_size"]
         clean = accuracy(masker, cfg, classes, size, None)
         dropped = {PART_KINDS[k]: accuracy(masker, cfg, classes, size, k) for k in range(cfg.parts)}
 
@@ -114,7 +134,7 @@ def main() -> None:
     others = [acc for name, acc in dropped.items() if name != favourite]
     redundant = all(acc >= KEEP_SHARE * clean for acc in dropped.values())
     prefers = bool(others) and dropped[favourite] < min(others)
-    console.print(f"classifier: {args.pretrain_epochs} epochs, {trained:.0f} s")
+    console.print(f"classifier {checkpoint.parent.name}: {epochs}, {trained:.0f} s")
     console.print(f"{'val images':<32}{'accuracy':>9}")
     console.print(f"{'nothing removed':<32}{clean:>9.3f}")
     for name, acc in dropped.items():

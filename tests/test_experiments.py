@@ -2,6 +2,7 @@
 dependencies exist, and the runner skips what is done and orders the rest."""
 
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ from casm_deploy.cli import app
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train" / "experiments"))
 import jobs as experiment_jobs  # noqa: E402
 import run as experiment_run  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import parts_check  # noqa: E402
 
 
 def all_jobs(scale):
@@ -47,6 +51,10 @@ def test_every_job_is_a_valid_call_with_known_dependencies(scale, dry_cli, tmp_p
         Path(folder).mkdir(parents=True)
     for job in jobs:
         assert set(job.deps) <= set(names), job.name
+        if job.script:  # the one script the experiments call; its options must parse
+            assert job.script == "benchmarks/parts_check.py", job.name
+            assert parts_check.parse_args(job.args).classifier, job.name
+            continue
         cfg = dry_cli(job.args)  # options parsed, and the command's config built and checked
         if job.args[0] == "eval":
             assert cfg.data in datasets and all(m.endswith(".pt") for m in cfg.models), job.name
@@ -83,3 +91,63 @@ def test_an_interrupted_training_job_is_resumed(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
     assert job.command()[-1] == "--resume"
+
+
+def test_a_selection_brings_the_jobs_it_needs():
+    make = experiment_jobs.Job
+    every = [make("a", []), make("b", [], deps=["a"]), make("c", [], deps=["b"]), make("d", [])]
+    chosen = experiment_run.with_dependencies([every[2]], every)
+    assert [j.name for j in chosen] == ["a", "b", "c"]
+
+
+def test_mean_range_gives_the_mean_and_the_extremes():
+    assert experiment_jobs.mean_range([0.1, 0.4, 0.25]) == "0.250 (0.100-0.400)"
+    assert experiment_jobs.mean_range([0.5, None]) == "0.500"
+    assert experiment_jobs.mean_range([]) == "-"
+
+
+OLD_RESULTS = """# Experiments: results
+
+Written by hand. Machine: Old CPU, 2 cores. Each job ran on one thread.
+
+## 1. First
+
+first text
+
+3 jobs; 7 minutes of one CPU thread in all.
+
+## 2. Second
+
+old second text
+
+2 jobs; 5 minutes of one CPU thread in all.
+"""
+
+
+def test_rewriting_one_section_keeps_the_others_and_their_machine(tmp_path, monkeypatch):
+    scale = experiment_jobs.Scale("t", str(tmp_path / "runs"), str(tmp_path), 1, 1, 1, 1, 1.0)
+    job = experiment_jobs.Job("second-job", ["eval", "x"])
+    job.done(scale).parent.mkdir(parents=True)
+    job.done(scale).write_text('{"seconds": 120}')
+    second = types.SimpleNamespace(
+        __doc__="Second.\n\nnew second text", jobs=lambda s: [job], report=lambda s: "| table |"
+    )
+    first = types.SimpleNamespace(__doc__="First.\n\nunused", jobs=lambda s: [], report=None)
+    monkeypatch.setattr(experiment_run, "EXPERIMENTS", {"1. First": first, "2. Second": second})
+    path = tmp_path / "RESULTS.md"
+    path.write_text(OLD_RESULTS)
+    experiment_run.write_results(path, scale, {2})
+    text = path.read_text()
+    assert "first text" in text and "old second text" not in text
+    assert "3 jobs; 7 minutes of one CPU thread in all, on Old CPU, 2 cores." in text
+    assert f"1 jobs; 2 minutes of one CPU thread in all, on {experiment_run.machine()}." in text
+    assert "| table |" in text and "casm-deploy eval x" in text
+    assert "In all 4 jobs, 9 minutes" in text
+    # Written again, the kept section keeps its machine and the header its sums.
+    experiment_run.write_results(path, scale, {2})
+    assert path.read_text() == text
+    path.write_text("# Experiments: results\n")  # a section never run is named, not made up
+    experiment_run.write_results(path, scale, {2})
+    text = path.read_text()
+    assert "## 1. First" not in text and "Not run yet, so not here: section 1 " in text
+    assert "## 2. Second" in text and "In all 1 jobs, 2 minutes" in text

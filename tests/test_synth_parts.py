@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -235,3 +236,22 @@ def test_a_parts_set_loads_and_trains_a_step(parts_set):
     assert torch.isfinite(loss) and masks.shape == (12, 1, 32, 32)
     after = list(masker.encoder.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_parts_check_scores_a_given_classifier(parts_set, make_checkpoint, tmp_path, monkeypatch):
+    """`benchmarks/parts_check.py --classifier`, as `make experiments` runs it per seed."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import parts_check
+
+    checkpoint = make_checkpoint(tmp_path / "clf.pt", parts_set, image_size=32)
+    out = tmp_path / "check.json"
+    argv = ["parts_check.py", "--classifier", checkpoint, "--data", str(parts_set)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
+    parts_check.main()
+    result = json.loads(out.read_text())
+    assert list(result["accuracy"]["without"]) == list(PART_KINDS)
+    values = [result["accuracy"]["clean"], *result["accuracy"]["without"].values()]
+    assert all(0 <= v <= 1 for v in values)
+    assert result["passed"] == (result["redundant"] and result["prefers_favourite"])
+    with pytest.raises(SystemExit):
+        parts_check.parse_args(["--classifier", checkpoint])  # no --data

@@ -56,13 +56,15 @@ SCALES = {
 
 @dataclass
 class Job:
-    """One `casm-deploy` call. `done` is the marker written when it succeeds."""
+    """One `casm-deploy` call (or one of a script's, with `script`). `done` is the marker
+    written when it succeeds."""
 
     name: str  # unique; also the log's name
     args: list[str]
     deps: list[str] = field(default_factory=list)
     resume_from: str = ""  # a checkpoint: when it exists, the call gets --resume
     first: bool = False  # start before the others when ready (the longest runs)
+    script: str = ""  # a Python script of the repository to run instead of casm-deploy
 
     def log(self, scale: Scale) -> Path:
         return Path(scale.runs, "logs", f"{self.name}.log")
@@ -72,7 +74,13 @@ class Job:
 
     def command(self) -> list[str]:
         resume = ["--resume"] if self.resume_from and Path(self.resume_from).exists() else []
-        return [CLI, *self.args, *resume]
+        program = [sys.executable, self.script] if self.script else [CLI]
+        return [*program, *self.args, *resume]
+
+    def shown(self) -> str:
+        """The command as train/RESULTS.md lists it."""
+        program = ["python", self.script] if self.script else ["casm-deploy"]
+        return shlex.join([*program, *self.args])
 
 
 def train_job(
@@ -122,7 +130,7 @@ def _call(job: Job, scale: Scale, env: dict) -> float:
     log = job.log(scale)
     log.parent.mkdir(parents=True, exist_ok=True)
     command = job.command()
-    print(f"start {job.name}: {shlex.join(['casm-deploy', *command[1:]])}", flush=True)
+    print(f"start {job.name}: {job.shown()}", flush=True)
     start = time.time()
     with log.open("w") as out:
         rc = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -152,6 +160,17 @@ def last_epoch(run_dir: str | Path) -> dict:
 
 def seconds(scale: Scale, job_name: str) -> float:
     return read_json(Path(scale.runs, "logs", f"{job_name}.done"))["seconds"]
+
+
+def mean_range(values: list[float]) -> str:
+    """`0.123 (0.100-0.150)`: the mean over the seeds and their range, or the value alone."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    return (
+        f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"
+    )
 
 
 def mean_std(values: list[float]) -> str:
