@@ -66,6 +66,8 @@ import numpy as np
 import torch
 from common import command, machine, write_json
 
+from casm_deploy.cpus import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("data", "training", "loader", "parity", "extraction", "infer", "gpu tests")
 
@@ -272,10 +274,7 @@ def machine_info(device: torch.device) -> dict:
     info = machine(torchvision, np, cv2)
     info["host"] = platform.node()
     info["python"] = platform.python_version()
-    with contextlib.suppress(OSError):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        names = [line for line in lines if line.startswith("model name")]
-        info["cpu"] = names[0].split(":", 1)[1].strip() if names else None
+    info["cpu"] = cpu_model() or None
     info["cuda"] = torch.version.cuda
     info["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     info["onnxruntime"] = onnxruntime_state()[1]

@@ -32,6 +32,7 @@ from common import command, machine, write_json
 
 from casm_deploy.checkpoint import load_masker
 from casm_deploy.config import SynthConfig, TrainConfig, config_from_dict
+from casm_deploy.cpus import cpu_model
 from casm_deploy.data import center_crop, resize_shorter
 from casm_deploy.synth import (
     FAVOURITE,
@@ -160,13 +161,6 @@ def main() -> None:
             "passed": redundant and prefers,
         },
     )
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return ""
 
 
 if __name__ == "__main__":

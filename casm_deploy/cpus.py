@@ -1,4 +1,5 @@
-"""How many CPUs this process may use: its affinity mask, capped by a cgroup CPU quota.
+"""How many CPUs this process may use: its affinity mask, capped by a cgroup CPU quota; and
+the CPU's model name, which every benchmark and experiment result records.
 
 `os.cpu_count()` counts the machine's cores; in a container or under `taskset` a process may
 use far fewer, and a thread per machine core then only adds contention.
@@ -38,3 +39,13 @@ def cgroup_quota(cgroup: Path = CGROUP) -> float | None:
     except (OSError, ValueError):
         return None
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name as /proc/cpuinfo gives it; "" where it cannot be read."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return ""
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else ""

@@ -2,7 +2,7 @@
 
 import os
 
-from casm_deploy.cpus import cgroup_quota, usable_cpus
+from casm_deploy.cpus import cgroup_quota, cpu_model, usable_cpus
 
 
 def test_affinity_and_no_quota(tmp_path):
@@ -30,3 +30,12 @@ def test_cgroup_v1_quota(tmp_path):
 def test_affinity_mask_is_respected(monkeypatch, tmp_path):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
     assert usable_cpus(tmp_path) == 1
+
+
+def test_cpu_model_reads_the_first_model_name(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU @ 2GHz\nmodel name\t: Other\n")
+    assert cpu_model(info) == "Some CPU @ 2GHz"
+    info.write_text("processor\t: 0\n")  # e.g. an ARM kernel's cpuinfo
+    assert cpu_model(info) == ""
+    assert cpu_model(tmp_path / "missing") == ""

@@ -29,6 +29,8 @@ import two_copies
 import unseen
 from jobs import ROOT, SCALES, Job, Scale, run_jobs, seconds
 
+from casm_deploy.cpus import cpu_model
+
 # Section titles of train/RESULTS.md and the experiments behind them, in the issue's order.
 EXPERIMENTS = {
     "1. Thinning strategies, score functions, shared encoder (Table 2 analogue)": table2,
@@ -88,14 +90,9 @@ def with_dependencies(selected: list[Job], every: list[Job]) -> list[Job]:
 
 def machine() -> str:
     """This machine, as a section of train/RESULTS.md names it."""
-    model = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
     return (
-        f"{model}, {os.cpu_count()} cores, no GPU; python {platform.python_version()}, "
-        f"torch {torch.__version__}"
+        f"{cpu_model() or platform.machine()}, {os.cpu_count()} cores, no GPU; "
+        f"python {platform.python_version()}, torch {torch.__version__}"
     )
 
 
