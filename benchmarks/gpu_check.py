@@ -66,7 +66,7 @@ import numpy as np
 import torch
 from common import command, machine, write_json
 
-from casm_deploy.cpus import cpu_model
+from casm_deploy.common.cpus import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("data", "training", "loader", "parity", "extraction", "infer", "gpu tests")
@@ -278,7 +278,7 @@ def machine_info(device: torch.device) -> dict:
     info["cuda"] = torch.version.cuda
     info["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     info["onnxruntime"] = onnxruntime_state()[1]
-    from casm_deploy.dali import dali_available
+    from casm_deploy.data.dali import dali_available
 
     info["dali"] = dali_available()
     if device.type == "cuda":
@@ -386,7 +386,7 @@ def timed(fn: Callable[[], Any], device: torch.device, sizes: Sizes) -> dict:
 def data_section(ctx: Context, cap: Cap, figures: dict) -> None:
     """ImageNet-sized JPEGs in the ImageNet layout (the embedded generator, in parallel)."""
     from casm_deploy.config import SynthConfig
-    from casm_deploy.synth import generate
+    from casm_deploy.data.synth import generate
 
     s = ctx.sizes
     out = ctx.work / "synth"
@@ -441,7 +441,7 @@ class Batches:
 
 def train_loader(ctx: Context, batches: int, workers: int, loader: str = "torch") -> Any:
     """The training loader of the data's train split, cut to about `batches` batches."""
-    from casm_deploy.data import build_loader, list_images, read_classes
+    from casm_deploy.data.datasets import build_loader, list_images, read_classes
 
     s, data = ctx.sizes, need_data(ctx)
     wnids = read_classes(data).wnids
@@ -476,11 +476,11 @@ def count_calls(obj: Any, name: str, counts: Counter, key: Callable[[Any], str])
 
 def train_config(ctx: Context, amp: str, channels_last: bool, tf32_is_off: bool) -> dict:
     """One configuration: casm.step alone, then the epoch loop, on one fresh CASM."""
-    from casm_deploy import train
+    from casm_deploy.common.ui import progress
     from casm_deploy.config import TrainConfig
-    from casm_deploy.export import ieee_fp32
-    from casm_deploy.model import build_masker
-    from casm_deploy.ui import progress
+    from casm_deploy.deploy.export import ieee_fp32
+    from casm_deploy.models.mapping import build_masker
+    from casm_deploy.training import train
 
     s, device = ctx.sizes, ctx.device
     if amp == "fp16" and not ctx.cuda:
@@ -669,7 +669,7 @@ def loader_rate(ctx: Context, workers: int, kind: str) -> dict:
 
 
 def loader_section(ctx: Context, cap: Cap, figures: dict) -> None:
-    from casm_deploy.dali import dali_available
+    from casm_deploy.data.dali import dali_available
 
     s = ctx.sizes
     need_data(ctx)
@@ -719,7 +719,7 @@ def plant(masker: Any, gain: float = 8.0, threshold: float = 0.6) -> Any:
     criteria: 97 % of boxes, 0.02). The encoder's other weights stay random: the logits cost
     what a trained model's do.
     """
-    from casm_deploy.model import IMAGENET_MEAN, IMAGENET_STD
+    from casm_deploy.models.mapping import IMAGENET_MEAN, IMAGENET_STD
 
     encoder, decoder = masker.encoder, masker.decoder
     pairs = [(0, 1), (1, 0), (1, 2), (2, 1), (0, 2), (2, 0)]
@@ -748,7 +748,7 @@ def planted_checkpoint(ctx: Context) -> Path:
         save_atomic,
         save_untrained,
     )
-    from casm_deploy.data import read_classes
+    from casm_deploy.data.datasets import read_classes
 
     s, data = ctx.sizes, need_data(ctx)
     info = read_classes(data)
@@ -771,8 +771,8 @@ def exported(ctx: Context, precision: str) -> dict:
     TorchScript, and ONNX fp32 where ONNX Runtime can run it here."""
     if precision in ctx.exports:
         return ctx.exports[precision]
-    from casm_deploy import export
     from casm_deploy.config import ExportConfig
+    from casm_deploy.deploy import export
 
     onnx = precision == "fp32" and (onnxruntime_state()[0] or not ctx.cuda)
     cfg = ExportConfig(
@@ -791,9 +791,9 @@ def exported(ctx: Context, precision: str) -> dict:
 
 def planted_masks(ctx: Context) -> dict:
     """What the planted mapping's masks look like on 16 validation images: area and boxes."""
-    from casm_deploy.data import list_images, read_annotation, read_classes
-    from casm_deploy.metrics import box_iou
-    from casm_deploy.predict import Masker
+    from casm_deploy.data.datasets import list_images, read_annotation, read_classes
+    from casm_deploy.deploy.api import Masker
+    from casm_deploy.evaluation.metrics import box_iou
 
     data = need_data(ctx)
     info = read_classes(data)
@@ -897,8 +897,8 @@ def extraction_variant(ctx: Context, kind: str, precision: str, images: np.ndarr
     """One backend at one precision: model only, and with the host copies (`Masker.run`, the
     path infer takes; eager AMP, which no backend offers, through `host_copies`)."""
     from casm_deploy.checkpoint import load_masker
-    from casm_deploy.export import load_torchscript
-    from casm_deploy.predict import Masker
+    from casm_deploy.deploy.api import Masker
+    from casm_deploy.deploy.export import load_torchscript
 
     device = ctx.device
     if kind == "onnx":
@@ -978,9 +978,9 @@ def extraction_section(ctx: Context, cap: Cap, figures: dict) -> None:
 
 
 def infer_run(ctx: Context, model: Path, masks: str, decoder: str, name: str) -> dict:
-    from casm_deploy import infer
+    from casm_deploy.common.ui import console
     from casm_deploy.config import InferConfig
-    from casm_deploy.ui import console
+    from casm_deploy.deploy import infer
 
     folder = need_data(ctx) / "train"
     try:

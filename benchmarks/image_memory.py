@@ -28,12 +28,12 @@ import cv2
 import numpy as np
 from common import command, machine, write_json
 
-from casm_deploy.images import MAX_PIXELS
+from casm_deploy.data.decode import MAX_PIXELS
 
 STEP = """
 import json, sys, time
 import cv2, numpy as np
-from casm_deploy.images import read_image, read_overlay
+from casm_deploy.data.decode import read_image, read_overlay
 
 def peak():
     with open("/proc/self/status") as f:

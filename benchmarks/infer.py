@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from common import command, machine, write_json
 
-from casm_deploy import infer
 from casm_deploy.config import InferConfig, SynthConfig
-from casm_deploy.images import decode, read_encoded, read_image, scan
-from casm_deploy.predict import Masker
+from casm_deploy.data.decode import decode, read_encoded, read_image, scan
+from casm_deploy.deploy import infer
+from casm_deploy.deploy.api import Masker
 
 FILES = {"onnx": "masker.onnx", "torchscript": "masker.ts"}
 BIG_DATA = Path("data/bench-infer-500")  # gitignored, like every data/ folder
@@ -89,8 +89,13 @@ def end_to_end(model: Path, folder: Path, batch: int, masks: str) -> float:
 def export_224(folder: Path) -> Path:
     """A random-weight full-width ResNet-18 mapping at 224 px, exported without parity."""
     from casm_deploy.checkpoint import load_checkpoint, masker_from_checkpoint, save_untrained
-    from casm_deploy.data import read_classes
-    from casm_deploy.export import base_metadata, export_onnx, export_torchscript, sha256_file
+    from casm_deploy.data.datasets import read_classes
+    from casm_deploy.deploy.export import (
+        base_metadata,
+        export_onnx,
+        export_torchscript,
+        sha256_file,
+    )
 
     info = read_classes(BIG_DATA)
     checkpoint = save_untrained(folder / "checkpoint.pt", info.wnids, info.names)
@@ -174,7 +179,7 @@ def main() -> None:
             max_side=500, overwrite=True,
         )  # fmt: skip
         if sum(1 for _ in islice(scan(BIG_DATA / "train"), args.images_224)) < args.images_224:
-            from casm_deploy.synth import generate
+            from casm_deploy.data.synth import generate
 
             generate(cfg, progress=True)
         with tempfile.TemporaryDirectory() as tmp:

@@ -21,8 +21,8 @@ import torch
 from common import write_json
 
 from casm_deploy.config import SynthConfig
-from casm_deploy.data import build_loader, read_classes
-from casm_deploy.synth import generate
+from casm_deploy.data.datasets import build_loader, read_classes
+from casm_deploy.data.synth import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("torch", "dali")

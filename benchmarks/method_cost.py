@@ -5,9 +5,10 @@ Usage: python benchmarks/method_cost.py [--checkpoint runs/demo/checkpoint.pt] [
 Prints tables and writes benchmarks/results/method_cost.json.
 
 All three explain the same classifier, the demo checkpoint's encoder, in eager PyTorch on this
-CPU: CASM is one forward of the Masker; Grad-CAM a forward and a backward (casm_deploy.gradcam,
-the stage among 2-4 with the best LE on the images); mask optimisation is Fong & Vedaldi's
-(casm_deploy.maskopt: `--steps` Adam steps per image, the images of a batch optimised together).
+CPU: CASM is one forward of the Masker; Grad-CAM a forward and a backward
+(casm_deploy.evaluation.gradcam, the stage among 2-4 with the best LE on the images); mask
+optimisation is Fong & Vedaldi's (casm_deploy.evaluation.maskopt: `--steps` Adam steps per
+image, the images of a batch optimised together).
 Its fill and weights are picked from `--grid` on `--tune-images` validation images disjoint from
 the ones it is scored on. Cost is milliseconds per image at batch `--batch` and at batch 1, and
 FLOPs per image (torch's FlopCounterMode, backward passes included); the encoder's forward alone,
@@ -30,11 +31,11 @@ from common import command, machine, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
 from casm_deploy.checkpoint import load_masker
-from casm_deploy.data import ImageDataset, list_images, own_boxes
-from casm_deploy.gradcam import gradcam
-from casm_deploy.maskopt import AREA, TV, optimize_masks, total_variation
-from casm_deploy.metrics import localization_scores, masks_to_boxes
-from casm_deploy.ui import console
+from casm_deploy.common.ui import console
+from casm_deploy.data.datasets import ImageDataset, list_images, own_boxes
+from casm_deploy.evaluation.gradcam import gradcam
+from casm_deploy.evaluation.maskopt import AREA, TV, optimize_masks, total_variation
+from casm_deploy.evaluation.metrics import localization_scores, masks_to_boxes
 
 GRADCAM_STAGES = (2, 3, 4)
 # images (B, 3, S, S) in [0, 1] and labels (B,) -> masks (B, 1, S, S), logits (B, K)

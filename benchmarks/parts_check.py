@@ -31,10 +31,11 @@ import torch
 from common import command, machine, write_json
 
 from casm_deploy.checkpoint import load_masker
+from casm_deploy.common.cpus import cpu_model
+from casm_deploy.common.ui import console
 from casm_deploy.config import SynthConfig, TrainConfig, config_from_dict
-from casm_deploy.cpus import cpu_model
-from casm_deploy.data import center_crop, resize_shorter
-from casm_deploy.synth import (
+from casm_deploy.data.datasets import center_crop, resize_shorter
+from casm_deploy.data.synth import (
     FAVOURITE,
     JPEG_QUALITY,
     PART_KINDS,
@@ -42,8 +43,7 @@ from casm_deploy.synth import (
     generate,
     make_parts_sample,
 )
-from casm_deploy.train import run as train
-from casm_deploy.ui import console
+from casm_deploy.training.train import run as train
 
 KEEP_SHARE = 0.8  # "stays high": at least this share of the clean accuracy with a part removed
 

@@ -18,8 +18,8 @@ import torch
 from common import write_json
 
 from casm_deploy.config import PRESETS, TrainConfig
-from casm_deploy.model import build_masker
-from casm_deploy.train import CASM
+from casm_deploy.models.mapping import build_masker
+from casm_deploy.training.train import CASM
 
 
 def measure(preset: str, channels_last: bool, args: argparse.Namespace) -> float:

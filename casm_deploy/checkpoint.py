@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from casm_deploy.errors import UserError
-from casm_deploy.model import ARCHS, Masker, build_masker
+from casm_deploy.models.mapping import ARCHS, Masker, build_masker
 
 FORMAT = "casm-deploy/checkpoint"
 VERSION = 1
@@ -251,7 +251,7 @@ SYNTHETIC_NOTE = (
 
 def synthetic_labels(wnids: Any, names: Any = ()) -> bool:
     """Whether the class ids are `data synth`'s (n900000NN, with its shape names if named)."""
-    from casm_deploy.synth import SHAPES, wnid_for
+    from casm_deploy.data.synth import SHAPES, wnid_for
 
     known = {wnid_for(k): shape for k, shape in enumerate(SHAPES)}
     if not isinstance(wnids, list | tuple) or not wnids:

@@ -204,7 +204,7 @@ def synth(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing data set.")] = False,
 ) -> None:
     """Generate the embedded benchmark: ImageNet layout, ILSVRC XML boxes, shapes on clutter."""
-    from casm_deploy.synth import generate
+    from casm_deploy.data.synth import generate
 
     cfg = SynthConfig(
         out=str(out),
@@ -471,7 +471,7 @@ def train(
     Several processes: `torchrun --nproc-per-node N -m casm_deploy train ...` (DDP: gloo on
     CPU, NCCL on GPU); --batch-size is per process.
     """
-    from casm_deploy import train as job
+    from casm_deploy.training import train as job
 
     def go() -> None:
         values = dict(
@@ -637,7 +637,7 @@ def evaluate(
     ] = "",
 ) -> None:
     """Score masks as the paper: LE, OM, F1 on ILSVRC boxes, with baselines and classifiers."""
-    from casm_deploy import evaluate as job
+    from casm_deploy.evaluation import benchmark as job
 
     def go() -> None:
         models, data = _models_and_data(paths)
@@ -705,7 +705,7 @@ def visualize(
     DATA may also be any folder of images (no ImageNet layout): then predicted boxes and
     labels only, with no ground truth and no IoU.
     """
-    from casm_deploy import visualize as job
+    from casm_deploy.evaluation import visualize as job
 
     def go() -> None:
         models, data = _models_and_data(paths)
@@ -825,7 +825,7 @@ def export(
     as skipped), 3 when one fails it or none could run here, 2 on bad input (a missing or
     unsafe checkpoint, no parity data).
     """
-    from casm_deploy import export as job
+    from casm_deploy.deploy import export as job
 
     def go() -> dict[str, Any]:
         cfg = ExportConfig(
@@ -961,8 +961,8 @@ def infer(
     disk stopped taking writes (full, over quota, read-only, I/O error): what is recorded
     stays valid, and the same command resumes once there is room.
     """
-    from casm_deploy import infer as job
-    from casm_deploy.outfolder import OutUnwritable
+    from casm_deploy.deploy import infer as job
+    from casm_deploy.deploy.outfolder import OutUnwritable
 
     def go() -> dict[str, Any]:
         cfg = InferConfig(

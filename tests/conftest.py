@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """3 classes, 24 train and 4 val images each, shorter sides 40-56 px."""
-    from casm_deploy.synth import generate
+    from casm_deploy.data.synth import generate
 
     out = tmp_path_factory.mktemp("data") / "synth"
     generate(
@@ -43,7 +43,7 @@ def make_small_synth():
     """Writes a small data set of the named classes (1 train, 2 val images each, 40-48 px)."""
 
     def write(out, classes: tuple[str, ...]):
-        from casm_deploy.synth import generate
+        from casm_deploy.data.synth import generate
 
         config = SynthConfig(
             out=str(out),
@@ -66,7 +66,7 @@ def make_checkpoint():
 
     def write(path, data, image_size: int = 32, seed: int = 0, width: int = 8) -> str:
         from casm_deploy.checkpoint import save_untrained
-        from casm_deploy.data import read_classes
+        from casm_deploy.data.datasets import read_classes
 
         info = read_classes(data)
         kwargs = {"width": width, "image_size": image_size, "seed": seed}

@@ -144,10 +144,10 @@ def test_eval_copies_needs_two_copies_data(tiny_data, tmp_path, make_checkpoint)
 
 
 def test_train_recipe_takes_the_options_given_beside_it(monkeypatch, tmp_path):
-    import casm_deploy.train
+    import casm_deploy.training.train
 
     seen = []
-    monkeypatch.setattr(casm_deploy.train, "run", seen.append)
+    monkeypatch.setattr(casm_deploy.training.train, "run", seen.append)
     args = ["train", str(tmp_path), "--recipe", "imagenet", "--weights", "r50.pth"]
     result = runner.invoke(app, [*args, "--epochs", "3", "--fill", "black", "--lambda-r", "4"])
     assert result.exit_code == 0, result.output

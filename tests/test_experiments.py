@@ -25,7 +25,9 @@ def all_jobs(scale):
 @pytest.fixture
 def dry_cli(monkeypatch):
     """`casm-deploy` with the work replaced by a record of the config each command built."""
-    from casm_deploy import evaluate, synth, train
+    from casm_deploy.data import synth
+    from casm_deploy.evaluation import benchmark as evaluate
+    from casm_deploy.training import train
 
     configs = []
     for module, name in ((synth, "generate"), (train, "run"), (evaluate, "run")):

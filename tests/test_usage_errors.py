@@ -11,11 +11,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from casm_deploy import evaluate, export, train, visualize
 from casm_deploy.cli import app
+from casm_deploy.common.paths import check_file, check_folder
 from casm_deploy.config import MAX_VISUALIZE_IMAGES, VisualizeConfig
+from casm_deploy.deploy import export
 from casm_deploy.errors import UserError
-from casm_deploy.paths import check_file, check_folder
+from casm_deploy.evaluation import benchmark as evaluate
+from casm_deploy.evaluation import visualize
+from casm_deploy.training import train
 
 runner = CliRunner()
 

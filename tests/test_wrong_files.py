@@ -11,7 +11,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from casm_deploy import export, parity
 from casm_deploy.checkpoint import (
     SYNTHETIC_NOTE,
     load_checkpoint,
@@ -21,9 +20,10 @@ from casm_deploy.checkpoint import (
 )
 from casm_deploy.cli import app
 from casm_deploy.config import TrainConfig
+from casm_deploy.deploy import export, parity
+from casm_deploy.deploy.api import Masker
+from casm_deploy.deploy.export import base_metadata, export_onnx, export_torchscript, sha256_file
 from casm_deploy.errors import UserError
-from casm_deploy.export import base_metadata, export_onnx, export_torchscript, sha256_file
-from casm_deploy.predict import Masker
 
 SIZE = 32
 runner = CliRunner()
@@ -65,7 +65,7 @@ def files(tiny_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def classifier(tiny_data, tmp_path_factory):
     """A real `train --classifier-only` run on the tiny synthetic data: its checkpoint."""
-    from casm_deploy.train import run
+    from casm_deploy.training.train import run
 
     out = tmp_path_factory.mktemp("classifier")
     common = dict(data=str(tiny_data), out=str(out), width=8, image_size=SIZE, workers=0)

@@ -29,7 +29,7 @@ import two_copies
 import unseen
 from jobs import ROOT, SCALES, Job, Scale, run_jobs, seconds
 
-from casm_deploy.cpus import cpu_model
+from casm_deploy.common.cpus import cpu_model
 
 # Section titles of train/RESULTS.md and the experiments behind them, in the order.
 EXPERIMENTS = {

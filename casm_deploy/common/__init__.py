@@ -1,0 +1,1 @@
+"""Helpers every stage uses: progress bars, CPUs, devices, checked paths and safe writes."""

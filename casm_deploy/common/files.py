@@ -1,0 +1,63 @@
+"""Writing a file so that a reader sees the old one or the whole new one, never half of it.
+
+Checkpoints, metrics logs, synth.json and every file infer writes in OUT go through
+`atomic_file`: a temporary beside the target (opened without following a link), fsync'd,
+renamed over the target, and the folder fsync'd so the rename survives a crash too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+PARTIAL = ".partial"  # the temporary's suffix: `.<name>.partial` beside the file
+
+
+def temporary_of(path: Path) -> Path:
+    """The fixed scratch name of `path`: a kill leaves at most this one stray file, which the
+    next write of the same file replaces."""
+    return path.with_name(f".{path.name}{PARTIAL}")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file to write `path` through; on leaving the block it replaces `path` whole.
+
+    A link or anything planted at the temporary's name is removed, not followed. If the block
+    raises, the temporary is removed and `path` is untouched.
+    """
+    path = Path(path)
+    temporary = temporary_of(path)
+    with contextlib.suppress(FileNotFoundError):
+        if temporary.is_symlink() or not temporary.is_file():
+            os.unlink(temporary)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        with os.fdopen(os.open(temporary, flags, 0o644), "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    sync_folder(path.parent)
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """`atomic_file` for data already in memory (text is written as UTF-8)."""
+    with atomic_file(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, which makes a rename inside it durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

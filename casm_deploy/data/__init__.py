@@ -1,0 +1,1 @@
+"""Images in: the embedded generator, the ImageNet layout and its boxes, decoding, the loaders."""

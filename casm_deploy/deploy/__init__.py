@@ -1,0 +1,1 @@
+"""The mapping outside training: the exported file, the exporters, the runtimes, `infer`."""

@@ -1,0 +1,1 @@
+"""The networks: the classifier's encoder and head, the mapping's decoder, the backbones."""
