@@ -28,13 +28,13 @@ import torch
 from common import command, machine, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
+from casm_deploy.artifact import read_metadata, sha256_file
 from casm_deploy.checkpoint import load_masker
 from casm_deploy.common.ui import console
 from casm_deploy.config import ExportConfig
-from casm_deploy.data.datasets import list_images
 from casm_deploy.data.decode import read_image
+from casm_deploy.data.imagenet import list_images
 from casm_deploy.deploy.api import Masker
-from casm_deploy.deploy.export import read_metadata, sha256_file
 
 PRECISIONS = ("fp16", "int8")  # exported here; fp32 comes from the demo's export
 PROFILE_BATCH = 32
@@ -94,7 +94,7 @@ def op_profile(path: Path, images: np.ndarray, runs: int) -> dict[str, dict]:
     """Where ONNX Runtime's time goes: the share of node time per operator type over `runs`
     calls on `images`, and the operator counts of the graph it optimised for this CPU.
 
-    The session is built as `casm_deploy.deploy.runtimes.OnnxBackend` builds it, with profiling on.
+    The session is built as `deploy.runtime_onnx.OnnxBackend` builds it, with profiling on.
     """
     import onnx
     import onnxruntime as ort

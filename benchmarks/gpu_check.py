@@ -15,7 +15,7 @@ are not installed on the lent machines), or `error`:
 - training: CASM (preset L100, its pool drawn from) of a ResNet-50 at 224 px, batch 128, in
   fp32 (PyTorch's TF32 settings, and TF32 off), bf16 and fp16 AMP, each channels-last and
   contiguous: images/s of `casm.step` alone on a device batch and of the real epoch loop
-  (`train.casm_epoch` over the torch loader), peak GPU memory, the host syncs per step, the
+  (`engine.casm_one_epoch` over the torch loader), peak GPU memory, the host syncs per step, the
   pool's draws and, for fp16, the gradient scaler's final scale and skipped updates. Host
   syncs are counted with CUDA's sync debug mode over a few steps. Contiguous means weights and
   batches: the loader's batches are channels-last, and cuDNN runs a convolution channels-last
@@ -89,7 +89,7 @@ class Sizes:
     warmup_steps: int = 3  # casm.step alone, before the counted and the timed steps
     sync_steps: int = 3  # steps run with CUDA's sync debug mode on, alone and in the loop
     timed_steps: int = 10  # casm.step alone
-    epoch_steps: int = 16  # the timed epoch of casm_epoch
+    epoch_steps: int = 16  # the timed epoch of casm_one_epoch
     loader_workers: tuple[int, ...] = (8, 16)
     loader_batches: int = 20
     extract_batch: int = 256
@@ -420,7 +420,7 @@ def need_data(ctx: Context) -> Path:
 
 
 class Batches:
-    """The loader as `casm_epoch` sees it: its first `steps` batches, each one's arrival time
+    """The loader as `casm_one_epoch` sees it: its first `steps` batches, each one's arrival time
     noted, made NCHW-contiguous for the contiguous layout (the loader's are channels-last)."""
 
     def __init__(self, loader: Any, steps: int, contiguous: bool = False):
@@ -441,7 +441,8 @@ class Batches:
 
 def train_loader(ctx: Context, batches: int, workers: int, loader: str = "torch") -> Any:
     """The training loader of the data's train split, cut to about `batches` batches."""
-    from casm_deploy.data.datasets import build_loader, list_images, read_classes
+    from casm_deploy.data.imagenet import list_images, read_classes
+    from casm_deploy.data.loader import build_loader
 
     s, data = ctx.sizes, need_data(ctx)
     wnids = read_classes(data).wnids
@@ -478,9 +479,10 @@ def train_config(ctx: Context, amp: str, channels_last: bool, tf32_is_off: bool)
     """One configuration: casm.step alone, then the epoch loop, on one fresh CASM."""
     from casm_deploy.common.ui import progress
     from casm_deploy.config import TrainConfig
-    from casm_deploy.deploy.export import ieee_fp32
+    from casm_deploy.deploy.parity_run import ieee_fp32
     from casm_deploy.models.mapping import build_masker
-    from casm_deploy.training import train
+    from casm_deploy.training.casm import CASM
+    from casm_deploy.training.engine import casm_one_epoch
 
     s, device = ctx.sizes, ctx.device
     if amp == "fp16" and not ctx.cuda:
@@ -506,7 +508,7 @@ def train_config(ctx: Context, amp: str, channels_last: bool, tf32_is_off: bool)
     with ieee_fp32() if tf32_is_off else contextlib.nullcontext():
         torch.manual_seed(0)
         masker = build_masker(cfg.arch, 1000, cfg.width).to(device, memory_format=layout)
-        casm = train.CASM(masker, cfg, random.Random(0))
+        casm = CASM(masker, cfg, random.Random(0))
         draws: Counter = Counter()
         count_calls(casm.pool, "draw", draws, lambda i: "current" if i is None else "snapshot")
         updates: Counter = Counter()
@@ -536,12 +538,12 @@ def train_config(ctx: Context, amp: str, channels_last: bool, tf32_is_off: bool)
         loader = train_loader(ctx, s.epoch_steps, s.train_workers)
         with progress(disable=True) as bars:
             with counting_syncs(device) as loop_syncs:
-                train.casm_epoch(casm, Batches(loader, s.sync_steps, not channels_last), bars, "")
+                casm_one_epoch(casm, Batches(loader, s.sync_steps, not channels_last), bars, "")
             synchronize(device)
             draws.clear()
             batches = Batches(loader, s.epoch_steps, not channels_last)
             start = time.perf_counter()
-            metrics = train.casm_epoch(casm, batches, bars, "")
+            metrics = casm_one_epoch(casm, batches, bars, "")
             synchronize(device)
             end = time.perf_counter()
     steps = len(batches.arrivals)
@@ -748,7 +750,7 @@ def planted_checkpoint(ctx: Context) -> Path:
         save_atomic,
         save_untrained,
     )
-    from casm_deploy.data.datasets import read_classes
+    from casm_deploy.data.imagenet import read_classes
 
     s, data = ctx.sizes, need_data(ctx)
     info = read_classes(data)
@@ -791,7 +793,7 @@ def exported(ctx: Context, precision: str) -> dict:
 
 def planted_masks(ctx: Context) -> dict:
     """What the planted mapping's masks look like on 16 validation images: area and boxes."""
-    from casm_deploy.data.datasets import list_images, read_annotation, read_classes
+    from casm_deploy.data.imagenet import list_images, read_annotation, read_classes
     from casm_deploy.deploy.api import Masker
     from casm_deploy.evaluation.metrics import box_iou
 
@@ -896,9 +898,9 @@ def host_copies(module: torch.nn.Module, device: torch.device) -> Callable:
 def extraction_variant(ctx: Context, kind: str, precision: str, images: np.ndarray) -> dict:
     """One backend at one precision: model only, and with the host copies (`Masker.run`, the
     path infer takes; eager AMP, which no backend offers, through `host_copies`)."""
+    from casm_deploy.artifact import load_torchscript
     from casm_deploy.checkpoint import load_masker
     from casm_deploy.deploy.api import Masker
-    from casm_deploy.deploy.export import load_torchscript
 
     device = ctx.device
     if kind == "onnx":

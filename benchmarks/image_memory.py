@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 from common import command, machine, write_json
 
-from casm_deploy.data.decode import MAX_PIXELS
+from casm_deploy.data.imagefiles import MAX_PIXELS
 
 STEP = """
 import json, sys, time

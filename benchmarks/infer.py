@@ -24,15 +24,15 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
-import torch
 from common import command, machine, write_json
 
 from casm_deploy.config import InferConfig, SynthConfig
-from casm_deploy.data.decode import decode, read_encoded, read_image, scan
-from casm_deploy.deploy import infer
+from casm_deploy.data.decode import decode, read_image
+from casm_deploy.data.imagefiles import read_encoded, scan
+from casm_deploy.deploy import infer, outputs
 from casm_deploy.deploy.api import Masker
+from casm_deploy.deploy.exporters import FILES, export_masker
 
-FILES = {"onnx": "masker.onnx", "torchscript": "masker.ts"}
 BIG_DATA = Path("data/bench-infer-500")  # gitignored, like every data/ folder
 
 
@@ -62,7 +62,7 @@ def stage_costs(masker: Masker, entries: list, writer_out: Path) -> dict[str, fl
         for k in range(len(entries))
     ]
     described = time.perf_counter() - start
-    writer = infer.Writer(writer_out, InferConfig(dir=".", out=str(writer_out)))
+    writer = outputs.Writer(writer_out, InferConfig(dir=".", out=str(writer_out)))
     start = time.perf_counter()
     for entry, mask, row in zip(entries, masks, rows, strict=True):
         writer.write(entry, mask, row)
@@ -88,23 +88,12 @@ def end_to_end(model: Path, folder: Path, batch: int, masks: str) -> float:
 
 def export_224(folder: Path) -> Path:
     """A random-weight full-width ResNet-18 mapping at 224 px, exported without parity."""
-    from casm_deploy.checkpoint import load_checkpoint, masker_from_checkpoint, save_untrained
-    from casm_deploy.data.datasets import read_classes
-    from casm_deploy.deploy.export import (
-        base_metadata,
-        export_onnx,
-        export_torchscript,
-        sha256_file,
-    )
+    from casm_deploy.checkpoint import save_untrained
+    from casm_deploy.data.imagenet import read_classes
 
     info = read_classes(BIG_DATA)
     checkpoint = save_untrained(folder / "checkpoint.pt", info.wnids, info.names)
-    state = load_checkpoint(checkpoint)
-    masker = masker_from_checkpoint(state)
-    meta = {**base_metadata(state, sha256_file(checkpoint)), "precision": "fp32"}
-    example = torch.rand(2, 3, 224, 224)
-    export_torchscript(masker, example, folder / FILES["torchscript"], meta)
-    export_onnx(masker, example, folder / FILES["onnx"], 18, meta)
+    export_masker(checkpoint, folder, ("torchscript", "onnx"))
     return folder
 
 

@@ -21,7 +21,8 @@ import torch
 from common import write_json
 
 from casm_deploy.config import SynthConfig
-from casm_deploy.data.datasets import build_loader, read_classes
+from casm_deploy.data.imagenet import read_classes
+from casm_deploy.data.loader import build_loader
 from casm_deploy.data.synth import generate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,7 +32,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from casm_deploy.checkpoint import load_masker
 from casm_deploy.common.ui import console
-from casm_deploy.data.datasets import ImageDataset, list_images, own_boxes
+from casm_deploy.data.imagenet import list_images, own_boxes
+from casm_deploy.data.torch_loader import ImageDataset
 from casm_deploy.evaluation.gradcam import gradcam
 from casm_deploy.evaluation.maskopt import AREA, TV, optimize_masks, total_variation
 from casm_deploy.evaluation.metrics import localization_scores, masks_to_boxes

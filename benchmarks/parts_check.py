@@ -9,7 +9,7 @@ Prints a table and writes benchmarks/results/parts_check.json (or --out).
 Generates a parts set (or reuses --data if it holds the same one), trains a classifier on it
 (`train --classifier-only`, the default recipe's model at 64 px), then classifies the
 validation images rendered in memory with nothing removed and with each part k removed
-(`synth.make_parts_sample(..., drop=k)`), JPEG-encoded like the files and resized like the
+(`parts.make_parts_sample(..., drop=k)`), JPEG-encoded like the files and resized like the
 validation loader. With `--classifier`, the given checkpoint is checked instead, on the
 validation images of the parts set `--data` made (as its synth.json records it), with no
 training: `make experiments` checks each seed's classifier so. The check passes when the
@@ -34,15 +34,10 @@ from casm_deploy.checkpoint import load_masker
 from casm_deploy.common.cpus import cpu_model
 from casm_deploy.common.ui import console
 from casm_deploy.config import SynthConfig, TrainConfig, config_from_dict
-from casm_deploy.data.datasets import center_crop, resize_shorter
-from casm_deploy.data.synth import (
-    FAVOURITE,
-    JPEG_QUALITY,
-    PART_KINDS,
-    SHAPES,
-    generate,
-    make_parts_sample,
-)
+from casm_deploy.data.draw import SHAPES
+from casm_deploy.data.parts import FAVOURITE, PART_KINDS, make_parts_sample
+from casm_deploy.data.synth import JPEG_QUALITY, generate
+from casm_deploy.data.transforms import center_crop, resize_shorter
 from casm_deploy.training.train import run as train
 
 KEEP_SHARE = 0.8  # "stays high": at least this share of the clean accuracy with a part removed

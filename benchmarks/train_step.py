@@ -19,7 +19,7 @@ from common import write_json
 
 from casm_deploy.config import PRESETS, TrainConfig
 from casm_deploy.models.mapping import build_masker
-from casm_deploy.training.train import CASM
+from casm_deploy.training.casm import CASM
 
 
 def measure(preset: str, channels_last: bool, args: argparse.Namespace) -> float:

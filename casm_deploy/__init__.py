@@ -1,9 +1,12 @@
 """casm-deploy: classifier-agnostic saliency mapping (CASM), trained and deployed.
 
-Data flow: synth/data -> model -> train -> checkpoint -> export -> infer, scored by metrics.
+Data flow: data -> models -> training -> checkpoint -> deploy (export, infer), scored by
+evaluation. ARCHITECTURE.md says which module does what.
 """
 
-__version__ = "0.1.0"
+from casm_deploy.version import __version__
+
+__all__ = ["Masker", "__version__"]
 
 
 def __getattr__(name: str):

@@ -1,12 +1,14 @@
 """The checkpoint: one schema, tensors and primitives only, loadable with `weights_only=True`.
 
-`train` writes it atomically at every epoch end; `eval`, `export` and `infer` rebuild the Masker
-from it with `load_masker`. Keys: format, version, package_version, model (arch, width,
-num_classes, upsample, image_size, wnids, names, shared_encoder, data_kind), config, phase,
-epoch, step, encoder, decoder, optimizers, pool_file, rng, metrics. The thinning pool is the
-file `pool_file` beside it. `optimizers["casm"]["scaler"]` (the fp16 gradient scaler; {}
-otherwise) and `model["data_kind"]` ("synthetic" or "images") are optional: files written
-before them lack them and load as they are, so VERSION stays 1.
+Written and read here alone: `train` saves a `TrainingCheckpoint` with `save_training` at every
+epoch end (atomically) and `--resume` reads it back with `load_training`; `eval`, `export` and
+`infer` rebuild the model from it with `load_masker`. Keys: format, version, package_version,
+model (arch, width, num_classes, upsample, image_size, wnids, names, shared_encoder, data_kind:
+`model_spec`), config, phase, epoch, step, encoder, decoder, mapping_encoder, optimizers,
+pool_file, rng, metrics. The thinning pool is the file `pool_file` beside it.
+`optimizers["casm"]["scaler"]` (the fp16 gradient scaler; {} otherwise), `model["data_kind"]`
+("synthetic" or "images") and `mapping_encoder` are optional: files written before them lack
+them and load as they are, so VERSION stays 1.
 
 A file of another kind (an export, a torchvision state dict or pickled model) is named as such
 in one line, with what to pass instead.
@@ -15,141 +17,136 @@ in one line, with what to pass instead.
 from __future__ import annotations
 
 import contextlib
-import os
-import pickle
-import re
-import tempfile
-import warnings
-import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from casm_deploy.common.files import atomic_file
+from casm_deploy.data.draw import synthetic_labels
 from casm_deploy.errors import UserError
-from casm_deploy.models.mapping import ARCHS, Masker, build_masker
+from casm_deploy.models.backbones import ARCHS
+from casm_deploy.models.mapping import SaliencyModel, build_masker
+from casm_deploy.torchfile import CHECKPOINT_WANTED, is_torchvision_weights, load_file
+from casm_deploy.version import __version__
 
 FORMAT = "casm-deploy/checkpoint"
 VERSION = 1
 
 
 def save_atomic(payload: Any, path: str | Path) -> None:
-    """`torch.save` to a temporary file, fsync, rename: a crash leaves the old file or the new."""
+    """`torch.save` through `files.atomic_file`: a crash leaves the old file or the new."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with atomic_file(path) as f:
+        torch.save(payload, f)
 
 
-# What `load_checkpoint` and `load_masker` ask for, when the caller does not say it better.
-CHECKPOINT_WANTED = "expected a training checkpoint, runs/<name>/checkpoint.pt"
-EXPORT_METADATA = "extra/casm_metadata.json"  # export.METADATA_FILE inside an export's archive
-# The keys by which a torchvision ResNet's state dict is known (the stem and the head).
-TORCHVISION_KEYS = ("conv1.weight", "bn1.weight", "fc.weight")
-ONNX_FIELDS = (0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42)  # ModelProto fields 2-8, as tags
+RUN_CHECKPOINT = "checkpoint.pt"  # a training run's checkpoint in its folder
 
 
-def identify(path: str | Path) -> str:
-    """What a file that is not a checkpoint is, from its first bytes or its zip directory,
-    without unpickling or running anything: "TorchScript", "torch.export (pt2)" or "ONNX" for an
-    exported model, "" for anything else (a torch file, or bytes of another kind).
+def model_spec(
+    arch: str,
+    width: int,
+    upsample: str,
+    image_size: int,
+    wnids: list[str],
+    names: list[str],
+    shared_encoder: bool,
+    data_kind: str | None = None,
+) -> dict[str, Any]:
+    """The checkpoint's model description (`checkpoint["model"]`, which `check_spec` reads).
+
+    `data_kind`: what it learned from, "synthetic" or "images" (None: not recorded).
     """
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if head.startswith(b"PK"):
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        else:
-            names = []
-    except (OSError, zipfile.BadZipFile):
-        return ""
-    if names:
-        if any("/code/" in n or n.startswith("code/") for n in names):
-            return "TorchScript"
-        if any(n.endswith(EXPORT_METADATA) or n.endswith("archive_format") for n in names):
-            return "torch.export (pt2)"
-        return ""
-    # An ONNX ModelProto opens with its ir_version (field 1, a small varint), then the
-    # producer, domain, version, doc string, graph or opset fields; a torch pickle with 0x80.
-    if len(head) >= 3 and head[0] == 0x08 and head[1] < 0x80 and head[2] in ONNX_FIELDS:
-        return "ONNX"
-    return ""
+    spec = {"arch": arch, "width": width, "num_classes": len(wnids), "upsample": upsample}
+    spec |= {"image_size": image_size, "wnids": list(wnids), "names": list(names)}
+    spec |= {"shared_encoder": shared_encoder}
+    if data_kind is not None:
+        spec["data_kind"] = data_kind
+    return spec
 
 
-def is_torchvision_weights(value: Any) -> bool:
-    """A torchvision ResNet's state dict: tensors under its stem and head keys."""
-    return (
-        isinstance(value, dict)
-        and all(isinstance(value.get(k), torch.Tensor) for k in TORCHVISION_KEYS)
-        and "format" not in value
-    )
+@dataclass
+class TrainingCheckpoint:
+    """A training run at an epoch end, as `save_training` writes it and `load_training` reads it.
+
+    `phase` and `epoch` say where the run goes on: `epoch` epochs of `phase` (pretrain or casm)
+    are done, or the run is "done". `snapshots` is the thinning pool, kept in the file
+    `pool-<step>.pt` beside the checkpoint, which names it (`pool_file`; None for no pool).
+    """
+
+    model: dict[str, Any]  # `model_spec`'s description
+    config: dict[str, Any]  # `config.config_to_dict` of the run's TrainConfig
+    phase: str
+    epoch: int
+    step: int  # the CASM steps taken
+    encoder: dict[str, torch.Tensor]
+    decoder: dict[str, torch.Tensor]
+    mapping_encoder: dict[str, torch.Tensor] | None  # the unshared mapping's own encoder
+    optimizers: dict[str, Any]  # pretrain, pretrain_schedule, casm (classifier, decoder, scaler)
+    rng: dict[str, Any]  # torch (the CPU generator) and python (the thinning pool's RNG)
+    metrics: dict[str, Any]  # the epoch's line of metrics.jsonl
+    snapshots: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
 
-def load_file(path: str | Path, wanted: str = "") -> Any:
-    """`torch.load(..., weights_only=True)` with clear errors for missing, foreign or unsafe files.
+def save_training(run_dir: Path, checkpoint: TrainingCheckpoint) -> None:
+    """Write `run_dir/checkpoint.pt` and the pool it names, atomically; delete older pools.
 
-    An exported model (TorchScript, pt2, ONNX) is named as such before torch reads it, and a
-    whole pickled module (`torch.save(model)`) is named by its class: a weights-only load
-    refuses both. `wanted`, if given, ends those messages: what the caller takes instead.
-    PyTorch's own warnings about the file (a TorchScript archive, `weights_only`) are silenced:
-    the error says what the file is.
+    The pool goes to a file named by the step, written before the checkpoint that names it, so
+    a kill at any point leaves a checkpoint and the pool of that same moment.
+    """
+    c = checkpoint
+    pool_file = None
+    if c.snapshots:
+        pool_file = f"pool-{c.step}.pt"
+        save_atomic({"snapshots": c.snapshots}, run_dir / pool_file)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "package_version": __version__,
+        "model": c.model,
+        "config": c.config,
+        "phase": c.phase,
+        "epoch": c.epoch,
+        "step": c.step,
+        "encoder": c.encoder,
+        "decoder": c.decoder,
+        "mapping_encoder": c.mapping_encoder,
+        "optimizers": c.optimizers,
+        "pool_file": pool_file,
+        "rng": c.rng,
+        "metrics": c.metrics,
+    }
+    save_atomic(payload, run_dir / RUN_CHECKPOINT)
+    for old in run_dir.glob("pool-*.pt"):
+        if old.name != pool_file:
+            old.unlink()
+
+
+def load_training(run_dir: Path) -> TrainingCheckpoint:
+    """The checkpoint of the run in `run_dir` and its pool, to resume it.
 
     Raises:
-        UserError: the file is missing, truncated, not a torch file, an exported model, or
-            carries pickled objects or code.
+        UserError: as `load_checkpoint`, for the checkpoint or its pool file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    wanted = wanted or CHECKPOINT_WANTED
-    kind = identify(path)
-    if kind:
-        raise UserError(f"{path}: this is an exported model ({kind}); {wanted}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's FutureWarning / UserWarning on odd files
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        # A weights-only load names the global it refused ("Unsupported global: posix.system");
-        # other unpickling errors mean bytes that are not a pickle at all.
-        refused = [line for line in str(error).splitlines() if "global" in line.lower()]
-        if refused:
-            found = re.search(r"GLOBAL ([\w.]+)", refused[0])
-            name = found.group(1) if found else ""
-            if name.startswith(("torch.nn.", "torchvision.", "timm.")):
-                raise UserError(
-                    f"{path}: this is a whole pickled model ({name}, saved with "
-                    "torch.save(model)), which casm-deploy does not unpickle (unpickling can run "
-                    "code): save its weights, torch.save(model.state_dict(), 'weights.pth'), "
-                    f"which train --weights takes; {wanted}"
-                ) from None
-            detail = refused[0].strip().split(" was not an allowed global")[0]
-            raise UserError(
-                f"{path}: refused: it carries pickled objects or code that a weights-only load "
-                f"does not allow ({detail}). Only load files from sources you trust."
-            ) from None
-        raise UserError(f"{path}: not a readable checkpoint (not a torch file)") from None
-    except Exception as error:  # torch raises many types for foreign bytes (KeyError, ...)
-        text = str(error).strip().splitlines()
-        raise UserError(
-            f"{path}: not a readable checkpoint, or truncated ({text[0] if text else error!r})"
-        ) from None
+    checkpoint = load_checkpoint(run_dir / RUN_CHECKPOINT)
+    pool_file = checkpoint["pool_file"]
+    return TrainingCheckpoint(
+        model=checkpoint.get("model"),
+        config=checkpoint.get("config"),
+        phase=checkpoint["phase"],
+        epoch=checkpoint["epoch"],
+        step=checkpoint["step"],
+        encoder=checkpoint["encoder"],
+        decoder=checkpoint["decoder"],
+        mapping_encoder=checkpoint.get("mapping_encoder"),  # absent before --unshared
+        optimizers=checkpoint["optimizers"],
+        rng=checkpoint["rng"],
+        metrics=checkpoint["metrics"],
+        snapshots=load_file(run_dir / pool_file)["snapshots"] if pool_file else [],
+    )
 
 
 def save_untrained(
@@ -168,9 +165,7 @@ def save_untrained(
     benchmarks: an untrained mapping costs what a trained one costs."""
     torch.manual_seed(seed)
     masker = build_masker(arch, len(wnids), width=width, shared_encoder=shared_encoder)
-    spec = {"arch": arch, "width": width, "num_classes": len(wnids), "upsample": "nearest"}
-    spec |= {"image_size": image_size, "wnids": list(wnids), "names": list(names)}
-    spec |= {"shared_encoder": shared_encoder}
+    spec = model_spec(arch, width, "nearest", image_size, wnids, names, shared_encoder)
     payload = {"format": FORMAT, "version": VERSION, "model": spec, "config": config or {}}
     payload |= {"encoder": masker.encoder.state_dict(), "decoder": masker.decoder.state_dict()}
     if not shared_encoder:
@@ -247,19 +242,6 @@ SYNTHETIC_NOTE = (
     "this model was trained on casm-deploy's synthetic shapes (data synth): its masks and "
     "labels mean nothing on real photos; see README 'Using real ImageNet'"
 )
-
-
-def synthetic_labels(wnids: Any, names: Any = ()) -> bool:
-    """Whether the class ids are `data synth`'s (n900000NN, with its shape names if named)."""
-    from casm_deploy.data.synth import SHAPES, wnid_for
-
-    known = {wnid_for(k): shape for k, shape in enumerate(SHAPES)}
-    if not isinstance(wnids, list | tuple) or not wnids:
-        return False
-    if not all(isinstance(w, str) and w in known for w in wnids):
-        return False
-    names = list(names or [])
-    return not names or names == [known[w] for w in wnids]
 
 
 def training_data_kind(checkpoint: dict[str, Any], path: str | Path = "") -> str:
@@ -352,8 +334,10 @@ def load_weights(module: torch.nn.Module, state: Any, path: str | Path, key: str
             raise UserError(f"{path}: the {key!r} weights {what} key {names[0]!r}{more}")
 
 
-def masker_from_checkpoint(checkpoint: dict[str, Any], path: str | Path = "checkpoint") -> Masker:
-    """Rebuild the Masker (eval mode, CPU) from a loaded checkpoint (read from `path`).
+def masker_from_checkpoint(
+    checkpoint: dict[str, Any], path: str | Path = "checkpoint"
+) -> SaliencyModel:
+    """Rebuild the SaliencyModel (eval mode, CPU) from a loaded checkpoint (read from `path`).
 
     Raises:
         UserError: the model description or the weights are missing or do not fit.
@@ -372,48 +356,11 @@ def masker_from_checkpoint(checkpoint: dict[str, Any], path: str | Path = "check
     return masker.eval()
 
 
-def load_masker(path: str | Path, wanted: str = "") -> tuple[Masker, dict[str, Any]]:
-    """The Masker of a checkpoint file and its model description (`checkpoint["model"]`).
+def load_masker(path: str | Path, wanted: str = "") -> tuple[SaliencyModel, dict[str, Any]]:
+    """The SaliencyModel of a checkpoint file and its model description (`checkpoint["model"]`).
 
     Raises:
         UserError: as `load_checkpoint` and `masker_from_checkpoint`.
     """
     checkpoint = load_checkpoint(path, wanted)
     return masker_from_checkpoint(checkpoint, path), checkpoint["model"]
-
-
-@dataclass
-class NamedMasker:
-    """A loaded model among several to compare, under a unique display name."""
-
-    name: str
-    path: str
-    masker: Masker
-    spec: dict[str, Any]
-
-
-def display_name(path: str | Path) -> str:
-    """`runs/<name>/checkpoint.pt` -> `<name>`; any other file -> its stem."""
-    path = Path(path)
-    return path.parent.name if path.stem == "checkpoint" and path.parent.name else path.stem
-
-
-def load_maskers(paths: tuple[str, ...] | list[str], wanted: str = "") -> list[NamedMasker]:
-    """Load models to compare side by side: unique names (`run`, `run#2`), one image size.
-
-    Raises:
-        UserError: a file cannot be loaded, or the models were trained at different sizes.
-    """
-    models: list[NamedMasker] = []
-    for path in paths:
-        masker, spec = load_masker(path, wanted)
-        name, base, copy = display_name(path), display_name(path), 1
-        while name in {m.name for m in models}:
-            copy += 1
-            name = f"{base}#{copy}"
-        models.append(NamedMasker(name, str(path), masker, spec))
-    sizes = {m.spec["image_size"] for m in models}
-    if len(sizes) > 1:
-        listing = ", ".join(f"{m.path}: {m.spec['image_size']} px" for m in models)
-        raise UserError(f"the models must share one image size to be compared ({listing})")
-    return models

@@ -1,34 +1,34 @@
 """The `casm-deploy` command line: it parses arguments into a config and calls the job's `run`.
 
+The top of the flow. Each command's options are made from its config class (config.py): a
+field's default, help, --help group and conversion are declared there once, and `_command`
+turns them into Typer parameters and the parsed values back into the config.
+
 Heavy imports (torch, cv2) happen inside the commands, so `casm-deploy --help` is instant.
 A user mistake (`UserError`) prints one line and exits with status 2, never a traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
 from casm_deploy import __version__
 from casm_deploy.config import (
-    DEFAULT_DATA,
-    MAX_VISUALIZE_IMAGES,
-    PRECISIONS,
-    PRESETS,
-    RECIPES,
     EvalConfig,
     ExportConfig,
     InferConfig,
     SynthConfig,
     TrainConfig,
     VisualizeConfig,
-    train_config,
 )
 from casm_deploy.errors import UserError
+from casm_deploy.options import choices_of, field_types, make_config
 
 # Help texts are Rich markup ("rich" mode): Rich reads [lowercase...] as a tag and drops it, so
 # defaults are written in words. The lines of a help text after its first paragraph are kept as
@@ -61,15 +61,9 @@ Example:
 )
 app.add_typer(data_app, name="data")
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _reflow(command: F) -> F:
-    """Join the lines of each paragraph of the command's docstring: Rich keeps the newlines of
-    a help text, so lines wrapped for the source would break mid-sentence in the terminal."""
-    paragraphs = inspect.cleandoc(command.__doc__ or "").split("\n\n")
-    command.__doc__ = "\n\n".join(" ".join(p.split()) for p in paragraphs)
-    return command
+EXIT_PARITY_FAILED = 3  # `export`: the files were written but one failed its parity check
+EXIT_SOME_FAILED = 3  # `infer`: every file is recorded, but some could not be processed
+EXIT_OUT_UNWRITABLE = 4  # `infer`: OUT's disk stopped taking writes (full, quota, read-only)
 
 
 def _print_version(value: bool) -> None:
@@ -91,21 +85,13 @@ def _root(
     pass
 
 
-_S = SynthConfig()
-_T = TrainConfig()
-_E = EvalConfig()
-_V = VisualizeConfig()
-_X = ExportConfig()
-_I = InferConfig()
-
-
 def _call(job: Callable[[], Any]) -> Any:
     try:
         return job()
-    except UserError as error:
+    except UserError as error:  # config.py's ConfigError included: a value a config refused
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
-    except ValueError as error:  # a config dataclass refused a value
+    except ValueError as error:  # a value a job's own code refused
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -113,19 +99,115 @@ def _call(job: Callable[[], Any]) -> Any:
         raise typer.Exit(130) from None
 
 
-def _lambda_r(text: str) -> float | None:
-    if text == "paper":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise UserError(f"--lambda-r must be a number or 'paper', not {text!r}") from None
+def _options(cls: type) -> list[dataclasses.Field]:
+    """The fields of `cls` that are command-line parameters (those with a help text), in the
+    order --help shows them: by the class's PANELS (ungrouped first), a recipe first in its
+    panel (it applies before the others), then as declared."""
+    rank = {panel: i for i, panel in enumerate(getattr(cls, "PANELS", ()))}
+    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("help")]
+    return sorted(
+        fields, key=lambda f: (rank.get(f.metadata["panel"], -1), not f.metadata["recipes"])
+    )
 
 
-_SIZE, _LAYOUT = "Classes and counts", "Image layout"
+def _cli_type(f: dataclasses.Field, kind: Any) -> Any:
+    """What the command line parses for field `f` of type `kind`, before `_value` converts it."""
+    m = f.metadata
+    many = kind == tuple[str, ...]
+    if m["path"]:
+        return list[Path] if many else Path
+    if many:  # comma-separated, and repeatable where the field says so
+        return list[str] if m["repeat"] else str
+    if m["parse"] is not None:
+        return str
+    choices = choices_of(kind)
+    return type(choices[0]) if choices else kind  # a Literal's values are checked by the config
 
 
-@data_app.command(
+def _cli_default(f: dataclasses.Field, cli_type: Any) -> Any:
+    if f.metadata["required"]:
+        return inspect.Parameter.empty
+    if cli_type is Path:
+        return Path(f.default)
+    if cli_type == list[str]:
+        return list(f.default)
+    if cli_type is str and isinstance(f.default, tuple):
+        return ",".join(f.default)
+    return str(f.default) if cli_type is str else f.default
+
+
+def _parameter(f: dataclasses.Field, kind: Any) -> inspect.Parameter:
+    """The Typer parameter of field `f`, from its metadata (options.opt)."""
+    m = f.metadata
+    cli_type = _cli_type(f, kind)
+    shared = dict(help=m["help"], show_default=m["show_default"], metavar=m["metavar"])
+    if m["argument"]:
+        info = typer.Argument(hidden=m["hidden"], **shared)
+    else:
+        flags = m["flag"]
+        if cli_type is bool and not m["negatable"] and not flags:
+            flags = ("--" + f.name.replace("_", "-"),)  # named once: no --no- form
+        info = typer.Option(*flags, hidden=m["hidden"], rich_help_panel=m["panel"], **shared)
+    return inspect.Parameter(
+        m["name"] or f.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=_cli_default(f, cli_type),
+        annotation=Annotated[cli_type, info],
+    )
+
+
+def _value(f: dataclasses.Field, kind: Any, given: Any) -> dict[str, Any]:
+    """The config values of what was given for field `f` of type `kind`: its `parse` (a value,
+    or a dict of several fields' values), a path as text, a comma list as a tuple."""
+    parse = f.metadata["parse"]
+    if parse is not None:
+        value = parse(given)
+        return value if isinstance(value, dict) else {f.name: value}
+    if kind == tuple[str, ...]:
+        items = [given] if isinstance(given, str) else given
+        return {f.name: tuple(v.strip() for item in items for v in item.split(",") if v.strip())}
+    return {f.name: str(given) if isinstance(given, Path) else given}
+
+
+def _config(cls: type, ctx: typer.Context, values: dict[str, Any]) -> Any:
+    """The config of the options given on the command line; the others keep their defaults (or
+    their recipe's values: make_config)."""
+    kinds, given = field_types(cls), {}
+    for f in _options(cls):
+        name = f.metadata["name"] or f.name
+        # By the source's name: Typer ships its own copy of click's ParameterSource.
+        if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT":
+            given.update(_value(f, kinds[f.name], values[name]))
+    return make_config(cls, **given)
+
+
+def _command(group: typer.Typer, cls: type, name: str = "", epilog: str = "") -> Callable:
+    """Register `body(cfg)` as a command of `group` whose parameters are the fields of `cls`;
+    it runs, under `_call`, on the config built from the parsed values."""
+
+    def register(body: Callable[[Any], None]) -> Callable[..., None]:
+        def command(ctx: typer.Context, **values: Any) -> None:
+            _call(lambda: body(_config(cls, ctx, values)))
+
+        kinds = field_types(cls)
+        context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        params = [context, *(_parameter(f, kinds[f.name]) for f in _options(cls))]
+        command.__signature__ = inspect.Signature(params, return_annotation=None)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.__name__ = body.__name__
+        # Rich keeps the newlines of a help text: join the lines of each docstring paragraph,
+        # wrapped for the source, so that they do not break mid-sentence in the terminal.
+        paragraphs = inspect.cleandoc(body.__doc__ or "").split("\n\n")
+        command.__doc__ = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+        group.command(name or None, epilog=epilog)(command)
+        return command
+
+    return register
+
+
+@_command(
+    data_app,
+    SynthConfig,
     "synth",
     epilog="""
 Examples:
@@ -138,108 +220,16 @@ Examples:
   # objects of three parts, any one of which identifies the class
   casm-deploy data synth data/parts --parts 3""",
 )
-@_reflow
-def synth(
-    out: Annotated[Path, typer.Argument(help="Output folder.")] = Path(_S.out),
-    num_classes: Annotated[
-        int,
-        typer.Option("--num-classes", help="Use the first N shape classes.", rich_help_panel=_SIZE),
-    ] = _S.num_classes,
-    classes: Annotated[
-        str,
-        typer.Option(
-            help="Comma-separated subset of classes (names or wnids), instead of --num-classes.",
-            rich_help_panel=_SIZE,
-        ),
-    ] = "",
-    train_per_class: Annotated[
-        int, typer.Option(help="Training images per class.", rich_help_panel=_SIZE)
-    ] = _S.train_per_class,
-    val_per_class: Annotated[
-        int, typer.Option(help="Validation images per class.", rich_help_panel=_SIZE)
-    ] = _S.val_per_class,
-    min_side: Annotated[
-        int, typer.Option(help="Smallest shorter image side (px).", rich_help_panel=_LAYOUT)
-    ] = _S.min_side,
-    max_side: Annotated[
-        int, typer.Option(help="Largest shorter image side (px).", rich_help_panel=_LAYOUT)
-    ] = _S.max_side,
-    min_area: Annotated[
-        float,
-        typer.Option(help="Smallest object area (image fraction).", rich_help_panel=_LAYOUT),
-    ] = _S.min_area,
-    max_area: Annotated[
-        float, typer.Option(help="Largest object area (image fraction).", rich_help_panel=_LAYOUT)
-    ] = _S.max_area,
-    copies: Annotated[
-        int,
-        typer.Option(
-            help="2: each image is two identical copies side by side (paper 2.1).",
-            rich_help_panel=_LAYOUT,
-        ),
-    ] = _S.copies,
-    right: Annotated[
-        str,
-        typer.Option(
-            help="With --copies 2: copy (the right half repeats the left) or clutter (the right "
-            "half is background and distractors, no object; only the left box is annotated), to "
-            "pre-train a classifier (train --classifier-only --resize stretch) that only looks "
-            "at the left copy.",
-            rich_help_panel=_LAYOUT,
-        ),
-    ] = _S.right,
-    parts: Annotated[
-        int,
-        typer.Option(
-            help="N > 0: each object is N parts (a shape, a texture patch, a glyph; 1 to 3), any "
-            "one of which identifies the class, the shape the easiest; part label maps and boxes "
-            "of the validation images in OUT/parts/. 0: one solid shape.",
-            rich_help_panel=_LAYOUT,
-        ),
-    ] = _S.parts,
-    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same files.")] = (
-        _S.seed
-    ),
-    workers: Annotated[int, typer.Option(help="Generator processes.")] = _S.workers,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing data set.")] = False,
-) -> None:
+def synth(cfg: SynthConfig) -> None:
     """Generate the embedded benchmark: ImageNet layout, ILSVRC XML boxes, shapes on clutter."""
     from casm_deploy.data.synth import generate
 
-    cfg = SynthConfig(
-        out=str(out),
-        num_classes=num_classes,
-        classes=tuple(c.strip() for c in classes.split(",") if c.strip()),
-        train_per_class=train_per_class,
-        val_per_class=val_per_class,
-        min_side=min_side,
-        max_side=max_side,
-        min_area=min_area,
-        max_area=max_area,
-        copies=copies,
-        right=right,
-        parts=parts,
-        seed=seed,
-        workers=workers,
-        overwrite=overwrite,
-    )
-    _call(lambda: generate(cfg))
+    generate(cfg)
 
 
-# Option groups of `train` --help: few options each, and the long flag names (with their
-# --no- forms) in small groups, so that at 80 columns each group's help column stays wide.
-_METHOD, _MODEL, _PHASES, _OPTIM, _INPUT, _HARDWARE, _RUN = (
-    "Method",
-    "Model",
-    "Phases",
-    "Optimisers",
-    "Data",
-    "Hardware",
-    "Run",
-)
-
-
-@app.command(
+@_command(
+    app,
+    TrainConfig,
     epilog="""
 Examples:
   # the default recipe on data/synth (generated if missing) into runs/demo
@@ -256,216 +246,7 @@ Examples:
   casm-deploy train --name demo --pretrain-epochs 0 \\
       --weights runs/demo-classifier/checkpoint.pt""",
 )
-@_reflow
-def train(
-    ctx: typer.Context,
-    data: Annotated[
-        Path, typer.Argument(help="ImageNet-layout folder; the default is generated if missing.")
-    ] = Path(DEFAULT_DATA),
-    recipe: Annotated[
-        str,
-        typer.Option(
-            help=f"{' or '.join(RECIPES)}: a set of values at once; the options given beside it "
-            "override it. default: this project's recipe for the embedded data on a CPU; "
-            "imagenet: the reference code's ImageNet training of a pre-trained ResNet-50 at "
-            "224 px (needs --weights; train/README.md lists its values).",
-            rich_help_panel=_METHOD,
-        ),
-    ] = _T.recipe,
-    reproduce: Annotated[
-        str,
-        typer.Option(
-            help=f"Thinning strategy of the paper: {', '.join(PRESETS)} (F: Baseline F, a "
-            "fixed classifier).",
-            rich_help_panel=_METHOD,
-        ),
-    ] = _T.reproduce,
-    score: Annotated[
-        str,
-        typer.Option(help="Mapping score: entropy or classification.", rich_help_panel=_METHOD),
-    ] = _T.score,
-    lambda_r: Annotated[
-        str,
-        typer.Option(
-            help="Area weight: a number, or 'paper' for the reference's per-preset ImageNet value.",
-            rich_help_panel=_METHOD,
-        ),
-    ] = str(_T.lambda_r),
-    hp: Annotated[
-        float | None,
-        typer.Option(help="Override the preset's pool probability.", rich_help_panel=_METHOD),
-    ] = None,
-    smf: Annotated[
-        int | None,
-        typer.Option(help="Override the preset's snapshot period.", rich_help_panel=_METHOD),
-    ] = None,
-    pool_size: Annotated[
-        int, typer.Option(help="Thinning pool capacity.", rich_help_panel=_METHOD)
-    ] = _T.pool_size,
-    pool_device: Annotated[
-        str,
-        typer.Option(
-            help="Where the pool's snapshots live on a GPU: device (no copy per draw), pinned "
-            "(pinned host memory, copied without blocking), auto (device when the pool takes "
-            "at most a fifth of the GPU's memory). Training on the CPU keeps them in memory.",
-            rich_help_panel=_METHOD,
-        ),
-    ] = _T.pool_device,
-    upsample: Annotated[
-        str,
-        typer.Option(help="Final mask upsampling: nearest or bilinear.", rich_help_panel=_METHOD),
-    ] = _T.upsample,
-    unshared: Annotated[
-        bool,
-        typer.Option(
-            help="Give the mapping an encoder of its own (a copy of the classifier when the "
-            "CASM phase starts, trained with the decoder), instead of sharing the classifier's.",
-            rich_help_panel=_METHOD,
-        ),
-    ] = _T.unshared,
-    fill: Annotated[
-        str,
-        typer.Option(
-            help="What masked-out pixels become: black, or mean (the ImageNet mean colour, as "
-            "the reference's training has them).",
-            rich_help_panel=_METHOD,
-        ),
-    ] = _T.fill,
-    arch: Annotated[
-        str, typer.Option(help="resnet18, resnet34 or resnet50.", rich_help_panel=_MODEL)
-    ] = _T.arch,
-    width: Annotated[
-        int, typer.Option(help="Stem channels (torchvision: 64).", rich_help_panel=_MODEL)
-    ] = _T.width,
-    image_size: Annotated[
-        int, typer.Option(help="Training image size (px).", rich_help_panel=_MODEL)
-    ] = _T.image_size,
-    weights: Annotated[
-        str,
-        typer.Option(
-            help="Start the classifier from a local torchvision state dict, a casm-deploy "
-            "checkpoint, or a torchvision weights name already in torch's cache.",
-            rich_help_panel=_MODEL,
-        ),
-    ] = "",
-    pretrain_epochs: Annotated[
-        int,
-        typer.Option(
-            help="Classifier pre-training epochs on clean images (0: none).",
-            rich_help_panel=_PHASES,
-        ),
-    ] = _T.pretrain_epochs,
-    classifier_only: Annotated[
-        bool,
-        typer.Option(
-            help="Only pre-train a classifier (independent classifiers for eval --classifiers).",
-            rich_help_panel=_PHASES,
-        ),
-    ] = False,
-    epochs: Annotated[int, typer.Option(help="CASM epochs.", rich_help_panel=_PHASES)] = (
-        _T.epochs
-    ),
-    epoch_fraction: Annotated[
-        float,
-        typer.Option(
-            help="Share of the training set seen per CASM epoch.", rich_help_panel=_PHASES
-        ),
-    ] = _T.epoch_fraction,
-    pretrain_batch_size: Annotated[
-        int,
-        typer.Option(help="Pre-training batch size (per process).", rich_help_panel=_OPTIM),
-    ] = _T.pretrain_batch_size,
-    pretrain_lr: Annotated[
-        float, typer.Option(help="Pre-training Adam peak LR.", rich_help_panel=_OPTIM)
-    ] = _T.pretrain_lr,
-    batch_size: Annotated[
-        int, typer.Option(help="CASM batch size (per process).", rich_help_panel=_OPTIM)
-    ] = _T.batch_size,
-    lr: Annotated[
-        float, typer.Option(help="Classifier SGD LR in the CASM phase.", rich_help_panel=_OPTIM)
-    ] = _T.lr,
-    momentum: Annotated[
-        float, typer.Option(help="Classifier SGD momentum.", rich_help_panel=_OPTIM)
-    ] = _T.momentum,
-    lr_decoder: Annotated[
-        float, typer.Option(help="Decoder Adam LR.", rich_help_panel=_OPTIM)
-    ] = _T.lr_decoder,
-    lr_decay_every: Annotated[
-        int, typer.Option(help="Epochs between x0.1 LR decays.", rich_help_panel=_OPTIM)
-    ] = _T.lr_decay_every,
-    weight_decay: Annotated[
-        float, typer.Option(help="Weight decay of both optimisers.", rich_help_panel=_OPTIM)
-    ] = _T.weight_decay,
-    grad_clip: Annotated[
-        float, typer.Option(help="Decoder gradient-norm clip.", rich_help_panel=_OPTIM)
-    ] = _T.grad_clip,
-    resize: Annotated[
-        str,
-        typer.Option(
-            help="center-crop (shorter side, random crop and flip; validation: centre crop), "
-            "stretch (the whole image to S x S, no crop, no flip, validation too: keeps the "
-            "left/right layout of synth --copies 2 data; torch loader only) or "
-            "random-resized-crop (torchvision's RandomResizedCrop and a flip, the reference's "
-            "ImageNet augmentation; validation: centre crop).",
-            rich_help_panel=_INPUT,
-        ),
-    ] = _T.resize,
-    loader: Annotated[
-        str, typer.Option(help="Data loader: torch, dali or auto.", rich_help_panel=_INPUT)
-    ] = _T.loader,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            help="Data-loading processes (0: in the main process). Default: 1 on the CPU; on "
-            "CUDA the cores, shared by the node's GPUs.",
-            show_default=False,
-            rich_help_panel=_INPUT,
-        ),
-    ] = _T.workers,
-    skip_bad_images: Annotated[
-        bool,
-        typer.Option(
-            "--skip-bad-images",
-            help="Skip training images that do not decode (each is replaced by the next "
-            "image; metrics.jsonl lists them) instead of stopping the run. Torch loader only.",
-            rich_help_panel=_INPUT,
-        ),
-    ] = _T.skip_bad_images,
-    device: Annotated[
-        str,
-        typer.Option(
-            help="auto, cpu or cuda (auto: CUDA when available).", rich_help_panel=_HARDWARE
-        ),
-    ] = _T.device,
-    amp: Annotated[
-        str,
-        typer.Option(
-            help="Mixed precision: off, bf16 or fp16 (fp16: CUDA, with a gradient scaler).",
-            rich_help_panel=_HARDWARE,
-        ),
-    ] = _T.amp,
-    channels_last: Annotated[
-        bool, typer.Option(help="Channels-last memory format.", rich_help_panel=_HARDWARE)
-    ] = _T.channels_last,
-    out: Annotated[Path, typer.Option(help="Folder of runs.", rich_help_panel=_RUN)] = Path(_T.out),
-    name: Annotated[
-        str,
-        typer.Option(
-            help="Run name; default: preset, score and seed, as l100-entropy-s0 (with "
-            "--classifier-only: classifier-s0).",
-            rich_help_panel=_RUN,
-        ),
-    ] = "",
-    resume: Annotated[
-        bool,
-        typer.Option(
-            help="Continue the run from its last checkpoint, with the settings it started with "
-            "(before its first checkpoint: start it afresh).",
-            rich_help_panel=_RUN,
-        ),
-    ] = False,
-    seed: Annotated[int, typer.Option(help="Random seed.", rich_help_panel=_RUN)] = _T.seed,
-) -> None:
+def train(cfg: TrainConfig) -> None:
     """Pre-train the classifier, then train a CASM into OUT/NAME (checkpoint, metrics.jsonl).
 
     Several processes: `torchrun --nproc-per-node N -m casm_deploy train ...` (DDP: gloo on
@@ -473,74 +254,12 @@ def train(
     """
     from casm_deploy.training import train as job
 
-    def go() -> None:
-        values = dict(
-            data=str(data),
-            out=str(out),
-            name=name,
-            arch=arch,
-            width=width,
-            image_size=image_size,
-            weights=weights,
-            resume=resume,
-            seed=seed,
-            workers=workers,
-            device=device,
-            channels_last=channels_last,
-            amp=amp,
-            loader=loader,
-            resize=resize,
-            fill=fill,
-            skip_bad_images=skip_bad_images,
-            pretrain_epochs=pretrain_epochs,
-            pretrain_batch_size=pretrain_batch_size,
-            classifier_only=classifier_only,
-            pretrain_lr=pretrain_lr,
-            reproduce=reproduce,
-            score=score,
-            lambda_r=_lambda_r(lambda_r),
-            epochs=epochs,
-            batch_size=batch_size,
-            epoch_fraction=epoch_fraction,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            lr_decoder=lr_decoder,
-            lr_decay_every=lr_decay_every,
-            pool_size=pool_size,
-            pool_device=pool_device,
-            grad_clip=grad_clip,
-            upsample=upsample,
-            unshared=unshared,
-            hp=hp,
-            smf=smf,
-        )
-        # The options given on the command line override the recipe; the others take its values.
-        # (By the source's name: Typer ships its own copy of click's ParameterSource.)
-        given = {
-            key: value
-            for key, value in values.items()
-            if getattr(ctx.get_parameter_source(key), "name", "DEFAULT") != "DEFAULT"
-        }
-        job.run(train_config(recipe, **given))
-
-    _call(go)
+    job.run(cfg)
 
 
-def _models_and_data(paths: list[Path]) -> tuple[tuple[str, ...], str]:
-    """Split `MODEL... [DATA]`: files are models, one folder is the data (default data/synth)."""
-    folders = [p for p in paths if p.is_dir()]
-    if len(folders) > 1:
-        raise UserError(f"one data folder at most, got {', '.join(map(str, folders))}")
-    models = tuple(str(p) for p in paths if not p.is_dir())
-    return models, str(folders[0]) if folders else DEFAULT_DATA
-
-
-def _split_commas(values: list[str]) -> tuple[str, ...]:
-    return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
-
-
-@app.command(
+@_command(
+    app,
+    EvalConfig,
     "eval",
     epilog="""
 Examples:
@@ -558,148 +277,23 @@ Examples:
   # real ImageNet (DATA/val and DATA/annotations)
   casm-deploy eval runs/imagenet/checkpoint.pt /data/imagenet""",
 )
-@_reflow
-def evaluate(
-    paths: Annotated[
-        list[Path],
-        typer.Argument(
-            help="MODEL... [DATA]: checkpoints, then optionally the data folder "
-            f"(default {DEFAULT_DATA}).",
-            show_default=False,
-        ),
-    ],
-    annotations: Annotated[
-        str, typer.Option(help="ILSVRC XML folder (default: DATA/annotations).")
-    ] = "",
-    split: Annotated[str, typer.Option(help="Which split of DATA to score.")] = _E.split,
-    resize: Annotated[
-        str, typer.Option(help="center-crop (shorter side, then crop) or stretch.")
-    ] = _E.resize,
-    baseline: Annotated[
-        list[str],
-        typer.Option(help="center, full and/or gradcam (repeat or comma-separate)."),
-    ] = [],  # noqa: B006 (Typer reads the default, never mutates it)
-    gradcam_stage: Annotated[
-        int,
-        typer.Option(
-            help="Encoder stage Grad-CAM reads, 1-4 (4, the last, is 2x2 at 64 px; "
-            "3 localises best on the demo, benchmarks/RESULTS.md)."
-        ),
-    ] = _E.gradcam_stage,
-    classifiers: Annotated[
-        str,
-        typer.Option(
-            help="Comma-separated checkpoints whose classifiers judge clean, masked-in, "
-            "masked-out and inpainted images (train them with train --classifier-only)."
-        ),
-    ] = "",
-    classes: Annotated[
-        str,
-        typer.Option(
-            help="all, seen or unseen: score only the data's classes the first model was "
-            "trained on (seen) or only the others (unseen), for the unseen-classes test."
-        ),
-    ] = _E.classes,
-    leak_control: Annotated[
-        bool,
-        typer.Option(
-            "--leak-control",
-            help="Also train a classifier on each model's binarised masks alone (training "
-            "split; no image) and report its validation accuracy against chance: above "
-            "chance, the mask's outline gives the class away.",
-        ),
-    ] = _E.leak_control,
-    batch: Annotated[int, typer.Option(help="Images per batch.")] = _E.batch_size,
-    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = _E.workers,
-    limit: Annotated[
-        int, typer.Option(help="Score the first N images only (0: all; not negative).")
-    ] = 0,
-    copies: Annotated[
-        bool,
-        typer.Option(
-            "--copies",
-            help="For data of synth --copies 2 (two boxes per image): also report "
-            "copy_share_lighter (mean share of mask mass on the copy with less of it; 0.5: both "
-            "equally) and copy_touch_both (share of binarised masks reaching into both boxes). "
-            "Use with --resize stretch, which keeps both copies whole.",
-        ),
-    ] = _E.copies,
-    json: Annotated[
-        str,
-        typer.Option(
-            help="Write the first model's scores here (keys LE, OM, F1, F1a, mask_mean, "
-            "mask_std, mask_entropy, mask_tv, n_images; with --copies also copy_share_lighter, "
-            "copy_touch_both; when DATA has a parts/ folder (data synth --parts) also "
-            "part_coverage, parts_all_touched, part_share_least, n_part_images; OM_note when "
-            "some images are of classes the model does not know, which OM leaves out); other "
-            "methods beside it."
-        ),
-    ] = "",
-) -> None:
+def evaluate(cfg: EvalConfig) -> None:
     """Score masks as the paper: LE, OM, F1 on ILSVRC boxes, with baselines and classifiers."""
     from casm_deploy.evaluation import benchmark as job
 
-    def go() -> None:
-        models, data = _models_and_data(paths)
-        cfg = EvalConfig(
-            models=models,
-            data=data,
-            annotations=annotations,
-            split=split,
-            resize=resize,
-            baselines=_split_commas(baseline),
-            gradcam_stage=gradcam_stage,
-            classifiers=_split_commas([classifiers]),
-            classes=classes,
-            leak_control=leak_control,
-            batch_size=batch,
-            workers=workers,
-            limit=limit,
-            json=json,
-            copies=copies,
-        )
-        job.run(cfg)
-
-    _call(go)
+    job.run(cfg)
 
 
-@app.command(
+@_command(
+    app,
+    VisualizeConfig,
     epilog="""
 Example:
   # the Fig. 2 grid of two models: runs/demo/figures/grid.png and an HTML page
   casm-deploy visualize runs/demo/checkpoint.pt runs/demo-f/checkpoint.pt \\
       --out runs/demo/figures""",
 )
-@_reflow
-def visualize(
-    paths: Annotated[
-        list[Path],
-        typer.Argument(
-            help="MODEL... [DATA]: checkpoints, then optionally the data folder (ImageNet layout, "
-            "or any folder of images).",
-            show_default=False,
-        ),
-    ],
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path(_V.out),
-    annotations: Annotated[
-        str, typer.Option(help="ILSVRC XML folder (default: DATA/annotations).")
-    ] = "",
-    resize: Annotated[
-        str,
-        typer.Option(
-            help="center-crop or stretch (annotated data only; a plain folder's images are "
-            "used whole)."
-        ),
-    ] = _V.resize,
-    num_images: Annotated[
-        int,
-        typer.Option(
-            help=f"How many validation images, or images of a plain folder (1 to "
-            f"{MAX_VISUALIZE_IMAGES})."
-        ),
-    ] = _V.num_images,
-    seed: Annotated[int, typer.Option(help="Which images (a seeded choice).")] = _V.seed,
-) -> None:
+def visualize(cfg: VisualizeConfig) -> None:
     """Draw the paper's Fig. 2 grid and an HTML gallery with predicted and true boxes.
 
     DATA may also be any folder of images (no ImageNet layout): then predicted boxes and
@@ -707,32 +301,13 @@ def visualize(
     """
     from casm_deploy.evaluation import visualize as job
 
-    def go() -> None:
-        models, data = _models_and_data(paths)
-        written = job.run(
-            VisualizeConfig(
-                models=models,
-                data=data,
-                out=str(out),
-                annotations=annotations,
-                resize=resize,
-                num_images=num_images,
-                seed=seed,
-            )
-        )
-        for kind, path in written.items():
-            typer.echo(f"{kind}: {path}")
-
-    _call(go)
+    for kind, path in job.run(cfg).items():
+        typer.echo(f"{kind}: {path}")
 
 
-EXIT_PARITY_FAILED = 3  # `export`: the files were written but one failed its parity check
-
-
-_FORMATS, _PARITY, _TRITON = "Formats", "Parity check and calibration", "Triton"
-
-
-@app.command(
+@_command(
+    app,
+    ExportConfig,
     epilog="""
 Examples:
   # TorchScript and ONNX in fp32, into export/default, where infer looks
@@ -746,78 +321,7 @@ Examples:
   # a Triton model repository: export/triton/triton/casm_masker
   casm-deploy export runs/demo/checkpoint.pt --out export/triton --triton""",
 )
-@_reflow
-def export(
-    checkpoint: Annotated[
-        Path, typer.Argument(help="A casm-deploy checkpoint (runs/NAME/checkpoint.pt).")
-    ],
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path(_X.out),
-    onnx: Annotated[
-        bool,
-        typer.Option(
-            "--onnx",
-            help="Also write masker.onnx (int8 and --triton imply it).",
-            rich_help_panel=_FORMATS,
-        ),
-    ] = _X.onnx,
-    torchscript: Annotated[
-        bool, typer.Option(help="Write masker.ts (TorchScript).", rich_help_panel=_FORMATS)
-    ] = _X.torchscript,
-    pt2: Annotated[
-        bool,
-        typer.Option(
-            "--pt2",
-            help="Also write masker.pt2, a torch.export program.",
-            rich_help_panel=_FORMATS,
-        ),
-    ] = _X.pt2,
-    precision: Annotated[
-        str,
-        typer.Option(
-            help=f"Number format of the files: {', '.join(PRECISIONS)}.",
-            rich_help_panel=_FORMATS,
-        ),
-    ] = _X.precision,
-    opset: Annotated[
-        int,
-        typer.Option(help="ONNX opset (18 or more; bf16 uses 22).", rich_help_panel=_FORMATS),
-    ] = _X.opset,
-    device: Annotated[
-        str,
-        typer.Option(help="cpu or cuda: where to trace and check.", rich_help_panel=_PARITY),
-    ] = _X.device,
-    data: Annotated[
-        str,
-        typer.Option(
-            "--data",
-            "--parity-data",
-            help="ImageNet-layout folder for the parity check (val) and int8 calibration "
-            "(train); default: the checkpoint's training data.",
-            rich_help_panel=_PARITY,
-        ),
-    ] = _X.data,
-    calibration_images: Annotated[
-        int,
-        typer.Option(
-            help="int8: training images that calibrate the activations.",
-            rich_help_panel=_PARITY,
-        ),
-    ] = _X.calibration_images,
-    triton: Annotated[
-        bool,
-        typer.Option(
-            "--triton",
-            help="Also write a Triton model repository in OUT/triton.",
-            rich_help_panel=_TRITON,
-        ),
-    ] = _X.triton,
-    max_batch: Annotated[
-        int, typer.Option(help="Triton's max_batch_size.", rich_help_panel=_TRITON)
-    ] = _X.max_batch,
-    triton_name: Annotated[
-        str, typer.Option(help="Model name in the Triton repository.", rich_help_panel=_TRITON)
-    ] = _X.triton_name,
-) -> None:
+def export(cfg: ExportConfig) -> None:
     """Export a checkpoint to TorchScript, ONNX, torch.export; check parity with eager fp32.
 
     Writes OUT/masker.ts (and .onnx, .pt2) with their metadata and OUT/export.json. Exit status:
@@ -827,39 +331,19 @@ def export(
     """
     from casm_deploy.deploy import export as job
 
-    def go() -> dict[str, Any]:
-        cfg = ExportConfig(
-            checkpoint=str(checkpoint),
-            out=str(out),
-            torchscript=torchscript,
-            onnx=onnx,
-            pt2=pt2,
-            triton=triton,
-            precision=precision,
-            opset=opset,
-            max_batch=max_batch,
-            device=device,
-            data=data,
-            calibration_images=calibration_images,
-            triton_name=triton_name,
-        )
-        return job.run(cfg)
-
-    report = _call(go)["parity"]
+    report = job.run(cfg)["parity"]
     if not report["passed"]:
         typer.secho(
-            f"error: parity {report['verdict']} (details in {out / 'export.json'})",
+            f"error: parity {report['verdict']} (details in {Path(cfg.out) / 'export.json'})",
             fg=typer.colors.RED,
             err=True,
         )
         raise typer.Exit(EXIT_PARITY_FAILED)
 
 
-EXIT_SOME_FAILED = 3  # `infer`: every file is recorded, but some could not be processed
-EXIT_OUT_UNWRITABLE = 4  # `infer`: OUT's disk stopped taking writes (full, quota, read-only)
-
-
-@app.command(
+@_command(
+    app,
+    InferConfig,
     epilog="""
 Examples:
   # masks and boxes of the validation images, as make demo, into out/
@@ -873,78 +357,7 @@ Examples:
   # on a GPU, with an fp16 export and JPEGs decoded there
   casm-deploy infer photos --model export/fp16/masker.onnx --device cuda""",
 )
-@_reflow
-def infer(
-    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
-    model: Annotated[
-        Path,
-        typer.Option(
-            help="masker.onnx or masker.ts (casm-deploy export) or a checkpoint. An ONNX file "
-            "is data; a TorchScript file is a program: loading and running it runs the code it "
-            "holds (it is inspected first, a safeguard, not a sandbox), so use ONNX for model "
-            "files you did not make yourself."
-        ),
-    ] = Path(_I.model),
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path(_I.out),
-    batch: Annotated[int, typer.Option(help="Images per model call.")] = _I.batch,
-    backend: Annotated[
-        str, typer.Option(help="auto, onnx, torchscript or eager (auto: from the file name).")
-    ] = _I.backend,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda (auto: CUDA if present).")] = (
-        _I.device
-    ),
-    workers: Annotated[
-        int,
-        typer.Option(help="Decoding and writing threads (0: one per CPU this process may use)."),
-    ] = _I.workers,
-    decoder: Annotated[
-        str,
-        typer.Option(
-            help="opencv, dali (JPEGs through NVIDIA DALI: nvJPEG on a GPU) or torchvision "
-            "(JPEGs through torchvision: nvJPEG on a GPU); auto: on CUDA dali when installed, "
-            "else torchvision; opencv on the CPU."
-        ),
-    ] = _I.decoder,
-    masks: Annotated[
-        str, typer.Option(help="png (8-bit), npy (float32) or none: OUT/masks/<path>.<ext>.")
-    ] = _I.masks,
-    mask_size: Annotated[
-        str, typer.Option(help="original (each image's size) or model (the input size).")
-    ] = _I.mask_size,
-    overlay: Annotated[
-        bool,
-        typer.Option(
-            "--overlay",
-            help="Also OUT/overlays/<path>.jpg: the image dimmed by its mask, with the box, "
-            "class name and score.",
-        ),
-    ] = _I.overlay,
-    coco: Annotated[str, typer.Option(help="Also write COCO-style detections to this file.")] = (
-        _I.coco
-    ),
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Delete OUT's earlier results and start over.")
-    ] = _I.overwrite,
-    expect_sha256: Annotated[
-        str,
-        typer.Option(
-            metavar="HEX",
-            help="Pin the model file: refuse it unless its SHA-256 is HEX (compared before "
-            "anything in it is parsed or loaded).",
-        ),
-    ] = _I.expect_sha256,
-    retry_errors: Annotated[
-        bool,
-        typer.Option("--retry-errors", help="Do the files recorded as errors again."),
-    ] = _I.retry_errors,
-    max_megapixels: Annotated[
-        float,
-        typer.Option(
-            help="Refuse larger images (width x height), before decoding them; also caps the "
-            "file size. Bounds each decoding thread's memory."
-        ),
-    ] = _I.max_megapixels,
-) -> None:
+def infer(cfg: InferConfig) -> None:
     """Masks, boxes and labels for every image file under FOLDER.
 
     Image files are .jpg .jpeg .png .bmp .webp .tif .tiff in any case; other files are not
@@ -964,32 +377,11 @@ def infer(
     from casm_deploy.deploy import infer as job
     from casm_deploy.deploy.outfolder import OutUnwritable
 
-    def go() -> dict[str, Any]:
-        cfg = InferConfig(
-            dir=str(folder),
-            model=str(model),
-            out=str(out),
-            batch=batch,
-            backend=backend,
-            device=device,
-            workers=workers,
-            decoder=decoder,
-            masks=masks,
-            mask_size=mask_size,
-            overlay=overlay,
-            coco=coco,
-            overwrite=overwrite,
-            expect_sha256=expect_sha256,
-            retry_errors=retry_errors,
-            max_megapixels=max_megapixels,
-        )
-        try:
-            return job.run(cfg)
-        except OutUnwritable as error:
-            typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(EXIT_OUT_UNWRITABLE) from None
-
-    summary = _call(go)
+    try:
+        summary = job.run(cfg)
+    except OutUnwritable as error:
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_OUT_UNWRITABLE) from None
     if summary["error"]:
         raise typer.Exit(EXIT_SOME_FAILED)
 

@@ -1,14 +1,19 @@
-"""One frozen dataclass per command; the defaults live here and nowhere else.
+"""One frozen dataclass per command; each option's default, help and checks live here only.
 
-This module imports no torch, so `casm-deploy --help` stays instant. Every command writes
-its resolved config next to its outputs (`config_to_dict`).
+The bottom of the flow: every command's config is built from its options here, and every
+command writes its resolved config next to its outputs (`config_to_dict`). A field made with
+`opt` is also a command-line option: `cli.py` builds each command's options from its config's
+fields. This module imports no torch, so `casm-deploy --help` stays instant.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar, Literal, get_args
+
+from casm_deploy.options import ConfigError, check_fields, opt
 
 DEFAULT_DATA = "data/synth"
 # visualize: grid.png is one column of cells per image (8,480 px wide at 64 images of 64 px),
@@ -16,42 +21,75 @@ DEFAULT_DATA = "data/synth"
 MAX_VISUALIZE_IMAGES = 64
 
 
-def _flag(name: str) -> str:
-    """The command-line option of a config field: batch_size -> batch-size."""
-    return name.replace("_", "-")
+def models_and_data(paths: list[Path]) -> dict[str, Any]:
+    """Split `MODEL... [DATA]`: files are models, one folder is the data (default data/synth)."""
+    folders = [p for p in paths if p.is_dir()]
+    if len(folders) > 1:
+        raise ConfigError(f"one data folder at most, got {', '.join(map(str, folders))}")
+    models = tuple(str(p) for p in paths if not p.is_dir())
+    return {"models": models, "data": str(folders[0]) if folders else DEFAULT_DATA}
 
 
-def _at_least(cfg: Any, name: str, low: int, option: str = "") -> None:
-    """Refuse `cfg.<name>` below `low` (None passes: an unset override), naming the option."""
-    value = getattr(cfg, name)
-    if value is not None and value < low:
-        raise ValueError(f"{option or '--' + _flag(name)} must be at least {low}, not {value}")
+_SIZE, _LAYOUT = "Classes and counts", "Image layout"
 
 
 @dataclass(frozen=True)
 class SynthConfig:
     """`casm-deploy data synth`: the embedded ImageNet-layout benchmark."""
 
-    out: str = DEFAULT_DATA
-    num_classes: int = 10  # the first N shape classes (ignored when `classes` is given)
-    classes: tuple[str, ...] = ()  # a subset by name or wnid, for unseen-class experiments
-    train_per_class: int = 1000
-    val_per_class: int = 100
-    min_side: int = 80  # shorter image side, pixels
-    max_side: int = 128
-    min_area: float = 0.10  # object box area as a fraction of the image (one copy)
-    max_area: float = 0.60
-    copies: int = 1  # 2: each image is two identical copies side by side (paper §2.1)
-    # With copies == 2: "copy" (the right half repeats the left) or "clutter" (the right half is
-    # background and distractors of the same size, no object), to pre-train a classifier that
-    # only ever sees the object on the left.
-    right: str = "copy"
-    # > 0: each object is that many parts (synth.PART_KINDS: shape, texture, glyph), any one of
-    # which identifies the class; 0: one solid shape per object.
-    parts: int = 0
-    seed: int = 0
-    workers: int = 2
-    overwrite: bool = False
+    PANELS: ClassVar[tuple[str, ...]] = (_SIZE, _LAYOUT)
+
+    out: str = opt(DEFAULT_DATA, "Output folder.", argument=True, path=True)
+    # ignored when `classes` is given; its bound, the shapes' table, synth.resolve_config checks
+    num_classes: int = opt(10, "Use the first N shape classes.", panel=_SIZE)
+    classes: tuple[str, ...] = opt(  # for unseen-class experiments
+        (),
+        "Comma-separated subset of classes (names or wnids), instead of --num-classes.",
+        panel=_SIZE,
+    )
+    train_per_class: int = opt(1000, "Training images per class.", panel=_SIZE, at_least=1)
+    val_per_class: int = opt(100, "Validation images per class.", panel=_SIZE, at_least=1)
+    min_side: int = opt(80, "Smallest shorter image side (px).", panel=_LAYOUT)
+    max_side: int = opt(128, "Largest shorter image side (px).", panel=_LAYOUT)
+    # object box area as a fraction of the image (one copy)
+    min_area: float = opt(0.10, "Smallest object area (image fraction).", panel=_LAYOUT)
+    max_area: float = opt(0.60, "Largest object area (image fraction).", panel=_LAYOUT)
+    copies: Literal[1, 2] = opt(
+        1, "2: each image is two identical copies side by side (paper 2.1).", panel=_LAYOUT
+    )
+    right: Literal["copy", "clutter"] = opt(
+        "copy",
+        "With --copies 2: copy (the right half repeats the left) or clutter (the right half is "
+        "background and distractors, no object; only the left box is annotated), to pre-train a "
+        "classifier (train --classifier-only --resize stretch) that only looks at the left copy.",
+        panel=_LAYOUT,
+    )
+    # bounded by data/parts.py's PART_KINDS, which synth.resolve_config checks
+    parts: int = opt(
+        0,
+        "N > 0: each object is N parts (a shape, a texture patch, a glyph; 1 to 3), any one of "
+        "which identifies the class, the shape the easiest; part label maps and boxes of the "
+        "validation images in OUT/parts/. 0: one solid shape.",
+        panel=_LAYOUT,
+    )
+    seed: int = opt(0, "Random seed; the same seed gives the same files.", at_least=0)
+    workers: int = opt(2, "Generator processes.")
+    overwrite: bool = opt(False, "Replace an existing data set.")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not 16 <= self.min_side <= self.max_side:
+            raise ConfigError(
+                f"need 16 <= --min-side <= --max-side, got {self.min_side} and {self.max_side}"
+            )
+        if not 0 < self.min_area <= self.max_area <= 0.9:
+            raise ConfigError(
+                f"need 0 < --min-area <= --max-area <= 0.9, got {self.min_area} and {self.max_area}"
+            )
+        if self.right == "clutter" and self.copies != 2:
+            raise ConfigError("--right clutter needs --copies 2 (it replaces the right-hand copy)")
+        if self.parts and self.copies != 1:
+            raise ConfigError("--parts needs --copies 1 (its part annotations describe one object)")
 
 
 @dataclass(frozen=True)
@@ -105,6 +143,22 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+def _lambda_r(text: str) -> float | None:
+    """`--lambda-r`: a number, or "paper" (None: the reference's value for the preset)."""
+    if text == "paper":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--lambda-r must be a number or 'paper', not {text!r}") from None
+
+
+# Option groups of `train` --help: few options each, and the long flag names (with their
+# --no- forms) in small groups, so that at 80 columns each group's help column stays wide.
+_METHOD, _MODEL, _PHASES, _OPTIM = "Method", "Model", "Phases", "Optimisers"
+_INPUT, _HARDWARE, _RUN = "Data", "Hardware", "Run"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """`casm-deploy train`: classifier pre-training, then the CASM phase (Algorithm 1).
@@ -113,112 +167,184 @@ class TrainConfig:
     ResNet-18 at 64 px. The paper's ImageNet settings are the `imagenet` recipe (RECIPES).
     """
 
-    data: str = DEFAULT_DATA
-    out: str = "runs"
-    name: str = ""  # run folder name; empty: derived from the preset and the seed
-    arch: str = "resnet18"
-    width: int = 32  # channels of the stem; torchvision's ResNets use 64
-    image_size: int = 64
-    weights: str = ""  # a local torchvision state-dict file, or a torchvision weights name
-    resume: bool = False
-    seed: int = 0
+    PANELS: ClassVar[tuple[str, ...]] = (_METHOD, _MODEL, _PHASES, _OPTIM, _INPUT, _HARDWARE, _RUN)
+
+    data: str = opt(
+        DEFAULT_DATA,
+        "ImageNet-layout folder; the default is generated if missing.",
+        argument=True,
+        path=True,
+    )
+    out: str = opt("runs", "Folder of runs.", panel=_RUN, path=True)
+    name: str = opt(  # empty: derived from the preset and the seed (run_name)
+        "",
+        "Run name; default: preset, score and seed, as l100-entropy-s0 (with --classifier-only: "
+        "classifier-s0).",
+        panel=_RUN,
+    )
+    arch: str = opt("resnet18", "resnet18, resnet34 or resnet50.", panel=_MODEL)
+    # channels of the stem; torchvision's ResNets use 64
+    width: int = opt(32, "Stem channels (torchvision: 64).", panel=_MODEL, at_least=1)
+    image_size: int = opt(64, "Training image size (px).", panel=_MODEL, at_least=1)
+    weights: str = opt(
+        "",
+        "Start the classifier from a local torchvision state dict, a casm-deploy checkpoint, or "
+        "a torchvision weights name already in torch's cache.",
+        panel=_MODEL,
+    )
+    resume: bool = opt(
+        False,
+        "Continue the run from its last checkpoint, with the settings it started with (before "
+        "its first checkpoint: start it afresh).",
+        panel=_RUN,
+    )
+    seed: int = opt(0, "Random seed.", panel=_RUN)
     # Data-loading processes (0: load in the main process). None: 1 on the CPU, where the model
     # needs the cores; on CUDA the cores this process may use, shared by the GPUs of the node.
-    workers: int | None = None
-    loader: str = "torch"  # torch | dali | auto (the data module picks)
-    device: str = "auto"  # auto: CUDA when available, else CPU
-    channels_last: bool = True
-    amp: str = "off"  # off | bf16 | fp16 (fp16: CUDA only, with a gradient scaler)
-    # center-crop: shorter side to S, a random S x S crop and a random flip (validation: the
-    # centre crop); stretch: the whole image to S x S, no crop, no flip, in training and
-    # validation alike (the two-copies experiment needs its left/right layout kept);
-    # random-resized-crop: torchvision's RandomResizedCrop(S) and a flip, the reference's
-    # ImageNet augmentation (validation: the centre crop).
-    resize: str = "center-crop"
-    # What a masked-out pixel becomes: black (0 in [0, 1]), or the ImageNet mean colour, as the
-    # reference's training does by masking the normalised image.
-    fill: str = "black"
-    # A training file that does not decode is skipped (replaced by the next sample, and listed
-    # in metrics.jsonl) instead of stopping the run. Validation images are never skipped.
-    skip_bad_images: bool = False
+    workers: int | None = opt(
+        None,
+        "Data-loading processes (0: in the main process). Default: 1 on the CPU; on CUDA the "
+        "cores, shared by the node's GPUs.",
+        panel=_INPUT,
+        show_default=False,
+        at_least=0,
+    )
+    # auto: the data module picks
+    loader: Literal["torch", "dali", "auto"] = opt(
+        "torch", "Data loader: torch, dali or auto.", panel=_INPUT
+    )
+    device: str = opt("auto", "auto, cpu or cuda (auto: CUDA when available).", panel=_HARDWARE)
+    channels_last: bool = opt(True, "Channels-last memory format.", panel=_HARDWARE)
+    amp: Literal["off", "bf16", "fp16"] = opt(
+        "off",
+        "Mixed precision: off, bf16 or fp16 (fp16: CUDA, with a gradient scaler).",
+        panel=_HARDWARE,
+    )
+    # The whole image to S x S keeps the two-copies experiment's left/right layout;
+    # random-resized-crop is torchvision's RandomResizedCrop(S), the reference's augmentation.
+    resize: Literal["center-crop", "stretch", "random-resized-crop"] = opt(
+        "center-crop",
+        "center-crop (shorter side, random crop and flip; validation: centre crop), stretch (the "
+        "whole image to S x S, no crop, no flip, validation too: keeps the left/right layout of "
+        "synth --copies 2 data; torch loader only) or random-resized-crop (torchvision's "
+        "RandomResizedCrop and a flip, the reference's ImageNet augmentation; validation: "
+        "centre crop).",
+        panel=_INPUT,
+    )
+    # black is 0 in [0, 1]; the reference's training masks the normalised image (mean)
+    fill: Literal["black", "mean"] = opt(
+        "black",
+        "What masked-out pixels become: black, or mean (the ImageNet mean colour, as the "
+        "reference's training has them).",
+        panel=_METHOD,
+    )
+    # A skipped file is replaced by the next sample; validation images are never skipped.
+    skip_bad_images: bool = opt(
+        False,
+        "Skip training images that do not decode (each is replaced by the next image; "
+        "metrics.jsonl lists them) instead of stopping the run. Torch loader only.",
+        panel=_INPUT,
+        negatable=False,
+    )
 
     # Classifier pre-training on clean images (Adam, one-cycle schedule).
-    classifier_only: bool = False  # stop after pre-training (classifiers for the Fig. 3 test)
-    pretrain_epochs: int = 10
-    pretrain_lr: float = 2e-3
-    pretrain_batch_size: int = 64
+    classifier_only: bool = opt(  # classifiers for the Fig. 3 test
+        False,
+        "Only pre-train a classifier (independent classifiers for eval --classifiers).",
+        panel=_PHASES,
+    )
+    pretrain_epochs: int = opt(
+        10, "Classifier pre-training epochs on clean images (0: none).", panel=_PHASES, at_least=0
+    )
+    pretrain_lr: float = opt(2e-3, "Pre-training Adam peak LR.", panel=_OPTIM, at_least=0)
+    pretrain_batch_size: int = opt(
+        64, "Pre-training batch size (per process).", panel=_OPTIM, at_least=1
+    )
 
     # CASM phase.
-    reproduce: str = "L100"
-    score: str = "entropy"  # or "classification" (the "C" rows of Table 2)
+    reproduce: Literal["F", "L", "FL", "L100", "L1000"] = opt(  # the keys of PRESETS
+        "L100",
+        f"Thinning strategy of the paper: {', '.join(PRESETS)} (F: Baseline F, a fixed "
+        "classifier).",
+        panel=_METHOD,
+    )
+    # classification: the "C" rows of Table 2
+    score: Literal["entropy", "classification"] = opt(
+        "entropy", "Mapping score: entropy or classification.", panel=_METHOD
+    )
     # Area weight. The reference's per-preset values (None, `--lambda-r paper`) aim at ~50%
     # salient pixels on ImageNet; on the embedded data 2.5 gives F and L100 the same mask area
     # (~0.33, the objects' box area) with the entropy score: train/README.md has the sweep.
-    lambda_r: float | None = 2.5
-    epochs: int = 12
-    batch_size: int = 64
-    epoch_fraction: float = 0.5  # share of the training set seen per epoch (reference: 0.2)
-    lr: float = 1e-2  # classifier SGD (reference: 1e-3 for a pre-trained ResNet-50)
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_decoder: float = 1e-3  # decoder Adam
-    lr_decay_every: int = 8  # epochs between x0.1 decays (reference: 20 of 60-70)
-    pool_size: int = 30
-    # Where the pool's snapshots live: device (the training device: no copy per draw), pinned
-    # (pinned host memory, copied without blocking at each draw), auto (the device when the
-    # whole pool takes at most a fifth of its memory, else pinned; the CPU when training there).
-    pool_device: str = "auto"
-    grad_clip: float = 10.0
-    upsample: str = "nearest"  # final decoder upsampling: "nearest" (reference) or "bilinear"
-    unshared: bool = False  # the mapping gets an encoder of its own (Table 2 (i)-(k))
-    hp: float | None = None  # override the preset
-    smf: int | None = None  # override the preset
+    lambda_r: float | None = opt(
+        2.5,
+        "Area weight: a number, or 'paper' for the reference's per-preset ImageNet value.",
+        panel=_METHOD,
+        parse=_lambda_r,
+        at_least=0,
+    )
+    epochs: int = opt(12, "CASM epochs.", panel=_PHASES, at_least=0)
+    batch_size: int = opt(64, "CASM batch size (per process).", panel=_OPTIM, at_least=1)
+    # share of the training set seen per epoch (reference: 0.2)
+    epoch_fraction: float = opt(
+        0.5, "Share of the training set seen per CASM epoch.", panel=_PHASES
+    )
+    # a learning rate of 0 holds that part still (a test of what the others do)
+    lr: float = opt(  # reference: 1e-3 for a pre-trained ResNet-50
+        1e-2, "Classifier SGD LR in the CASM phase.", panel=_OPTIM, at_least=0
+    )
+    momentum: float = opt(0.9, "Classifier SGD momentum.", panel=_OPTIM)
+    weight_decay: float = opt(1e-4, "Weight decay of both optimisers.", panel=_OPTIM, at_least=0)
+    lr_decoder: float = opt(1e-3, "Decoder Adam LR.", panel=_OPTIM, at_least=0)
+    # reference: 20 of 60-70; it divides epoch numbers
+    lr_decay_every: int = opt(8, "Epochs between x0.1 LR decays.", panel=_OPTIM, at_least=1)
+    pool_size: int = opt(30, "Thinning pool capacity.", panel=_METHOD, at_least=1)
+    pool_device: Literal["auto", "device", "pinned"] = opt(
+        "auto",
+        "Where the pool's snapshots live on a GPU: device (no copy per draw), pinned (pinned host "
+        "memory, copied without blocking), auto (device when the pool takes at most a fifth of "
+        "the GPU's memory). Training on the CPU keeps them in memory.",
+        panel=_METHOD,
+    )
+    grad_clip: float = opt(10.0, "Decoder gradient-norm clip.", panel=_OPTIM)
+    # final decoder upsampling: nearest is the reference's
+    upsample: Literal["nearest", "bilinear"] = opt(
+        "nearest", "Final mask upsampling: nearest or bilinear.", panel=_METHOD
+    )
+    unshared: bool = opt(  # Table 2 (i)-(k)
+        False,
+        "Give the mapping an encoder of its own (a copy of the classifier when the CASM phase "
+        "starts, trained with the decoder), instead of sharing the classifier's.",
+        panel=_METHOD,
+    )
+    hp: float | None = opt(None, "Override the preset's pool probability.", panel=_METHOD)
+    # divides step numbers
+    smf: int | None = opt(None, "Override the preset's snapshot period.", panel=_METHOD, at_least=1)
     # The recipe the other fields started from (RECIPES); options given beside it override it.
-    recipe: str = "default"
+    recipe: Literal["default", "imagenet"] = opt(  # the keys of RECIPES
+        "default",
+        f"{' or '.join(RECIPES)}: a set of values at once; the options given beside it override "
+        "it. default: this project's recipe for the embedded data on a CPU; imagenet: the "
+        "reference code's ImageNet training of a pre-trained ResNet-50 at 224 px (needs "
+        "--weights; train/README.md lists its values).",
+        panel=_METHOD,
+        recipes=RECIPES,
+    )
 
     def __post_init__(self) -> None:
-        if self.reproduce not in PRESETS:
-            raise ValueError(
-                f"--reproduce must be one of {', '.join(PRESETS)}, not {self.reproduce!r}"
-            )
-        if self.score not in ("entropy", "classification"):
-            raise ValueError(f"--score must be entropy or classification, not {self.score!r}")
-        if self.upsample not in ("nearest", "bilinear"):
-            raise ValueError(f"--upsample must be nearest or bilinear, not {self.upsample!r}")
+        check_fields(self)
         if not 0 < self.epoch_fraction <= 1:
-            raise ValueError(f"--epoch-fraction must be in (0, 1], not {self.epoch_fraction}")
-        if self.amp not in ("off", "bf16", "fp16"):
-            raise ValueError(f"--amp must be off, bf16 or fp16, not {self.amp!r}")
-        if self.loader not in ("torch", "dali", "auto"):
-            raise ValueError(f"--loader must be torch, dali or auto, not {self.loader!r}")
-        if self.resize not in ("center-crop", "stretch", "random-resized-crop"):
-            raise ValueError(
-                f"--resize must be center-crop, stretch or random-resized-crop, not {self.resize!r}"
-            )
-        if self.fill not in ("black", "mean"):
-            raise ValueError(f"--fill must be black or mean, not {self.fill!r}")
-        if self.pool_device not in ("auto", "device", "pinned"):
-            raise ValueError(
-                f"--pool-device must be auto, device or pinned, not {self.pool_device!r}"
-            )
-        if self.recipe not in RECIPES:
-            raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, not {self.recipe!r}")
-        if self.workers is not None and self.workers < 0:
-            raise ValueError(f"--workers must be 0 or more, not {self.workers}")
-        for name in ("batch_size", "pretrain_batch_size", "image_size", "width", "pool_size"):
-            _at_least(self, name, 1)
-        # lr_decay_every and smf divide step and epoch numbers
-        for name in ("epochs", "pretrain_epochs", "lr_decay_every", "smf"):
-            _at_least(self, name, 0 if name.endswith("epochs") else 1)
+            raise ConfigError(f"--epoch-fraction must be in (0, 1], not {self.epoch_fraction}")
         if not self.grad_clip > 0:
-            raise ValueError(f"--grad-clip must be positive, not {self.grad_clip}")
-        # a learning rate of 0 holds that part still (a test of what the others do)
-        for name in ("lr", "pretrain_lr", "lr_decoder", "weight_decay", "lambda_r"):
-            _at_least(self, name, 0)
+            raise ConfigError(f"--grad-clip must be positive, not {self.grad_clip}")
         if not 0 <= self.momentum < 1:
-            raise ValueError(f"--momentum must be in [0, 1), not {self.momentum}")
+            raise ConfigError(f"--momentum must be in [0, 1), not {self.momentum}")
         if self.hp is not None and not 0 <= self.hp <= 1:
-            raise ValueError(f"--hp must be in [0, 1], not {self.hp}")
+            raise ConfigError(f"--hp must be in [0, 1], not {self.hp}")
+        if self.recipe == "imagenet" and not self.weights:
+            raise ConfigError(
+                "--recipe imagenet starts from a pre-trained classifier: pass --weights with a "
+                "local torchvision ResNet-50 state dict (for example resnet50-11ad3fa6.pth)"
+            )
 
     @property
     def preset(self) -> Preset:
@@ -257,75 +383,120 @@ class TrainConfig:
         return 0 if self.classifier_only else self.epochs
 
 
-def train_config(recipe: str = "default", **given: Any) -> TrainConfig:
-    """The TrainConfig of `recipe`, with the values in `given` (the options a user gave) on top.
-
-    Raises:
-        ValueError: an unknown recipe, or a value TrainConfig refuses; the imagenet recipe
-            without `weights` (its classifier must start from pre-trained ImageNet weights).
-    """
-    if recipe not in RECIPES:
-        raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, not {recipe!r}")
-    cfg = TrainConfig(**{**RECIPES[recipe], **given, "recipe": recipe})
-    if recipe == "imagenet" and not cfg.weights:
-        raise ValueError(
-            "--recipe imagenet starts from a pre-trained classifier: pass --weights with a local "
-            "torchvision ResNet-50 state dict (for example resnet50-11ad3fa6.pth)"
-        )
-    return cfg
+Resize = Literal["center-crop", "stretch"]  # stretch: the reference's --break-ratio
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """`casm-deploy eval`: the paper's localisation benchmark and the many-classifiers test."""
 
-    models: tuple[str, ...] = ()  # checkpoints to score
+    models: tuple[str, ...] = opt(  # checkpoints to score, and `data` beside them
+        (),
+        f"MODEL... [DATA]: checkpoints, then optionally the data folder (default {DEFAULT_DATA}).",
+        argument=True,
+        name="paths",
+        required=True,
+        path=True,
+        parse=models_and_data,
+        show_default=False,
+    )
     data: str = DEFAULT_DATA
-    annotations: str = ""  # empty: DATA/annotations
-    split: str = "val"
-    resize: str = "center-crop"  # or "stretch" (the reference's --break-ratio)
-    baselines: tuple[str, ...] = ()  # any of center, full, gradcam
-    gradcam_stage: int = 4  # the encoder stage Grad-CAM reads (1-4; 4 is the last)
-    classifiers: tuple[str, ...] = ()  # checkpoints whose classifiers judge the masked images
-    classes: str = "all"  # all | seen | unseen: the data's classes the first model was trained on
-    leak_control: bool = False  # train a classifier on each model's binarised masks alone
-    batch_size: int = 64
-    workers: int = 1
-    limit: int = 0  # score the first N images only (0: all)
-    json: str = ""  # write the scores here
-    copies: bool = False  # data of `synth --copies 2`: also score how the mask covers both copies
+    annotations: str = opt("", "ILSVRC XML folder (default: DATA/annotations).")
+    split: str = opt("val", "Which split of DATA to score.")
+    resize: Resize = opt("center-crop", "center-crop (shorter side, then crop) or stretch.")
+    baselines: tuple[str, ...] = opt(
+        (),
+        "center, full and/or gradcam (repeat or comma-separate).",
+        flag="--baseline",
+        repeat=True,
+    )
+    # the encoder stage Grad-CAM reads (4 is the last)
+    gradcam_stage: Literal[1, 2, 3, 4] = opt(
+        4,
+        "Encoder stage Grad-CAM reads, 1-4 (4, the last, is 2x2 at 64 px; 3 localises best on "
+        "the demo, benchmarks/RESULTS.md).",
+    )
+    classifiers: tuple[str, ...] = opt(  # checkpoints whose classifiers judge the masked images
+        (),
+        "Comma-separated checkpoints whose classifiers judge clean, masked-in, masked-out and "
+        "inpainted images (train them with train --classifier-only).",
+    )
+    classes: Literal["all", "seen", "unseen"] = opt(
+        "all",
+        "all, seen or unseen: score only the data's classes the first model was trained on "
+        "(seen) or only the others (unseen), for the unseen-classes test.",
+    )
+    leak_control: bool = opt(
+        False,
+        "Also train a classifier on each model's binarised masks alone (training split; no "
+        "image) and report its validation accuracy against chance: above chance, the mask's "
+        "outline gives the class away.",
+        negatable=False,
+    )
+    batch_size: int = opt(64, "Images per batch.", flag="--batch", at_least=1)
+    workers: int = opt(1, "Data-loading processes.", at_least=0)
+    limit: int = opt(0, "Score the first N images only (0: all; not negative).", at_least=0)
+    json: str = opt(
+        "",
+        "Write the first model's scores here (keys LE, OM, F1, F1a, mask_mean, mask_std, "
+        "mask_entropy, mask_tv, n_images; with --copies also copy_share_lighter, "
+        "copy_touch_both; when DATA has a parts/ folder (data synth --parts) also part_coverage, "
+        "parts_all_touched, part_share_least, n_part_images; OM_note when some images are of "
+        "classes the model does not know, which OM leaves out); other methods beside it.",
+    )
+    copies: bool = opt(
+        False,
+        "For data of synth --copies 2 (two boxes per image): also report copy_share_lighter "
+        "(mean share of mask mass on the copy with less of it; 0.5: both equally) and "
+        "copy_touch_both (share of binarised masks reaching into both boxes). Use with --resize "
+        "stretch, which keeps both copies whole.",
+        negatable=False,
+    )
 
     def __post_init__(self) -> None:
-        _at_least(self, "batch_size", 1, "--batch")
-        _at_least(self, "workers", 0)
-        _at_least(self, "limit", 0)
-        if self.gradcam_stage not in (1, 2, 3, 4):
-            raise ValueError(f"--gradcam-stage must be 1-4, not {self.gradcam_stage}")
-        if self.classes not in ("all", "seen", "unseen"):
-            raise ValueError(f"--classes must be all, seen or unseen, not {self.classes!r}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class VisualizeConfig:
     """`casm-deploy visualize`: a Fig. 2 grid and an HTML gallery with boxes and IoU."""
 
-    models: tuple[str, ...] = ()
+    models: tuple[str, ...] = opt(
+        (),
+        "MODEL... [DATA]: checkpoints, then optionally the data folder (ImageNet layout, or any "
+        "folder of images).",
+        argument=True,
+        name="paths",
+        required=True,
+        path=True,
+        parse=models_and_data,
+        show_default=False,
+    )
     data: str = DEFAULT_DATA
-    out: str = "runs/visualize"
-    annotations: str = ""  # empty: DATA/annotations
-    resize: str = "center-crop"
-    num_images: int = 8  # at most MAX_VISUALIZE_IMAGES
-    seed: int = 0
+    out: str = opt("runs/visualize", "Output folder.", path=True)
+    annotations: str = opt("", "ILSVRC XML folder (default: DATA/annotations).")
+    resize: Resize = opt(
+        "center-crop",
+        "center-crop or stretch (annotated data only; a plain folder's images are used whole).",
+    )
+    num_images: int = opt(
+        8,
+        f"How many validation images, or images of a plain folder (1 to {MAX_VISUALIZE_IMAGES}).",
+    )
+    seed: int = opt(0, "Which images (a seeded choice).")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not 1 <= self.num_images <= MAX_VISUALIZE_IMAGES:
-            raise ValueError(
+            raise ConfigError(
                 f"--num-images must be 1-{MAX_VISUALIZE_IMAGES}, not {self.num_images} (the grid "
                 "is one column per image and all of them go through the model at once)"
             )
 
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+_FORMATS, _PARITY, _TRITON = "Formats", "Parity check and calibration", "Triton"
 
 
 @dataclass(frozen=True)
@@ -336,39 +507,65 @@ class ExportConfig:
     checkpoint's training data (or `data`) plus random inputs.
     """
 
-    checkpoint: str = ""
-    out: str = "export/default"
-    torchscript: bool = True
-    onnx: bool = False  # int8 and --triton imply it
-    pt2: bool = False  # a torch.export program, TorchScript's successor
-    triton: bool = False  # a Triton model repository in OUT/triton
-    precision: str = "fp32"
-    opset: int = 18  # the lowest the dynamo exporter supports; bf16 needs 22
-    max_batch: int = 256  # Triton's max_batch_size; the graphs take any batch
-    device: str = "cpu"  # where the export is traced and checked: cpu or cuda
-    data: str = ""  # parity (val) and int8 calibration (train) images; empty: the training data
+    PANELS: ClassVar[tuple[str, ...]] = (_FORMATS, _PARITY, _TRITON)
+
+    checkpoint: str = opt(
+        "",
+        "A casm-deploy checkpoint (runs/NAME/checkpoint.pt).",
+        argument=True,
+        required=True,
+        path=True,
+    )
+    out: str = opt("export/default", "Output folder.", path=True)
+    torchscript: bool = opt(True, "Write masker.ts (TorchScript).", panel=_FORMATS)
+    onnx: bool = opt(
+        False,
+        "Also write masker.onnx (int8 and --triton imply it).",
+        panel=_FORMATS,
+        negatable=False,
+    )
+    pt2: bool = opt(  # TorchScript's successor
+        False, "Also write masker.pt2, a torch.export program.", panel=_FORMATS, negatable=False
+    )
+    triton: bool = opt(
+        False, "Also write a Triton model repository in OUT/triton.", panel=_TRITON, negatable=False
+    )
+    precision: Precision = opt(
+        "fp32", f"Number format of the files: {', '.join(PRECISIONS)}.", panel=_FORMATS
+    )
+    # 18: the lowest the dynamo exporter supports; bf16 needs 22
+    opset: int = opt(18, "ONNX opset (18 or more; bf16 uses 22).", panel=_FORMATS)
+    # Triton's max_batch_size; the graphs take any batch
+    max_batch: int = opt(256, "Triton's max_batch_size.", panel=_TRITON, at_least=1)
+    device: Literal["cpu", "cuda"] = opt(
+        "cpu", "cpu or cuda: where to trace and check.", panel=_PARITY
+    )
+    # empty: the checkpoint's training data
+    data: str = opt(
+        "",
+        "ImageNet-layout folder for the parity check (val) and int8 calibration (train); "
+        "default: the checkpoint's training data.",
+        panel=_PARITY,
+        flag=("--data", "--parity-data"),
+    )
     parity_images: int = 64  # real images (val, topped up from train when val is smaller)
-    parity_random: int = 16  # uniform random images on top
-    calibration_images: int = 128  # int8: training images that set the activation ranges
-    triton_name: str = "casm_masker"
+    parity_random: int = opt(16, at_least=0)  # uniform random images on top
+    calibration_images: int = opt(  # int8: training images that set the activation ranges
+        128, "int8: training images that calibrate the activations.", panel=_PARITY
+    )
+    triton_name: str = opt("casm_masker", "Model name in the Triton repository.", panel=_TRITON)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}"
-            )
+        check_fields(self)
         if self.opset < 18:
-            raise ValueError(f"--opset must be at least 18 (the dynamo exporter), not {self.opset}")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"--device must be cpu or cuda, not {self.device!r}")
-        if self.max_batch < 1:
-            raise ValueError(f"--max-batch must be at least 1, not {self.max_batch}")
+            raise ConfigError(
+                f"--opset must be at least 18 (the dynamo exporter), not {self.opset}"
+            )
         if self.parity_images < 64:
-            raise ValueError(f"parity needs at least 64 real images, not {self.parity_images}")
-        _at_least(self, "parity_random", 0)
+            raise ConfigError(f"parity needs at least 64 real images, not {self.parity_images}")
         if self.calibration_images < 1:
-            raise ValueError(f"calibration needs at least 1 image, not {self.calibration_images}")
+            raise ConfigError(f"calibration needs at least 1 image, not {self.calibration_images}")
 
     @property
     def writes_onnx(self) -> bool:
@@ -382,41 +579,70 @@ class InferConfig:
     Resumable: OUT/boxes.jsonl records each file once; a rerun does only what is not in it.
     """
 
-    dir: str = ""
-    model: str = "export/default/masker.onnx"
-    out: str = "out"
-    batch: int = 256
-    backend: str = "auto"  # auto: from the model file's suffix
-    device: str = "auto"  # auto: CUDA when there is one
-    workers: int = 0  # decoding and writing threads; 0: one per CPU this process may use (cpus.py)
-    # opencv, dali or torchvision for JPEGs (auto: on CUDA dali when installed, else
-    # torchvision's nvJPEG; opencv on the CPU)
-    decoder: str = "auto"
-    masks: str = "png"  # png (8-bit), npy (float32) or none
-    mask_size: str = "original"  # original (each image's size) or model (S x S)
-    overlay: bool = False  # also OUT/overlays/<path>.jpg: the image, its mask and box
-    coco: str = ""  # also write COCO-style detections here
-    overwrite: bool = False  # start over: delete OUT's earlier results
-    expect_sha256: str = ""  # refuse a model file of another SHA-256 (checked before it is read)
-    retry_errors: bool = False  # do the files recorded as errors again
-    # larger images are refused unread, which bounds each worker's memory (why 120: images.py)
-    max_megapixels: float = 120.0
+    dir: str = opt(
+        "",
+        "Folder of images (searched recursively).",
+        argument=True,
+        name="folder",
+        required=True,
+        path=True,
+    )
+    model: str = opt(
+        "export/default/masker.onnx",
+        "masker.onnx or masker.ts (casm-deploy export) or a checkpoint. An ONNX file is data; a "
+        "TorchScript file is a program: loading and running it runs the code it holds (it is "
+        "inspected first, a safeguard, not a sandbox), so use ONNX for model files you did not "
+        "make yourself.",
+        path=True,
+    )
+    out: str = opt("out", "Output folder.", path=True)
+    batch: int = opt(256, "Images per model call.", at_least=1)
+    backend: Literal["auto", "onnx", "torchscript", "eager"] = opt(
+        "auto", "auto, onnx, torchscript or eager (auto: from the file name)."
+    )
+    device: str = opt("auto", "auto, cpu or cuda (auto: CUDA if present).")
+    # decoding and writing threads; 0: one per CPU this process may use (common/cpus.py)
+    workers: int = opt(
+        0, "Decoding and writing threads (0: one per CPU this process may use).", at_least=0
+    )
+    decoder: Literal["auto", "opencv", "dali", "torchvision"] = opt(
+        "auto",
+        "opencv, dali (JPEGs through NVIDIA DALI: nvJPEG on a GPU) or torchvision (JPEGs through "
+        "torchvision: nvJPEG on a GPU); auto: on CUDA dali when installed, else torchvision; "
+        "opencv on the CPU.",
+    )
+    masks: Literal["png", "npy", "none"] = opt(
+        "png", "png (8-bit), npy (float32) or none: OUT/masks/<path>.<ext>."
+    )
+    mask_size: Literal["original", "model"] = opt(
+        "original", "original (each image's size) or model (the input size)."
+    )
+    overlay: bool = opt(
+        False,
+        "Also OUT/overlays/<path>.jpg: the image dimmed by its mask, with the box, class name "
+        "and score.",
+        negatable=False,
+    )
+    coco: str = opt("", "Also write COCO-style detections to this file.")
+    overwrite: bool = opt(False, "Delete OUT's earlier results and start over.", negatable=False)
+    expect_sha256: str = opt(  # checked before the model file is read
+        "",
+        "Pin the model file: refuse it unless its SHA-256 is HEX (compared before anything in "
+        "it is parsed or loaded).",
+        metavar="HEX",
+    )
+    retry_errors: bool = opt(False, "Do the files recorded as errors again.", negatable=False)
+    # larger images are refused unread, which bounds each worker's memory (why 120: decode.py)
+    max_megapixels: float = opt(
+        120.0,
+        "Refuse larger images (width x height), before decoding them; also caps the file size. "
+        "Bounds each decoding thread's memory.",
+    )
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not self.max_megapixels > 0:
-            raise ValueError(f"--max-megapixels must be positive, not {self.max_megapixels}")
-        if self.batch < 1:
-            raise ValueError(f"--batch must be at least 1, not {self.batch}")
-        if self.workers < 0:
-            raise ValueError(f"--workers must be 0 (a CPU each) or more, not {self.workers}")
-        if self.masks not in ("png", "npy", "none"):
-            raise ValueError(f"--masks must be png, npy or none, not {self.masks!r}")
-        if self.decoder not in ("auto", "opencv", "dali", "torchvision"):
-            raise ValueError(
-                f"--decoder must be auto, opencv, dali or torchvision, not {self.decoder!r}"
-            )
-        if self.mask_size not in ("original", "model"):
-            raise ValueError(f"--mask-size must be original or model, not {self.mask_size!r}")
+            raise ConfigError(f"--max-megapixels must be positive, not {self.max_megapixels}")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -457,5 +683,5 @@ __all__ = [
     "VisualizeConfig",
     "config_from_dict",
     "config_to_dict",
-    "train_config",
+    "models_and_data",
 ]

@@ -66,10 +66,26 @@ def make_checkpoint():
 
     def write(path, data, image_size: int = 32, seed: int = 0, width: int = 8) -> str:
         from casm_deploy.checkpoint import save_untrained
-        from casm_deploy.data.datasets import read_classes
+        from casm_deploy.data.imagenet import read_classes
 
         info = read_classes(data)
         kwargs = {"width": width, "image_size": image_size, "seed": seed}
         return str(save_untrained(path, info.wnids, info.names, **kwargs))
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def make_exports(make_checkpoint):
+    """Writes a random-weight checkpoint for a data set's classes and its fp32 exports
+    (`deploy.exporters.export_masker`, no parity check): {"eager": checkpoint, format: path}."""
+
+    def write(folder, data, image_size: int = 32, formats=("torchscript", "onnx")) -> dict:
+        from pathlib import Path
+
+        from casm_deploy.deploy.exporters import export_masker
+
+        checkpoint = Path(make_checkpoint(Path(folder) / "checkpoint.pt", data, image_size))
+        return {"eager": checkpoint, **export_masker(checkpoint, folder, formats)}
 
     return write

@@ -3,8 +3,9 @@ import os
 import pytest
 import torch
 
-from casm_deploy.checkpoint import FORMAT, VERSION, load_checkpoint, load_file, save_atomic
+from casm_deploy.checkpoint import FORMAT, VERSION, load_checkpoint, save_atomic
 from casm_deploy.errors import UserError
+from casm_deploy.torchfile import load_file
 
 
 class Payload:

@@ -165,3 +165,63 @@ def test_train_recipe_takes_the_options_given_beside_it(monkeypatch, tmp_path):
     assert (seen[1].fill, seen[1].resize, seen[1].workers) == ("black", "center-crop", None)
     missing = runner.invoke(app, ["train", str(tmp_path), "--recipe", "imagenet"])
     assert missing.exit_code == 2 and "--weights" in missing.output
+
+
+def test_the_options_are_the_config_fields_and_their_defaults(monkeypatch, tmp_path):
+    """Each command's options come from its config: given only the required arguments, the
+    command builds the config of the defaults; given an option, the field it names."""
+    import dataclasses
+
+    import casm_deploy.data.synth
+    import casm_deploy.deploy.export
+    import casm_deploy.deploy.infer
+    import casm_deploy.evaluation.benchmark
+    import casm_deploy.evaluation.visualize
+    from casm_deploy.config import (
+        EvalConfig,
+        ExportConfig,
+        InferConfig,
+        SynthConfig,
+        VisualizeConfig,
+    )
+
+    seen = []
+
+    def job(cfg, *args, **kwargs):
+        seen.append(cfg)
+        return {"parity": {"passed": True}, "error": 0}
+
+    for module, name in (
+        (casm_deploy.data.synth, "generate"),
+        (casm_deploy.evaluation.benchmark, "run"),
+        (casm_deploy.deploy.export, "run"),
+        (casm_deploy.deploy.infer, "run"),
+    ):
+        monkeypatch.setattr(module, name, job)
+    monkeypatch.setattr(casm_deploy.evaluation.visualize, "run", lambda cfg: job(cfg) and {})
+    cases = [
+        (["data", "synth"], SynthConfig()),
+        (["eval", "m.pt"], EvalConfig(models=("m.pt",))),
+        (["visualize", "m.pt"], VisualizeConfig(models=("m.pt",))),
+        (["export", "c.pt"], ExportConfig(checkpoint="c.pt")),
+        (["infer", str(tmp_path)], InferConfig(dir=str(tmp_path))),
+    ]
+    for args, expected in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, (args, result.output)
+        assert seen.pop() == expected, args
+    given = ["eval", "m.pt", str(tmp_path), "--batch", "8", "--baseline", "center, full"]
+    assert (
+        runner.invoke(app, [*given, "--baseline", "gradcam", "--classifiers", "a,b"]).exit_code == 0
+    )
+    assert seen.pop() == dataclasses.replace(
+        EvalConfig(models=("m.pt",), data=str(tmp_path)),
+        batch_size=8,
+        baselines=("center", "full", "gradcam"),
+        classifiers=("a", "b"),
+    )
+    assert (
+        runner.invoke(app, ["export", "c.pt", "--parity-data", "d", "--no-torchscript"]).exit_code
+        == 0
+    )
+    assert (seen[-1].data, seen[-1].torchscript) == ("d", False)

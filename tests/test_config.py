@@ -1,6 +1,23 @@
+import dataclasses
+
 import pytest
 
-from casm_deploy.config import PRESETS, TrainConfig, config_from_dict, config_to_dict
+from casm_deploy.config import (
+    PRESETS,
+    RECIPES,
+    EvalConfig,
+    ExportConfig,
+    InferConfig,
+    SynthConfig,
+    TrainConfig,
+    VisualizeConfig,
+    config_from_dict,
+    config_to_dict,
+)
+from casm_deploy.errors import UserError
+from casm_deploy.options import ConfigError, choices_of, field_types, make_config
+
+CONFIGS = [SynthConfig, TrainConfig, EvalConfig, VisualizeConfig, ExportConfig, InferConfig]
 
 
 @pytest.mark.parametrize(
@@ -45,9 +62,7 @@ def test_round_trip_through_json_ready_dict():
 
 
 def test_imagenet_recipe_is_the_reference_training():
-    from casm_deploy.config import train_config
-
-    cfg = train_config("imagenet", weights="resnet50.pth")
+    cfg = make_config(TrainConfig, recipe="imagenet", weights="resnet50.pth")
     assert (cfg.arch, cfg.width, cfg.image_size, cfg.recipe) == ("resnet50", 64, 224, "imagenet")
     assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.lr_decoder) == (1e-3, 0.9, 1e-4, 1e-3)
     assert (cfg.epochs, cfg.batch_size, cfg.epoch_fraction, cfg.lr_decay_every) == (
@@ -58,13 +73,15 @@ def test_imagenet_recipe_is_the_reference_training():
     )
     assert (cfg.resize, cfg.fill, cfg.pretrain_epochs) == ("random-resized-crop", "mean", 0)
     assert cfg.resolved_lambda_r == 10  # the reference's L100 value
-    other = train_config("imagenet", weights="w.pth", reproduce="L", batch_size=64)
+    other = make_config(
+        TrainConfig, recipe="imagenet", weights="w.pth", reproduce="L", batch_size=64
+    )
     assert (other.resolved_lambda_r, other.batch_size, other.lr) == (14, 64, 1e-3)  # given wins
-    assert train_config() == TrainConfig()  # the default recipe is the dataclass's defaults
+    assert make_config(TrainConfig) == TrainConfig()  # the default recipe: the defaults
     with pytest.raises(ValueError, match="--weights"):
-        train_config("imagenet")
-    with pytest.raises(ValueError, match="--recipe"):
-        train_config("cifar")
+        make_config(TrainConfig, recipe="imagenet")
+    with pytest.raises(ValueError, match="--recipe must be default or imagenet, not 'cifar'"):
+        make_config(TrainConfig, recipe="cifar")
 
 
 def test_new_training_options_are_checked():
@@ -78,3 +95,59 @@ def test_new_training_options_are_checked():
     ):
         with pytest.raises(ValueError):
             TrainConfig(**kwargs)
+
+
+def test_recipes_and_presets_are_the_choices_of_their_fields():
+    types = field_types(TrainConfig)
+    assert choices_of(types["recipe"]) == tuple(RECIPES)
+    assert choices_of(types["reproduce"]) == tuple(PRESETS)
+
+
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda cls: cls.__name__)
+def test_every_choice_field_refuses_other_values_with_one_error_type(cls):
+    """A Literal field refuses a value outside its choices, naming its option; the error is a
+    UserError (one line from the CLI) and a ValueError (for code), for every config."""
+    required = {"weights": "w.pth"} if cls is TrainConfig else {}
+    types = field_types(cls)
+    for f in dataclasses.fields(cls):
+        if choices_of(types[f.name]):
+            with pytest.raises(ConfigError, match="must be .*, not 'nonsense'") as caught:
+                cls(**required, **{f.name: "nonsense"})
+            assert isinstance(caught.value, UserError) and isinstance(caught.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"copies": 3}, "--copies must be 1 or 2, not 3"),
+        ({"right": "noise", "copies": 2}, "--right must be copy or clutter"),
+        ({"right": "clutter"}, "--right clutter needs --copies 2"),
+        ({"parts": 2, "copies": 2}, "--parts needs --copies 1"),
+        ({"train_per_class": 0}, "--train-per-class must be at least 1, not 0"),
+        ({"min_side": 8, "max_side": 8}, "need 16 <= --min-side <= --max-side"),
+        ({"min_area": 0.5, "max_area": 0.4}, "need 0 < --min-area <= --max-area <= 0.9"),
+        ({"seed": -1}, "--seed must be at least 0, not -1"),
+    ],
+)
+def test_synth_config_checks_its_values_when_made(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        SynthConfig(**kwargs)
+
+
+def test_the_option_of_a_field_is_named_in_its_error():
+    with pytest.raises(ConfigError, match="--batch must be at least 1, not 0"):
+        EvalConfig(batch_size=0)  # the option is --batch
+    with pytest.raises(ConfigError, match="--gradcam-stage must be 1, 2, 3 or 4, not 5"):
+        EvalConfig(gradcam_stage=5)
+    TrainConfig(smf=None, hp=None, workers=None)  # an unset override passes its range
+
+
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda cls: cls.__name__)
+def test_each_option_is_declared_whole(cls):
+    """Every field is a config value with a default; the options among them have a help text,
+    and a --help group their class lists."""
+    panels = getattr(cls, "PANELS", ())
+    for f in dataclasses.fields(cls):
+        assert f.default is not dataclasses.MISSING, f.name
+        if f.metadata.get("help"):
+            assert f.metadata["panel"] in (None, *panels), f.name

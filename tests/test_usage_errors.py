@@ -17,8 +17,8 @@ from casm_deploy.config import MAX_VISUALIZE_IMAGES, VisualizeConfig
 from casm_deploy.deploy import export
 from casm_deploy.errors import UserError
 from casm_deploy.evaluation import benchmark as evaluate
-from casm_deploy.evaluation import visualize
-from casm_deploy.training import train
+from casm_deploy.evaluation import methods, visualize
+from casm_deploy.training import amp, rundir
 
 runner = CliRunner()
 
@@ -36,7 +36,7 @@ def no_work(monkeypatch):
 
     monkeypatch.setattr(export, "load_checkpoint", started)
     monkeypatch.setattr(visualize, "load_maskers", started)
-    monkeypatch.setattr(train, "lock_run_dir", started)
+    monkeypatch.setattr(rundir, "lock_run_dir", started)
     monkeypatch.setattr(evaluate, "read_classes", started)
 
 
@@ -185,22 +185,22 @@ def test_too_few_images_for_a_batch_names_the_option(tiny_data, tmp_path):
 
 def test_bf16_warning_only_on_a_cpu_without_bf16_arithmetic(tmp_path):
     x86 = {"fpu", "sse2", "avx2", "avx512f"}
-    assert "bfloat16" in train.bf16_cpu_warning("bf16", "cpu", x86)
-    assert train.bf16_cpu_warning("bf16", "cpu", x86 | {"avx512_bf16"}) == ""
-    assert train.bf16_cpu_warning("bf16", "cpu", x86 | {"amx_bf16"}) == ""
-    assert train.bf16_cpu_warning("bf16", "cpu", {"fp", "asimd", "bf16"}) == ""  # Arm
-    assert train.bf16_cpu_warning("bf16", "cpu", None) == ""  # unknown: no guess
-    assert train.bf16_cpu_warning("bf16", "cuda", x86) == ""
-    assert train.bf16_cpu_warning("off", "cpu", x86) == ""
-    assert len(train.bf16_cpu_warning("bf16", "cpu", x86).splitlines()) == 1
+    assert "bfloat16" in amp.bf16_cpu_warning("bf16", "cpu", x86)
+    assert amp.bf16_cpu_warning("bf16", "cpu", x86 | {"avx512_bf16"}) == ""
+    assert amp.bf16_cpu_warning("bf16", "cpu", x86 | {"amx_bf16"}) == ""
+    assert amp.bf16_cpu_warning("bf16", "cpu", {"fp", "asimd", "bf16"}) == ""  # Arm
+    assert amp.bf16_cpu_warning("bf16", "cpu", None) == ""  # unknown: no guess
+    assert amp.bf16_cpu_warning("bf16", "cuda", x86) == ""
+    assert amp.bf16_cpu_warning("off", "cpu", x86) == ""
+    assert len(amp.bf16_cpu_warning("bf16", "cpu", x86).splitlines()) == 1
 
     x86_info = tmp_path / "x86"
     x86_info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512_bf16\nprocessor\t: 1\n")
     arm_info = tmp_path / "arm"
     arm_info.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
-    assert train.cpu_flags(x86_info) == {"fpu", "sse2", "avx512_bf16"}
-    assert train.cpu_flags(arm_info) == {"fp", "asimd", "bf16"}
-    assert train.cpu_flags(tmp_path / "missing") is None
+    assert amp.cpu_flags(x86_info) == {"fpu", "sse2", "avx512_bf16"}
+    assert amp.cpu_flags(arm_info) == {"fp", "asimd", "bf16"}
+    assert amp.cpu_flags(tmp_path / "missing") is None
 
 
 def test_eval_warns_when_the_model_and_the_data_have_different_classes(
@@ -234,4 +234,4 @@ def test_eval_warns_when_the_model_and_the_data_have_different_classes(
 
     same = runner.invoke(app, ["eval", model, str(tiny_data), "--workers", "0"])
     assert same.exit_code == 0 and "warning" not in same.output
-    assert evaluate.class_mismatch("m", ["a", "b"], ["b", "a"]) == ""
+    assert methods.class_mismatch("m", ["a", "b"], ["b", "a"]) == ""

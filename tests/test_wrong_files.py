@@ -11,6 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from casm_deploy import artifact
+from casm_deploy.artifact import base_metadata, sha256_file
 from casm_deploy.checkpoint import (
     SYNTHETIC_NOTE,
     load_checkpoint,
@@ -20,9 +22,9 @@ from casm_deploy.checkpoint import (
 )
 from casm_deploy.cli import app
 from casm_deploy.config import TrainConfig
-from casm_deploy.deploy import export, parity
+from casm_deploy.deploy import export, parity, parity_run, precision
 from casm_deploy.deploy.api import Masker
-from casm_deploy.deploy.export import base_metadata, export_onnx, export_torchscript, sha256_file
+from casm_deploy.deploy.exporters import export_onnx, export_torchscript
 from casm_deploy.errors import UserError
 
 SIZE = 32
@@ -45,7 +47,10 @@ def files(tiny_data, tmp_path_factory):
     state["config"] = {"data": str(tiny_data)}
     torch.save(state, checkpoint)
     masker, _ = load_masker(checkpoint)
-    meta = {**base_metadata(state, sha256_file(checkpoint), checkpoint), "precision": "fp32"}
+    meta = {
+        **base_metadata(state, sha256_file(checkpoint), training_data_kind(state, checkpoint)),
+        "precision": "fp32",
+    }
     example = torch.rand(2, 3, SIZE, SIZE)
     export_onnx(masker, example, folder / "masker.onnx", 18, meta)
     export_torchscript(masker, example, folder / "masker.ts", meta)
@@ -260,7 +265,7 @@ def test_an_older_export_of_synth_classes_is_noted_too(files, tiny_data, tmp_pat
     path = tmp_path / "old" / "masker.onnx"
     path.parent.mkdir()
     shutil.copyfile(files["onnx"], path)
-    export.write_onnx_metadata(path, meta)
+    artifact.write_onnx_metadata(path, meta)
     result = _infer(tiny_data, tmp_path, path)
     assert result.exit_code == 0, result.output
     assert len(_notes(result.output)) == 1
@@ -277,7 +282,9 @@ def test_no_note_for_a_model_of_real_photos(tiny_data, tmp_path, capsys):
     masker = Masker.load(path, device="cpu")
     assert masker.info.training_data == "images"
     assert not _notes(capsys.readouterr().out)
-    assert base_metadata(state, "0" * 64, path)["training_data"] == "images"
+    assert (
+        base_metadata(state, "0" * 64, training_data_kind(state, path))["training_data"] == "images"
+    )
 
 
 # --- export's progress ------------------------------------------------------------------------
@@ -287,7 +294,7 @@ def test_int8_calibration_and_parity_report_progress(files, tmp_path):
     batches = [np.random.default_rng(i).random((4, 3, SIZE, SIZE), np.float32) for i in range(3)]
     calls = []
     int8 = tmp_path / "int8.onnx"
-    export.quantize_int8(files["onnx"], int8, batches, files["meta"], lambda: calls.append(1))
+    precision.quantize_int8(files["onnx"], int8, batches, files["meta"], lambda: calls.append(1))
     assert len(calls) == len(batches)
 
     masker, _ = load_masker(files["checkpoint"])
@@ -295,7 +302,7 @@ def test_int8_calibration_and_parity_report_progress(files, tmp_path):
     written = {"onnx": {"path": int8, "precision": "int8"}}
     seen = []
     source = {"real": len(images), "data": "x", "val": len(images), "train": 0, "random": 0}
-    export.check_parity(masker, written, images, source, torch.device("cpu"), seen.append)
+    parity_run.check_parity(masker, written, images, source, torch.device("cpu"), seen.append)
     assert sum(seen) == len(images) * (1 + len(parity.BATCH_SIZES))
 
 

@@ -1,13 +1,14 @@
-"""The NVIDIA DALI loader: the same `(images, labels, indices)` batches as `data.TorchLoader`.
+"""The NVIDIA DALI loader: the same `(images, labels, indices)` batches as the torch loader
+(`torch_loader.TorchLoader`).
 
-`data.build_loader(loader="dali")` builds it. Images are decoded on the GPU ("mixed") when
+`loader.build_loader(loader="dali")` builds it. Images are decoded on the GPU ("mixed") when
 training on CUDA and with DALI's CPU operators otherwise, resized and cropped as
-`data.ImageDataset` does, and handed over as channels-last float batches in [0, 1].
+`torch_loader.ImageDataset` does, and handed over as channels-last float batches in [0, 1].
 
 How it matches the torch loader, and where it differs:
 
 - Samples and order: each epoch the file reader gets the epoch's sample list from
-  `data.epoch_order`, the very list the torch loader uses (shuffled by (seed, epoch), cut to
+  `order.epoch_order`, the very list the torch loader uses (shuffled by (seed, epoch), cut to
   `fraction`), with `random_shuffle` off. So both loaders see the same samples in the same order,
   `fraction` means the same thing, `set_epoch` rewinds exactly (resuming works), and DALI's own
   `shuffle_after_epoch` (a fixed internal seed) is not needed. The price is a new pipeline per
@@ -21,12 +22,12 @@ How it matches the torch loader, and where it differs:
   as the torch loader, not the same crops. `decoders.image_random_crop` is not used: it does
   the Inception random-resized crop (area and aspect jitter), which `ImageDataset` does not.
 - Validation: shorter side to S and the centre crop (corner `(side - S) // 2`, as in
-  `data.center_crop`), or both sides to S for the "stretch" policy; file order, no shuffle.
+  `transforms.center_crop`), or both sides to S for the "stretch" policy; file order, no shuffle.
 - Resizing: DALI's antialiased linear filter instead of OpenCV's area filter when shrinking,
   and DALI's JPEG decoder (libjpeg-turbo / nvJPEG) instead of OpenCV's: pixels differ by about
   half a grey level on average (tests/data/test_dali.py bounds it at 2/255).
 - Sharding: the reader's `shard_id` / `num_shards` split the epoch list into contiguous blocks
-  (`data.shard_bounds`, which the torch loader uses too). In training the list is cut to a
+  (`order.shard_bounds`, which the torch loader uses too). In training the list is cut to a
   multiple of `num_shards`, so every process gets as many batches (DDP needs that) and the last
   partial batch is dropped (`LastBatchPolicy.DROP`, the torch loader's `drop_last`). In
   validation the last batch is padded by the reader and trimmed by the iterator
@@ -44,14 +45,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from casm_deploy.data.datasets import (
-    RRC_RATIO,
-    RRC_SCALE,
-    decode_image,
-    epoch_order,
-    shard_bounds,
-    validation_policy,
-)
+from casm_deploy.data.decode import decode_image
+from casm_deploy.data.order import epoch_order, shard_bounds
+from casm_deploy.data.transforms import RRC_RATIO, RRC_SCALE, validation_policy
 from casm_deploy.errors import UserError
 
 
@@ -90,7 +86,7 @@ class DALILoader:
     them. Indices (int64, into `samples`) stay on the CPU.
 
     Args:
-        samples: `(path, label)` pairs, as `data.list_images` returns them.
+        samples: `(path, label)` pairs, as `imagenet.list_images` returns them.
         size: the side S of the square images.
         batch_size: images per batch (per process when sharded).
         train: random crop (or RandomResizedCrop) and flip, shuffled, last partial batch
@@ -142,7 +138,7 @@ class DALILoader:
         self.epoch = epoch
 
     def epoch_order(self) -> list[int]:
-        """This epoch's sample indices over all shards, exactly as `data.TorchLoader` has them."""
+        """This epoch's sample indices over all shards, exactly as the torch loader has them."""
         return epoch_order(
             len(self.samples),
             shuffle=self.train,
@@ -255,7 +251,7 @@ class DALILoader:
             images = fn.crop_mirror_normalize(
                 images,
                 mirror=fn.random.coin_flip(probability=0.5) if self.train else 0,
-                mean=[0.0],  # [0, 255] -> [0, 1]; the Masker normalises
+                mean=[0.0],  # [0, 255] -> [0, 1]; the SaliencyModel normalises
                 std=[255.0],
                 dtype=types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT,
                 output_layout="HWC",
@@ -281,7 +277,7 @@ class DALILoader:
             if self.train:  # uniform over 0..free, as rng.integers(0, free + 1)
                 corner = dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (free + 1))
                 corner = dmath.min(corner, free)  # uniform may return 1.0 itself
-            else:  # data.center_crop
+            else:  # transforms.center_crop
                 corner = free // 2
             positions[name] = corner / dmath.max(free, 1)
         return positions
@@ -293,8 +289,8 @@ class JpegDecoder:
 
     On a GPU the images stay there: a torch tensor on the device, copied out of DALI's output
     on a stream of its own and finished before it is returned (DALI reuses its output buffer
-    on the next run); the model's side records its stream on it (`backends.DeviceIO`). On the
-    CPU a numpy array. The EXIF orientation is applied, as OpenCV does.
+    on the next run); the model's side records its stream on it (`device_io.DeviceIO`). On
+    the CPU a numpy array. The EXIF orientation is applied, as OpenCV does.
     """
 
     def __init__(self, size: int, batch_size: int, device_id: int | None, threads: int):
@@ -320,11 +316,11 @@ class JpegDecoder:
         self.pipeline.build()
 
     def accepts(self, encoded) -> bool:
-        """Every JPEG (an `images.Encoded`): DALI converts CMYK and grey itself."""
+        """Every JPEG (an `imagefiles.Encoded`): DALI converts CMYK and grey itself."""
         return encoded.is_jpeg
 
     def __call__(self, files: list) -> np.ndarray | torch.Tensor:
-        """Decode up to `batch_size` JPEGs (`images.Encoded`); raises if DALI cannot decode
+        """Decode up to `batch_size` JPEGs (`imagefiles.Encoded`); raises if DALI cannot decode
         one of them."""
         self.pipeline.feed_input("encoded", [f.data for f in files])
         (images,) = self.pipeline.run()

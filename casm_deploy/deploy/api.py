@@ -4,7 +4,7 @@
     result = masker.predict(["cat.jpg", "dog.png"])   # or HWC uint8 arrays, or tensors
     result.boxes[0], result.labels[0], result.masks[0].shape   # (H, W) of cat.jpg
 
-It is the inference-side twin of `casm_deploy.models.mapping.Masker` (the nn.Module that is
+It is the inference-side twin of `casm_deploy.models.mapping.SaliencyModel` (the nn.Module that is
 trained and exported); `infer` runs the same `run` and `describe` over whole folders.
 """
 
@@ -18,8 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from casm_deploy.data.decode import ImageError, read_image, resize_square
-from casm_deploy.deploy.runtimes import DEFAULT_BATCH, Backend, ModelInfo, Pending, open_model
+from casm_deploy.data.decode import read_image, resize_square
+from casm_deploy.data.imagefiles import ImageError
+from casm_deploy.deploy.device_io import Pending
+from casm_deploy.deploy.model_info import ModelInfo
+from casm_deploy.deploy.runtimes import DEFAULT_BATCH, Backend, open_model
 from casm_deploy.evaluation.metrics import Box, masks_to_boxes
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from casm_deploy.common.files import PARTIAL, atomic_file
 from casm_deploy.common.paths import check_file, check_folder
 from casm_deploy.errors import UserError
 
@@ -32,7 +33,6 @@ IDENTITY = "infer.json"  # what produced OUT: a rerun must match it to resume
 LOCK = ".lock"  # held by the run writing OUT; stays behind, empty of meaning, after it
 SUMMARY = "summary.json"
 OWN_FILES = (RECORD, SUMMARY, IDENTITY, LOCK)
-PARTIAL = ".partial"  # temporaries: "." + name + PARTIAL, next to the file they become
 # Errors of the disk itself, not of one file: the run stops instead of recording them.
 FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
 OK_FIELDS = ("width", "height", "box", "class_index", "score")  # what readers of ok rows use
@@ -109,11 +109,13 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 def write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:
-    """Write `path` (bytes, or chunks of them) through a temporary and a rename, fsync'd: a
-    reader sees the old file or the whole new one.
+    """Write `path` (bytes, or chunks of them) through `common.files.atomic_file`: a temporary
+    beside it, fsync'd, renamed over it, the folder fsync'd; a reader sees the old file or the
+    whole new one.
 
     The temporary's name is fixed, so a kill leaves no stray file behind for long (the next
     write of the same output replaces it); a link planted there is removed, not followed.
+    Each chunk goes through `write_all`, whole, on the temporary's descriptor.
 
     Raises:
         OutputError: a link or something else than a regular file is at `path`.
@@ -125,25 +127,9 @@ def write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:
             raise OutputError(f"{path}: {kind}; infer does not replace it")
     except FileNotFoundError:
         pass
-    temporary = path.with_name(f".{path.name}{PARTIAL}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    try:
-        fd = open_regular(temporary, flags)
-    except OutputError:  # something planted at OUT's own scratch name: removed, not followed
-        os.unlink(temporary)
-        fd = open_regular(temporary, flags)
-    try:
-        try:
-            for chunk in [data] if isinstance(data, bytes) else data:
-                write_all(fd, chunk)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    with atomic_file(path) as f:
+        for chunk in [data] if isinstance(data, bytes) else data:
+            write_all(f.fileno(), chunk)  # unbuffered: nothing is left for the file to flush
 
 
 def write_own(path: Path, data: bytes | Iterable[bytes]) -> None:

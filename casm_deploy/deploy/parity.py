@@ -1,4 +1,4 @@
-"""Parity of an exported model with the eager fp32 Masker: the measurements and the verdict.
+"""Parity of an exported model with the eager fp32 SaliencyModel: the measurements and the verdict.
 
 `export.run` calls `check` on every file it writes, at batch sizes 1, 3 and 64. Boxes go
 through `metrics.masks_to_boxes` on both sides, the one pipeline eval and infer use.

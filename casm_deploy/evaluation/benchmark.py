@@ -2,40 +2,32 @@
 classification of masked images by many classifiers (§3.3, Fig. 3).
 
 One streamed pass over the data: each batch is decoded once, every method (the models, then
-the centre / full / Grad-CAM baselines) masks it, and the masks go through the one scorer in
-`metrics.py`. Memory stays bounded whatever the number of images.
+the centre / full / Grad-CAM baselines) masks it, and the masks go through the one scorer,
+`localisation.score_masks`. Memory stays bounded whatever the number of images.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.table import Table
 
-from casm_deploy.checkpoint import load_maskers
 from casm_deploy.common.paths import check_file
 from casm_deploy.common.ui import console, progress
 from casm_deploy.config import EvalConfig, config_to_dict
-from casm_deploy.data.datasets import build_loader, check_policy, own_boxes, own_parts, read_classes
+from casm_deploy.data.imagenet import DatasetInfo, own_boxes, own_parts, read_classes
+from casm_deploy.data.loader import build_loader
+from casm_deploy.data.transforms import check_policy
 from casm_deploy.errors import UserError
-from casm_deploy.evaluation.gradcam import gradcam
+from casm_deploy.evaluation.coverage import copy_coverage, part_coverage
+from casm_deploy.evaluation.leak import mask_only_accuracy
+from casm_deploy.evaluation.localisation import score_masks
 from casm_deploy.evaluation.masking import binarize, inpaint, masked_in, masked_out
-from casm_deploy.evaluation.metrics import (
-    LocalizationMeter,
-    MaskStats,
-    center_box,
-    copy_coverage,
-    localization_scores,
-    masks_to_boxes,
-    part_coverage,
-)
-from casm_deploy.models.mapping import Masker
+from casm_deploy.evaluation.methods import Method, build_methods, load_classifiers
 
-BASELINES = ("center", "full", "gradcam")
 SCORE_KEYS = ("LE", "OM", "F1", "F1a", "mask_mean", "mask_std", "mask_entropy", "mask_tv")
 COPY_KEYS = ("copy_share_lighter", "copy_touch_both")  # with --copies only
 # When DATA has a parts/ folder (data of `synth --parts`).
@@ -43,155 +35,30 @@ PART_KEYS = ("part_coverage", "parts_all_touched", "part_share_least", "n_part_i
 VARIANTS = ("clean", "masked_in", "masked_out", "inpainted")
 
 
-@dataclass
-class Method:
-    """A way to get masks for a batch, with the classifier whose top-1 decides OM."""
+@dataclass(frozen=True)
+class Truth:
+    """Where the split's ground truth lies, read per batch in the model frame."""
 
-    name: str
-    masks: Callable[[torch.Tensor], tuple]  # images -> masks, logits (None: the first model's)
-    labels: list[int]  # data label -> the classifier's label (-1: a class it does not know)
-    is_model: bool = False  # a trained mapping (the many-classifiers test applies to these)
-    copies: bool = False  # also score the two copies' coverage (eval --copies)
-    meter: LocalizationMeter = field(default_factory=LocalizationMeter)
-    stats: MaskStats = field(default_factory=MaskStats)
-    copy_share_sum: float = 0.0  # sums over images of `metrics.copy_coverage`'s two results
-    copy_touch_count: int = 0
-    parts: bool = False  # also score how the mask covers the object's parts (DATA/parts/)
-    part_touched_sum: float = 0.0  # sums over images of `metrics.part_coverage`'s results
-    part_all_count: int = 0
-    part_share_sum: float = 0.0
-    part_images: int = 0  # images with at least one part in the frame
-    unknown_images: int = 0  # images of classes the classifier does not know: no OM for them
+    annotations: Path  # the ILSVRC-style XML boxes
+    parts: Path | None  # DATA/parts/ (data of `synth --parts`); None: no part coverage
+    wnids: list[str]  # data label -> wnid, of the classes scored
+    size: int  # the model frame, S x S
+    policy: str  # --resize
 
-    def om_note(self) -> str:
-        """Why OM leaves images out ("" when it counts them all): it needs the model's classes."""
-        n, unknown = self.meter.n_images, self.unknown_images
-        if not unknown:
-            return ""
-        if unknown == n:
-            return f"OM is not defined for these {n} images: the model does not know their classes"
-        return (
-            f"OM counts only the {n - unknown} images of the model's classes: "
-            f"it is not defined for the other {unknown}"
-        )
+    def boxes(self, samples: list) -> list:
+        """Each image's boxes of its own class."""
+        return [
+            own_boxes(p, self.wnids[y], self.annotations, self.size, self.policy)
+            for p, y in samples
+        ]
 
-    def result(self) -> dict:
-        copies = {}
-        if self.copies:
-            n = self.meter.n_images
-            copies = {
-                "copy_share_lighter": self.copy_share_sum / n if n else None,
-                "copy_touch_both": self.copy_touch_count / n if n else None,
-            }
-        parts = {}
-        if self.parts:
-            n = self.part_images
-            parts = {
-                "part_coverage": self.part_touched_sum / n if n else None,
-                "parts_all_touched": self.part_all_count / n if n else None,
-                "part_share_least": self.part_share_sum / n if n else None,
-                "n_part_images": n,
-            }
-        note = {"OM_note": self.om_note()} if self.unknown_images else {}
-        return {
-            **{k: v for k, v in self.meter.result().items() if k != "n_images"},
-            **self.stats.result(),
-            **copies,
-            **parts,
-            **note,
-            "n_images": self.meter.n_images,
-        }
-
-
-def label_map(model_wnids: list[str], data_wnids: list[str]) -> list[int]:
-    """For each data label, the model's label of the same wnid, or -1 (an unseen class)."""
-    index = {wnid: i for i, wnid in enumerate(model_wnids)}
-    return [index.get(wnid, -1) for wnid in data_wnids]
-
-
-def class_mismatch(name: str, model_wnids: list[str], data_wnids: list[str]) -> str:
-    """A one-line warning when a model's classes and the data's differ ("" when they match)."""
-    unknown = len(set(data_wnids) - set(model_wnids))
-    absent = len(set(model_wnids) - set(data_wnids))
-    parts = []
-    if unknown:
-        parts.append(
-            f"{unknown} of the data's {len(data_wnids)} classes are not the model's "
-            "(OM leaves their images out)"
-        )
-    if absent:
-        parts.append(f"{absent} of its {len(model_wnids)} classes are not in the data")
-    return f"warning: {name}: {'; '.join(parts)}" if parts else ""
-
-
-def constant_masks(box: list[int], size: int) -> Callable[[torch.Tensor], tuple]:
-    """Masks that are 1 inside `box` and 0 elsewhere, for every image (centre / full).
-
-    They come with no logits: OM then uses those of the first model on the same batch.
-    """
-    mask = torch.zeros(1, 1, size, size)
-    mask[..., box[1] : box[3], box[0] : box[2]] = 1.0
-    return lambda images: (mask.expand(len(images), 1, size, size), None)
-
-
-def select_classes(data_wnids: list[str], model_wnids: list[str], which: str) -> list[str]:
-    """The data's classes to score: all, those the model was trained on, or the others."""
-    if which == "all":
-        return list(data_wnids)
-    known = set(model_wnids)
-    chosen = [w for w in data_wnids if (w in known) == (which == "seen")]
-    if not chosen:
-        raise UserError(f"--classes {which}: the data has no class the first model has {which}")
-    return chosen
-
-
-def build_methods(
-    cfg: EvalConfig, data_wnids: list[str], parts: bool = False
-) -> tuple[list[Method], int, list[str]]:
-    """The models of `cfg.models`, then the baselines on the first model's classifier.
-
-    Also returns the data classes to score (`cfg.classes` against the first model's classes).
-    `parts`: every method also scores part coverage.
-    """
-    if not cfg.models:
-        raise UserError("eval needs at least one model (a checkpoint)")
-    unknown = sorted(set(cfg.baselines) - set(BASELINES))
-    if unknown:
-        raise UserError(f"unknown --baseline {', '.join(unknown)}; use {', '.join(BASELINES)}")
-    models = load_maskers(cfg.models)
-    size = models[0].spec["image_size"]
-    data_wnids = select_classes(data_wnids, models[0].spec["wnids"], cfg.classes)
-    for m in models:
-        warning = class_mismatch(m.name, m.spec["wnids"], data_wnids)
-        if warning and cfg.classes == "all":  # seen / unseen choose the difference on purpose
-            console.print(warning, soft_wrap=True)
-    methods = [
-        Method(
-            m.name,
-            m.masker,
-            label_map(m.spec["wnids"], data_wnids),
-            is_model=True,
-            copies=cfg.copies,
-            parts=parts,
-        )
-        for m in models
-    ]
-    first: Masker = methods[0].masks
-    labels = methods[0].labels
-    for baseline in cfg.baselines:
-        if baseline == "center":
-            fn = constant_masks(center_box(size, size), size)
-        elif baseline == "full":
-            fn = constant_masks([0, 0, size, size], size)
-        else:
-            fn = lambda images: gradcam(first, images, cfg.gradcam_stage)  # noqa: E731
-        methods.append(Method(baseline, fn, labels, copies=cfg.copies, parts=parts))
-    return methods, size, data_wnids
-
-
-def load_classifiers(paths: tuple[str, ...], data_wnids: list[str]) -> list[tuple]:
-    """(name, masker, label map) of each classifier checkpoint (its encoder is what is used)."""
-    return [(m.name, m.masker, label_map(m.spec["wnids"], data_wnids)) for m in load_maskers(paths)]
+    def part_maps(self, samples: list) -> list | None:
+        """Each image's part label map, or None without DATA/parts/."""
+        if self.parts is None:
+            return None
+        return [
+            own_parts(p, self.annotations, self.parts, self.size, self.policy) for p, _ in samples
+        ]
 
 
 @torch.no_grad()
@@ -201,7 +68,7 @@ def run(cfg: EvalConfig) -> dict:
     The data's classes: its classes.txt, else its train/ folders, else (a test set of its own)
     the folders of `cfg.split`. LE and F1 need only the boxes; OM needs the model's classes.
     When DATA has a parts/ folder (`data synth --parts`), every image of the split needs its
-    part label map and list there, and part coverage is scored too (`metrics.part_coverage`).
+    part label map and list there, and part coverage is scored too (`coverage.part_coverage`).
 
     Returns:
         {"scores": {method: {LE, OM, F1, F1a, mask_*, n_images; with `cfg.copies` also
@@ -214,21 +81,8 @@ def run(cfg: EvalConfig) -> dict:
     """
     if cfg.json:
         check_file(Path(cfg.json), "--json")
-    info = read_classes(cfg.data, split=cfg.split)
-    root = Path(cfg.data)
-    if not (root / "classes.txt").is_file() and not (root / "train").is_dir():
-        console.print(
-            f"{root}: no classes.txt and no train/: the classes are {cfg.split}/'s folder names"
-        )
-    annotations = Path(cfg.annotations) if cfg.annotations else Path(cfg.data) / "annotations"
-    if not annotations.is_dir():
-        raise UserError(f"{annotations}: no annotations folder (pass --annotations DIR)")
-    check_policy(cfg.resize)
-    parts = root / "parts"
-    has_parts = parts.is_dir()
-    if has_parts:
-        console.print(f"{parts}: also scoring part coverage ({', '.join(PART_KEYS[:3])})")
-    methods, size, wnids = build_methods(cfg, info.wnids, parts=has_parts)
+    info, annotations, parts = open_split(cfg)
+    methods, size, wnids = build_methods(cfg, info.wnids, parts=parts is not None)
     classifiers = load_classifiers(cfg.classifiers, wnids)
     loader = build_loader(
         cfg.data,
@@ -241,25 +95,65 @@ def run(cfg: EvalConfig) -> dict:
         policy=cfg.resize,
         limit=cfg.limit,
     )
-    # counts[mask model][classifier][variant] = [right, seen] over images of known classes
+    truth = Truth(annotations, parts, wnids, size, cfg.resize)
+    counts = score_split(cfg, loader, truth, methods, classifiers)
+
+    scores = {m.name: m.result() for m in methods}
+    for method in methods:
+        if method.is_model and method.unknown_images:
+            console.print(f"{method.name}: {method.om_note()}")
+    accuracy = classifier_accuracy(counts) if classifiers else {}
+    leak = leak_control(cfg, methods, wnids, size) if cfg.leak_control else {}
+    print_tables(scores, accuracy, leak, methods[0].name, cfg, parts=parts is not None)
+    if cfg.json:
+        write_json(Path(cfg.json), scores, accuracy, leak, methods[0].name, cfg)
+    return {"scores": scores, "classifiers": accuracy, "leak": leak}
+
+
+def open_split(cfg: EvalConfig) -> tuple[DatasetInfo, Path, Path | None]:
+    """The data's classes, its annotations folder and its parts/ folder (None without one).
+
+    Raises:
+        UserError: no annotations folder, or an unknown resize policy.
+    """
+    info = read_classes(cfg.data, split=cfg.split)
+    root = Path(cfg.data)
+    if not (root / "classes.txt").is_file() and not (root / "train").is_dir():
+        console.print(
+            f"{root}: no classes.txt and no train/: the classes are {cfg.split}/'s folder names"
+        )
+    annotations = Path(cfg.annotations) if cfg.annotations else Path(cfg.data) / "annotations"
+    if not annotations.is_dir():
+        raise UserError(f"{annotations}: no annotations folder (pass --annotations DIR)")
+    check_policy(cfg.resize)
+    parts = root / "parts"
+    if not parts.is_dir():
+        return info, annotations, None
+    console.print(f"{parts}: also scoring part coverage ({', '.join(PART_KEYS[:3])})")
+    return info, annotations, parts
+
+
+def score_split(
+    cfg: EvalConfig, loader, truth: Truth, methods: list[Method], classifiers: list[tuple]
+) -> dict:
+    """The one streamed pass: every method masks each batch once, into its meters.
+
+    Returns:
+        counts[mask model][classifier][variant] = [right, seen] over images of known classes.
+    """
     counts = {
         m.name: {c[0]: {v: [0, 0] for v in VARIANTS} for c in classifiers}
         for m in methods
         if m.is_model
     }
-
     with progress(transient=True) as bars:
         task = bars.add_task(f"eval {cfg.split}", total=len(loader), info="")
         for images, labels, indices in loader:
             samples = [loader.dataset.samples[i] for i in indices.tolist()]
-            gt_boxes = [own_boxes(p, wnids[y], annotations, size, cfg.resize) for p, y in samples]
+            gt_boxes = truth.boxes(samples)
             if cfg.copies:
                 check_two_copies(samples, gt_boxes)
-            part_maps = (
-                [own_parts(p, annotations, parts, size, cfg.resize) for p, _ in samples]
-                if has_parts
-                else None
-            )
+            part_maps = truth.part_maps(samples)
             outputs = [method.masks(images) for method in methods]
             first_logits = outputs[0][1]  # the first method is always a model
             for method, (masks, logits) in zip(methods, outputs, strict=True):
@@ -268,34 +162,32 @@ def run(cfg: EvalConfig) -> dict:
                 if method.name in counts and classifiers:
                     count_classifications(counts[method.name], classifiers, images, masks, labels)
             bars.advance(task)
+    return counts
 
-    scores = {m.name: m.result() for m in methods}
-    for method in methods:
-        if method.is_model and method.unknown_images:
-            console.print(f"{method.name}: {method.om_note()}")
-    accuracy = {
+
+def classifier_accuracy(counts: dict) -> dict:
+    """`score_split`'s counts as accuracies: {mask model: {classifier: {variant: right / seen}}}."""
+    return {
         mask: {
             clf: {v: (r / n if n else None) for v, (r, n) in by_variant.items()}
             for clf, by_variant in by_clf.items()
         }
         for mask, by_clf in counts.items()
-        if classifiers
     }
-    leak = {}
-    if cfg.leak_control:  # a second pass, over the training split too: only when asked
-        from casm_deploy.evaluation.leak import mask_only_accuracy
 
-        for method in methods:
-            if method.is_model:
-                console.print(f"leak control: a classifier of {method.name}'s masks alone")
-                leak[method.name] = mask_only_accuracy(
-                    method.masks, cfg.data, wnids, size, policy=cfg.resize,
-                    workers=cfg.workers, limit=cfg.limit,
-                )  # fmt: skip
-    print_tables(scores, accuracy, leak, methods[0].name, cfg, parts=has_parts)
-    if cfg.json:
-        write_json(Path(cfg.json), scores, accuracy, leak, methods[0].name, cfg)
-    return {"scores": scores, "classifiers": accuracy, "leak": leak}
+
+def leak_control(cfg: EvalConfig, methods: list[Method], wnids: list[str], size: int) -> dict:
+    """A second pass, over the training split too (only when asked): for each model, how well
+    a classifier of its binarised masks alone tells the class (`leak.mask_only_accuracy`)."""
+    leak = {}
+    for method in methods:
+        if method.is_model:
+            console.print(f"leak control: a classifier of {method.name}'s masks alone")
+            leak[method.name] = mask_only_accuracy(
+                method.masks, cfg.data, wnids, size, policy=cfg.resize,
+                workers=cfg.workers, limit=cfg.limit,
+            )  # fmt: skip
+    return leak
 
 
 def score_batch(method: Method, masks, logits, labels, gt_boxes, part_maps=None) -> None:
@@ -303,17 +195,13 @@ def score_batch(method: Method, masks, logits, labels, gt_boxes, part_maps=None)
 
     `part_maps`: the images' part label maps in the model frame, for `method.parts`.
     """
-    masks_np = masks[:, 0].float().cpu().numpy()
+    known = [method.labels[label] for label in labels.tolist()]  # -1: a class it does not know
     predicted = logits.argmax(1).tolist()
-    for mask, box, gt, label, guess in zip(
-        masks_np, masks_to_boxes(masks_np), gt_boxes, labels.tolist(), predicted, strict=True
-    ):
-        scores = localization_scores(mask, box, gt)
-        known = method.labels[label]
-        correct = None if known < 0 else guess == known
-        method.unknown_images += known < 0
-        method.meter.update(scores["hit"], scores["f1"], scores["f1a"], correct)
-        if method.copies:
+    correct = [None if k < 0 else guess == k for k, guess in zip(known, predicted, strict=True)]
+    method.unknown_images += sum(k < 0 for k in known)
+    masks_np = score_masks(masks, gt_boxes, correct, method.meter, method.stats)
+    if method.copies:
+        for mask, gt in zip(masks_np, gt_boxes, strict=True):
             share, touches_both = copy_coverage(mask, gt)
             method.copy_share_sum += share
             method.copy_touch_count += int(touches_both)
@@ -326,7 +214,6 @@ def score_batch(method: Method, masks, logits, labels, gt_boxes, part_maps=None)
             method.part_touched_sum += coverage.touched
             method.part_all_count += int(coverage.all_touched)
             method.part_share_sum += coverage.share_least
-    method.stats.update(masks)
 
 
 def check_two_copies(samples: list, gt_boxes: list) -> None:

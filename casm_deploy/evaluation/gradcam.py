@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from casm_deploy.models.mapping import Masker
+from casm_deploy.models.mapping import SaliencyModel
 
 
 def gradcam(
-    masker: Masker, images: torch.Tensor, stage: int = 4, classes: torch.Tensor | None = None
+    masker: SaliencyModel, images: torch.Tensor, stage: int = 4, classes: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grad-CAM masks of the encoder's stage `stage` (1-4: l1..l4; 4 is the last).
 

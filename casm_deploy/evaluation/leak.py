@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from casm_deploy.common import ui
-from casm_deploy.data.datasets import build_loader
+from casm_deploy.data.loader import build_loader
 from casm_deploy.evaluation.masking import binarize
-from casm_deploy.models.mapping import Encoder
+from casm_deploy.models.encoder import Encoder
 
 
 @torch.no_grad()
@@ -61,20 +61,7 @@ def mask_only_accuracy(
         "n_train", "n_val": mask counts, "epochs"}.
     """
     device = next((p.device for p in masker.parameters()), torch.device("cpu"))
-    loaders = {
-        split: build_loader(
-            data,
-            split,
-            wnids,
-            image_size,
-            batch_size,
-            train=False,  # un-augmented: the masks the test would see
-            workers=workers,
-            policy=policy,
-            limit=limit,
-        )
-        for split in ("train", "val")
-    }
+    loaders = split_loaders(data, wnids, image_size, batch_size, policy, limit, workers)
     train_steps = -(-len(loaders["train"].samples) // batch_size)
 
     masker.eval()
@@ -87,32 +74,10 @@ def mask_only_accuracy(
 
         torch.manual_seed(seed)  # the classifier's init
         model = Encoder("resnet18", num_classes=len(wnids), width=width).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-        generator = torch.Generator().manual_seed(seed)  # batch order and flips
         task = bars.add_task("mask-only classifier", total=epochs * train_steps, info="")
-        model.train()
-        with torch.enable_grad():  # callers may run under no_grad (eval does)
-            for _ in range(epochs):
-                for batch in torch.randperm(len(x_train), generator=generator).split(batch_size):
-                    flip = torch.rand(len(batch), generator=generator) < 0.5
-                    x = x_train[batch].float()
-                    x = torch.where(flip[:, None, None, None], x.flip(3), x).expand(-1, 3, -1, -1)
-                    bars.advance(task)
-                    if len(batch) < 2:  # BatchNorm cannot train on a single sample
-                        continue
-                    logits, _ = model(x.to(device))
-                    loss = F.cross_entropy(logits, y_train[batch].to(device))
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    bars.update(task, info=f"loss {loss.item():.3f}")
+        train_on_masks(model, x_train, y_train, device, epochs, batch_size, lr, seed, bars, task)
 
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for batch in torch.arange(len(x_val)).split(batch_size):
-            logits, _ = model(x_val[batch].float().expand(-1, 3, -1, -1).to(device))
-            correct += (logits.argmax(1).cpu() == y_val[batch]).sum().item()
+    correct = count_correct(model, x_val, y_val, device, batch_size)
     # Always guessing the most common class beats 1/K on an unbalanced val split.
     majority = torch.bincount(y_val, minlength=len(wnids)).max().item() / len(y_val)
     return {
@@ -124,4 +89,65 @@ def mask_only_accuracy(
     }
 
 
-__all__ = ["binary_masks", "mask_only_accuracy"]
+def split_loaders(
+    data: str | Path,
+    wnids: list[str],
+    image_size: int,
+    batch_size: int,
+    policy: str,
+    limit: int,
+    workers: int,
+) -> dict:
+    """The loaders of the train and val splits, both un-augmented: the masks the test would see."""
+    return {
+        split: build_loader(
+            data,
+            split,
+            wnids,
+            image_size,
+            batch_size,
+            train=False,
+            workers=workers,
+            policy=policy,
+            limit=limit,
+        )
+        for split in ("train", "val")
+    }
+
+
+def train_on_masks(model, x, y, device, epochs, batch_size, lr, seed, bars, task) -> None:
+    """Train `model` with Adam on the binary masks `x` (N,1,S,S) uint8 repeated to 3 channels,
+    flipped at random, of labels `y`; `seed` orders the batches and draws the flips."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)  # batch order and flips
+    model.train()
+    with torch.enable_grad():  # callers may run under no_grad (eval does)
+        for _ in range(epochs):
+            for batch in torch.randperm(len(x), generator=generator).split(batch_size):
+                flip = torch.rand(len(batch), generator=generator) < 0.5
+                images = x[batch].float()
+                images = torch.where(flip[:, None, None, None], images.flip(3), images)
+                images = images.expand(-1, 3, -1, -1)
+                bars.advance(task)
+                if len(batch) < 2:  # BatchNorm cannot train on a single sample
+                    continue
+                logits, _ = model(images.to(device))
+                loss = F.cross_entropy(logits, y[batch].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                bars.update(task, info=f"loss {loss.item():.3f}")
+
+
+@torch.no_grad()
+def count_correct(model, x, y, device, batch_size: int) -> int:
+    """How many of the masks `x` (N,1,S,S) `model` classifies as their labels `y`, in eval mode."""
+    model.eval()
+    correct = 0
+    for batch in torch.arange(len(x)).split(batch_size):
+        logits, _ = model(x[batch].float().expand(-1, 3, -1, -1).to(device))
+        correct += (logits.argmax(1).cpu() == y[batch]).sum().item()
+    return correct
+
+
+__all__ = ["binary_masks", "count_correct", "mask_only_accuracy", "split_loaders", "train_on_masks"]

@@ -10,14 +10,16 @@ as CASM's masks and Grad-CAM's.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import gaussian_blur
 
-from casm_deploy.models.mapping import Masker
+from casm_deploy.models.mapping import SaliencyModel
 
 FILLS = ("blur", "black")
 # Fong & Vedaldi's weights for a 28 x 28 mask of a 224 px image, with sums over mask pixels:
@@ -60,7 +62,7 @@ def total_variation(masks: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 def objective(
-    masker: Masker,
+    masker: SaliencyModel,
     images: torch.Tensor,
     references: torch.Tensor,
     low_res: torch.Tensor,
@@ -87,7 +89,7 @@ def objective(
 
 
 def optimize_masks(
-    masker: Masker,
+    masker: SaliencyModel,
     images: torch.Tensor,
     classes: torch.Tensor | None = None,
     *,
@@ -130,9 +132,7 @@ def optimize_masks(
     mask_size = mask_size or max(1, height // 8)
     jitter = height // 56 if jitter is None else jitter
     generator = torch.Generator().manual_seed(seed)
-    weights = [p.requires_grad for p in masker.parameters()]
-    masker.requires_grad_(False)  # gradients flow to the masks only
-    try:
+    with frozen(masker):  # gradients flow to the masks only
         with torch.no_grad():
             logits, _ = masker.encoder(masker.normalize(images))
         classes = logits.argmax(1) if classes is None else classes
@@ -140,31 +140,56 @@ def optimize_masks(
         low_res = torch.full(
             (len(images), 1, mask_size, mask_size), float(init), device=images.device
         )
-        low_res.requires_grad_(True)
-        optimizer = torch.optim.Adam([low_res], lr=lr)
-        with torch.enable_grad():
-            for _ in range(steps):
-                shift = torch.randint(0, jitter + 1, (2,), generator=generator).tolist()
-                loss = objective(
-                    masker,
-                    images.roll(shift, dims=(-2, -1)),
-                    references.roll(shift, dims=(-2, -1)),
-                    low_res,
-                    classes,
-                    area,
-                    tv,
-                    tv_beta,
-                ).sum()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    low_res.clamp_(0, 1)
+        terms = (area, tv, tv_beta)
+        descend(masker, images, references, low_res, classes, terms, steps, lr, jitter, generator)
         low_res = low_res.detach()
         with torch.no_grad():
-            final = objective(masker, images, references, low_res, classes, area, tv, tv_beta)
-    finally:
-        for parameter, required in zip(masker.parameters(), weights, strict=True):
-            parameter.requires_grad_(required)
+            final = objective(masker, images, references, low_res, classes, *terms)
     masks = F.interpolate(low_res, size=(height, width), mode="bilinear", align_corners=False)
     return OptimizedMasks(masks.clamp(0, 1), low_res, logits, classes, final)
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """No gradients for `module`'s weights inside; each gets its own requires_grad back after."""
+    weights = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, required in zip(module.parameters(), weights, strict=True):
+            parameter.requires_grad_(required)
+
+
+def descend(
+    masker: SaliencyModel,
+    images: torch.Tensor,
+    references: torch.Tensor,
+    low_res: torch.Tensor,
+    classes: torch.Tensor,
+    terms: tuple[float, float, float],
+    steps: int,
+    lr: float,
+    jitter: int,
+    generator: torch.Generator,
+) -> None:
+    """`steps` Adam steps on the masks `low_res`, in place, each on the objective (weights
+    `terms`: area, tv, tv_beta) of images shifted by a random jitter, then clamped to [0, 1]."""
+    low_res.requires_grad_(True)
+    optimizer = torch.optim.Adam([low_res], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            shift = torch.randint(0, jitter + 1, (2,), generator=generator).tolist()
+            loss = objective(
+                masker,
+                images.roll(shift, dims=(-2, -1)),
+                references.roll(shift, dims=(-2, -1)),
+                low_res,
+                classes,
+                *terms,
+            ).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                low_res.clamp_(0, 1)

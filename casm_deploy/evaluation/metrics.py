@@ -2,15 +2,16 @@
 
 Used by train validation, eval, export parity and infer: binarise a mask at its mean, keep the
 largest connected component, take its box; score it (LE / OM / F1) and summarise masks
-(area, entropy, total variation), following the reference CASM code (kondiz/casme); and
-measure how a mask covers the two copies or the parts of an object (synth --copies / --parts).
+(area, entropy, total variation), following the reference CASM code (kondiz/casme). How a
+mask covers the two copies or the parts of an object (synth --copies / --parts) is measured in
+`coverage.py`, on the same binarisation.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -217,25 +218,9 @@ def localization_scores(
 
     f1s, ious = [], []
     for gt in gt_boxes:
-        x0, y0, x1, y1 = gt
-        gt_size = (x1 - x0) * (y1 - y0)  # unclipped, as in the reference
-        cx0, cy0, cx1, cy1 = (int(v) for v in clip_box(gt, width, height))
-        if cx0 >= cx1 or cy0 >= cy1:
-            f1s.append(0.0)
-            ious.append(0.0)
-            continue
-        inside = float(m[cy0:cy1, cx0:cx1].sum())
-        precision = inside / (mask_sum + _F1_EPS)
-        recall = inside / gt_size
-        f1s.append((2 * precision * recall) / (precision + recall + _F1_EPS))
-        inter = (
-            0
-            if pred is None
-            else box_area(
-                [max(pred[0], cx0), max(pred[1], cy0), min(pred[2], cx1), min(pred[3], cy1)]
-            )
-        )
-        ious.append(float(inter / (pred_area + gt_size - inter)))
+        f1, iou = _gt_box_scores(m, mask_sum, pred, pred_area, gt)
+        f1s.append(f1)
+        ious.append(iou)
 
     best_iou = max(ious)
     return {
@@ -246,97 +231,27 @@ def localization_scores(
     }
 
 
-def copy_coverage(mask: Any, boxes: Sequence[Sequence[float]]) -> tuple[float, bool]:
-    """How one mask covers the two copies of a two-copies image (paper §2.1, synth --copies 2).
-
-    The mass of a copy is the sum of the continuous mask inside its box (clipped to the frame).
-    The binary mask is the one LE starts from: binarised at the mask's mean (`binarize_at_mean`),
-    before the largest component is taken (that would keep one copy by construction).
-
-    Args:
-        mask: (H,W) continuous mask in [0, 1] (a leading channel of 1 is accepted).
-        boxes: the two copies' boxes, in the mask's frame.
-
-    Returns:
-        `(lighter_share, touches_both)`: the lighter copy's share of the two copies' mass
-        (0.5: both equally; 0.0 also when neither has any), and whether the binary mask has at
-        least one pixel inside each box.
-
-    Raises:
-        ValueError: when there are not exactly two boxes.
-    """
-    if len(boxes) != 2:
-        raise ValueError(f"copy_coverage needs exactly two boxes, got {len(boxes)}")
-    m = _single(mask)[0]  # (H,W) float64
+def _gt_box_scores(
+    m: np.ndarray, mask_sum: float, pred: Box | None, pred_area: int, gt: Sequence[float]
+) -> tuple[float, float]:
+    """`localization_scores` against one gt box: (F1 of the (H,W) float64 mask `m`, whose sum
+    is `mask_sum`, and IoU of the clipped predicted box `pred` of area `pred_area`)."""
     height, width = m.shape
-    binary = binarize_at_mean(m)
-    masses, touched = [], []
-    for box in boxes:
-        x0, y0, x1, y1 = (int(v) for v in clip_box(box, width, height))
-        masses.append(float(m[y0:y1, x0:x1].sum()))
-        touched.append(bool(binary[y0:y1, x0:x1].any()))
-    total = sum(masses)
-    share = min(masses) / total if total > 0 else 0.0
-    return share, all(touched)
-
-
-class PartCoverage(NamedTuple):
-    """`part_coverage`'s result for one image."""
-
-    touched: float  # fraction of the object's parts the binary mask touches
-    all_touched: bool  # whether it touches every one
-    share_least: float  # the least-covered part's share of the mask mass on parts
-    n_parts: int  # the parts counted: those with at least one pixel in the frame
-
-
-def part_coverage(mask: Any, labels: Any) -> PartCoverage | None:
-    """How one mask covers the parts of an object (synth --parts); `copy_coverage` for n parts.
-
-    A part's pixels are those of its label in the part label map (0: no part, k + 1: part k),
-    brought to the mask's frame (`data.transform_labels`). As in `copy_coverage`, the binary
-    mask is the one LE starts from, binarised at the mask's mean (`binarize_at_mean`), before
-    the largest component is taken; it *touches* a part when at least one of its pixels is one
-    of the part's pixels (the part's own pixels, not its box, which may overlap another part).
-    A part's *weight* is the mean of the continuous mask over its pixels, so parts of different
-    sizes compare fairly: a mask of ones gives every part the same weight.
-
-    Only the parts with at least one pixel in the frame count: a part that the centre crop cuts
-    away entirely (or, rarely, one too thin to survive nearest-neighbour downsampling) is left
-    out of this image's fractions.
-
-    Args:
-        mask: (H,W) continuous mask in [0, 1] (a leading channel of 1 is accepted).
-        labels: (H,W) non-negative integer label map in the mask's frame.
-
-    Returns:
-        `PartCoverage(touched, all_touched, share_least, n_parts)`: share_least is the weight
-        of the least-covered part over the sum of the counted parts' weights (1/n: all n
-        equally; 0: one part gets nothing, also when no part gets any; 1 with a single part).
-        None when no part is in the frame.
-
-    Raises:
-        ValueError: when the label map is not of the mask's shape or has negative labels.
-    """
-    m = _single(mask)[0]  # (H,W) float64
-    labels = np.asarray(labels)
-    if labels.shape != m.shape:
-        raise ValueError(f"label map of shape {labels.shape} for a mask of shape {m.shape}")
-    flat = labels.reshape(-1).astype(np.intp)
-    if flat.size and flat.min() < 0:
-        raise ValueError("part labels must be non-negative")
-    binary = binarize_at_mean(m)
-    # Per label: pixel count, mask sum and binary pixels; label 0 (no part) is dropped.
-    pixels = np.bincount(flat)[1:]
-    n = len(pixels) + 1
-    mass = np.bincount(flat, weights=m.reshape(-1), minlength=n)[1:]
-    hits = np.bincount(flat, weights=binary.reshape(-1), minlength=n)[1:]
-    present = pixels > 0
-    if not present.any():
-        return None
-    weight, touched = mass[present] / pixels[present], hits[present] > 0
-    total = float(weight.sum())
-    share = float(weight.min()) / total if total > 0 else 0.0
-    return PartCoverage(float(touched.mean()), bool(touched.all()), share, int(present.sum()))
+    x0, y0, x1, y1 = gt
+    gt_size = (x1 - x0) * (y1 - y0)  # unclipped, as in the reference
+    cx0, cy0, cx1, cy1 = (int(v) for v in clip_box(gt, width, height))
+    if cx0 >= cx1 or cy0 >= cy1:
+        return 0.0, 0.0
+    inside = float(m[cy0:cy1, cx0:cx1].sum())
+    precision = inside / (mask_sum + _F1_EPS)
+    recall = inside / gt_size
+    f1 = (2 * precision * recall) / (precision + recall + _F1_EPS)
+    inter = (
+        0
+        if pred is None
+        else box_area([max(pred[0], cx0), max(pred[1], cy0), min(pred[2], cx1), min(pred[3], cy1)])
+    )
+    return f1, float(inter / (pred_area + gt_size - inter))
 
 
 def center_box(width: int, height: int) -> Box:
@@ -363,7 +278,7 @@ def _total_variations(batch: np.ndarray) -> np.ndarray:
     return tv_x + tv_y
 
 
-def _single(mask: Any) -> np.ndarray:
+def single_mask(mask: Any) -> np.ndarray:
     """A (1,H,W) float64 array from one mask given as (H,W), (1,H,W) or (1,1,H,W)."""
     arr = _to_numpy(mask).astype(np.float64)
     if arr.ndim < 2 or math.prod(arr.shape[:-2]) != 1:
@@ -373,12 +288,12 @@ def _single(mask: Any) -> np.ndarray:
 
 def mask_entropy(mask: Any) -> float:
     """Entropy of one mask: −Σ m log2 m over pixels with 0 < m < 1, over ALL pixels."""
-    return float(_entropies(_single(mask))[0])
+    return float(_entropies(single_mask(mask))[0])
 
 
 def total_variation(mask: Any) -> float:
     """Total variation of one mask: mean squared horizontal + mean squared vertical diff."""
-    return float(_total_variations(_single(mask))[0])
+    return float(_total_variations(single_mask(mask))[0])
 
 
 class MaskStats:
@@ -386,7 +301,7 @@ class MaskStats:
 
     It keeps five running sums: images, per-image mean areas, their squares, entropies and
     total variations. `update` adds a batch of masks; `add_sums` adds sums computed elsewhere
-    (the training loop sums on the GPU, `train.mask_stat_sums`, and reads them once per epoch).
+    (the training loop sums on the GPU, `engine.mask_stat_sums`, and reads them once per epoch).
     `mask_std` is the population std of per-image mean areas over all images seen (the
     reference averages per-batch sample stds instead, which depends on the batch size).
     """

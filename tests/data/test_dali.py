@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from casm_deploy.data.datasets import build_loader, decode_image, read_classes, resize_shorter
-from casm_deploy.data import datasets as data
+from casm_deploy.data.decode import decode_image
+from casm_deploy.data.imagenet import read_classes
+from casm_deploy.data.loader import build_loader
+from casm_deploy.data.torch_loader import TorchLoader
+from casm_deploy.data.transforms import resize_shorter
 from casm_deploy.errors import UserError
 
 TOLERANCE = 2 / 255  # mean |difference| allowed between two JPEG decoders and resize filters
@@ -133,7 +136,7 @@ def test_loader_choice_errors_and_fallback(tiny_data, monkeypatch):
     with pytest.raises(UserError, match="nvidia-dali-cuda120"):
         build_loader(tiny_data, "val", wnids, 32, 4, train=False, loader="dali")
     loader = build_loader(tiny_data, "val", wnids, 32, 4, train=False, loader="auto")
-    assert isinstance(loader, data.TorchLoader)
+    assert isinstance(loader, TorchLoader)
 
 
 @pytest.mark.gpu

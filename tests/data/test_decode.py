@@ -1,5 +1,6 @@
-"""images.py: the scan and the checks that come before decoding (bad entries, limits), the
-orientation of every format, whole images with bytes after them, the overlay's image.
+"""imagefiles.py and decode.py: the scan and the checks that come before decoding (bad
+entries, limits), the orientation of every format, whole images with bytes after them, the
+overlay's image. The loaders' decoder: tests/data/test_loader.py.
 
 What could hang or take the machine's memory runs in a subprocess with a timeout.
 """
@@ -19,17 +20,8 @@ from pictures import scene
 from PIL import Image, ImageOps
 
 from casm_deploy.config import InferConfig
-from casm_deploy.data.decode import (
-    MAX_PIXELS,
-    ImageError,
-    max_file_bytes,
-    orient,
-    orient_array,
-    read_file,
-    read_image,
-    read_overlay,
-    scan,
-)
+from casm_deploy.data.decode import orient, orient_array, read_image, read_overlay
+from casm_deploy.data.imagefiles import MAX_PIXELS, ImageError, max_file_bytes, read_file, scan
 
 
 def _encode(image: np.ndarray, kind: str, orientation: int = 1) -> bytes:
@@ -86,7 +78,7 @@ def test_fifo_or_device_named_jpg_is_refused_without_blocking(tmp_path, target):
     (tmp_path / "x.jpg").symlink_to(target)
     out = _run(
         f"""
-        from casm_deploy.data.decode import ImageError, read_file, scan
+        from casm_deploy.data.imagefiles import ImageError, read_file, scan
         print([e.rel for e in scan({str(tmp_path)!r})])
         try:
             read_file({str(tmp_path / "x.jpg")!r})
@@ -194,7 +186,7 @@ def _refused_with_peak(path: Path) -> tuple[str, int]:
     """read_file's refusal of `path`, in a fresh interpreter, and the MB its peak grew by."""
     out = _run(
         f"""
-        from casm_deploy.data.decode import ImageError, read_file
+        from casm_deploy.data.imagefiles import ImageError, read_file
         import cv2, PIL.Image
         {PEAK}
         before = peak()

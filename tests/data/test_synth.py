@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from casm_deploy.config import SynthConfig
-from casm_deploy.data.synth import SHAPES, generate, make_sample, render, tight_box, wnid_for
+from casm_deploy.data.draw import SHAPES, render, tight_box, wnid_for
+from casm_deploy.data.synth import generate, make_sample
 from casm_deploy.errors import UserError
 
 
@@ -85,6 +86,7 @@ def test_layout(tiny_set):
     record = json.loads((tiny_set / "synth.json").read_text())
     assert record["counts"] == {"train": 12, "val": 6}
     assert not (tiny_set / ".synth-incomplete").exists()
+    assert not list(tiny_set.glob(".*"))  # synth.json's temporary (common.files) is gone too
 
 
 def read_boxes(xml_path: Path) -> tuple[ET.Element, list[tuple[int, ...]]]:

@@ -14,17 +14,11 @@ import pytest
 import torch
 
 from casm_deploy.config import SynthConfig
-from casm_deploy.data.datasets import ImageDataset, list_images, read_classes
-from casm_deploy.data.synth import (
-    FAVOURITE,
-    PART_KINDS,
-    SHAPES,
-    generate,
-    make_parts_sample,
-    make_sample,
-    part_annotation,
-    tight_box,
-)
+from casm_deploy.data.draw import SHAPES, tight_box
+from casm_deploy.data.imagenet import list_images, read_classes
+from casm_deploy.data.parts import FAVOURITE, PART_KINDS, make_parts_sample, part_annotation
+from casm_deploy.data.synth import generate, make_sample
+from casm_deploy.data.torch_loader import ImageDataset
 from casm_deploy.errors import UserError
 
 

@@ -9,11 +9,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from casm_deploy.artifact import read_metadata
 from casm_deploy.checkpoint import load_masker
 from casm_deploy.cli import EXIT_PARITY_FAILED, app
 from casm_deploy.config import ExportConfig
 from casm_deploy.deploy import parity
-from casm_deploy.deploy.export import read_metadata, resolve_data, run
+from casm_deploy.deploy.export import run
+from casm_deploy.deploy.parity_data import resolve_data
 from casm_deploy.errors import UserError
 
 runner = CliRunner()
@@ -117,7 +119,7 @@ def test_fp32_torchscript_onnx_pt2_and_triton_pass_parity(checkpoint, tmp_path):
 
 def test_an_unshared_mapping_exports_with_its_own_encoder(tiny_data, tmp_path):
     from casm_deploy.checkpoint import load_masker, save_untrained
-    from casm_deploy.data.datasets import read_classes
+    from casm_deploy.data.imagenet import read_classes
 
     info = read_classes(tiny_data)
     path = tmp_path / "runs" / "unshared" / "checkpoint.pt"
@@ -192,7 +194,7 @@ def test_bad_checkpoints_give_one_line_errors(checkpoint, tmp_path):
     truncated.write_bytes(checkpoint.read_bytes()[:5000])
     foreign = tmp_path / "notes.txt"
     foreign.write_text("not a checkpoint")
-    # (checkpoint.load_file reports a text file as "refused" too: torch reads it as a pickle.)
+    # (torchfile.load_file reports a text file as "refused" too: torch reads it as a pickle.)
     for path, says in [(evil, "refused"), (truncated, "truncated"), (foreign, "")]:
         result = runner.invoke(app, ["export", str(path), "--out", str(tmp_path / "x")])
         assert result.exit_code == 2, result.output

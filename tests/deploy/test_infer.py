@@ -23,9 +23,11 @@ from typer.testing import CliRunner
 import casm_deploy
 from casm_deploy.cli import EXIT_SOME_FAILED, app
 from casm_deploy.config import InferConfig
-from casm_deploy.data.decode import ImageError, read_image, scan
+from casm_deploy.data.decode import read_image
+from casm_deploy.data.imagefiles import ImageError, scan
 from casm_deploy.deploy.api import scale_box
-from casm_deploy.deploy.infer import OutputError, Writer, read_record
+from casm_deploy.deploy.outfolder import OutputError, read_record
+from casm_deploy.deploy.outputs import Writer
 from casm_deploy.errors import UserError
 
 runner = CliRunner()
@@ -33,29 +35,9 @@ SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def models(make_checkpoint, tiny_data, tmp_path_factory):
+def models(make_exports, tiny_data, tmp_path_factory):
     """The same tiny mapping as a checkpoint, a TorchScript file and an ONNX file."""
-    from casm_deploy.checkpoint import load_checkpoint, masker_from_checkpoint
-    from casm_deploy.deploy.export import (
-        base_metadata,
-        export_onnx,
-        export_torchscript,
-        sha256_file,
-    )
-
-    folder = tmp_path_factory.mktemp("models")
-    checkpoint = Path(make_checkpoint(folder / "checkpoint.pt", tiny_data, image_size=SIZE))
-    state = load_checkpoint(checkpoint)
-    masker = masker_from_checkpoint(state)
-    meta = {**base_metadata(state, sha256_file(checkpoint)), "precision": "fp32"}
-    example = torch.rand(2, 3, SIZE, SIZE)
-    export_torchscript(masker, example, folder / "masker.ts", meta)
-    export_onnx(masker, example, folder / "masker.onnx", 18, meta)
-    return {
-        "eager": checkpoint,
-        "torchscript": folder / "masker.ts",
-        "onnx": folder / "masker.onnx",
-    }
+    return make_exports(tmp_path_factory.mktemp("models"), tiny_data, SIZE)
 
 
 def _jpeg(image: np.ndarray, quality: int = 90) -> bytes:

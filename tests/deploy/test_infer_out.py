@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from casm_deploy.cli import EXIT_OUT_UNWRITABLE, EXIT_SOME_FAILED, app
 from casm_deploy.config import InferConfig
-from casm_deploy.data.decode import Entry
-from casm_deploy.deploy import infer, outfolder
+from casm_deploy.data.imagefiles import Entry
+from casm_deploy.deploy import infer, outfolder, outputs
 from casm_deploy.deploy.outfolder import Lock, read_record, write_atomic
 
 runner = CliRunner()
@@ -352,14 +352,14 @@ def test_png_masks_are_resized_as_levels_npy_as_floats(tmp_path, monkeypatch):
         seen.append(mask.dtype)
         return cv2.resize(mask, (width, height), interpolation=cv2.INTER_LINEAR)
 
-    monkeypatch.setattr(infer, "resize_mask", spy)
+    monkeypatch.setattr(outputs, "resize_mask", spy)
     mask = np.random.default_rng(0).random((32, 32), dtype=np.float32)
     row = {"width": 300, "height": 200, "box": None}
     for masks in ("png", "npy"):
         out = tmp_path / masks
         out.mkdir()
         cfg = InferConfig(dir=str(tmp_path), out=str(out), masks=masks)
-        infer.Writer(out, cfg).write(Entry("a.jpg", Path("a.jpg")), mask, row)
+        outputs.Writer(out, cfg).write(Entry("a.jpg", Path("a.jpg")), mask, row)
     assert seen == [np.uint8, np.float32]
     assert cv2.imread(str(tmp_path / "png/masks/a.jpg.png"), -1).shape == (200, 300)
 
@@ -390,8 +390,8 @@ def test_overlay_is_small_and_a_vanished_file_is_an_output_error(tmp_path):
     path = tmp_path / "big.jpg"
     cv2.imwrite(str(path), np.full((900, 1200, 3), 128, np.uint8))
     mask = np.ones((32, 32), np.float32)
-    jpeg = infer.overlay(path, mask, [0, 0, 600, 450], 1200, 900)
+    jpeg = outputs.overlay(path, mask, [0, 0, 600, 450], 1200, 900)
     assert cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).shape == (384, 512, 3)
     path.unlink()  # gone between the model's read and the overlay: that file's error row
-    with pytest.raises(infer.OutputError, match="overlay"):
-        infer.overlay(path, mask, None, 1200, 900)
+    with pytest.raises(outfolder.OutputError, match="overlay"):
+        outputs.overlay(path, mask, None, 1200, 900)

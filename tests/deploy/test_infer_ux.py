@@ -17,8 +17,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from casm_deploy.cli import app
-from casm_deploy.data.decode import EXTENSIONS, quiet_decoders
-from casm_deploy.deploy import infer
+from casm_deploy.config import InferConfig
+from casm_deploy.data.decode import quiet_decoders
+from casm_deploy.data.imagefiles import EXTENSIONS, Entry
+from casm_deploy.deploy import outputs
 
 runner = CliRunner()
 
@@ -134,7 +136,7 @@ def draw(tmp_path: Path, height: int, width: int, box, label: str = "tabby cat 0
     path = tmp_path / f"{height}x{width}.png"
     cv2.imwrite(str(path), np.full((height, width, 3), 128, np.uint8))
     mask = np.ones((32, 32), np.float32)  # all salient: the picture stays plain grey
-    jpeg = infer.overlay(path, mask, box, width, height, label=label)
+    jpeg = outputs.overlay(path, mask, box, width, height, label=label)
     return cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).astype(int)
 
 
@@ -148,15 +150,15 @@ def dark(image: np.ndarray) -> np.ndarray:  # the label's text
 
 def test_overlay_label_is_the_name_and_score_from_the_row(tmp_path, monkeypatch):
     seen = []
-    real = infer.overlay
-    monkeypatch.setattr(infer, "overlay", lambda *a, **k: seen.append(k) or real(*a, **k))
+    real = outputs.overlay
+    monkeypatch.setattr(outputs, "overlay", lambda *a, **k: seen.append(k) or real(*a, **k))
     path = tmp_path / "a.png"
     cv2.imwrite(str(path), picture())
     row = {"box": [8, 8, 40, 30], "name": "tabby cat", "score": 0.8712, "width": 64, "height": 48}
     out = tmp_path / "out"
     out.mkdir()
-    cfg = infer.InferConfig(dir=str(tmp_path), out=str(out), masks="none", overlay=True)
-    infer.Writer(out, cfg).write(infer.Entry("a.png", path), np.ones((32, 32), np.float32), row)
+    cfg = InferConfig(dir=str(tmp_path), out=str(out), masks="none", overlay=True)
+    outputs.Writer(out, cfg).write(Entry("a.png", path), np.ones((32, 32), np.float32), row)
     assert seen == [{"label": "tabby cat 0.87"}]
     assert (out / "overlays" / "a.png.jpg").is_file()
 

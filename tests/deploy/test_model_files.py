@@ -11,22 +11,27 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from casm_deploy.checkpoint import FORMAT, VERSION, load_checkpoint, load_masker, save_untrained
-from casm_deploy.cli import app
-from casm_deploy.deploy.api import Masker
-from casm_deploy.deploy.export import (
-    DTYPES,
+from casm_deploy.artifact import (
     METADATA_FILE,
-    HalfMasker,
     base_metadata,
     check_torchscript_graphs,
-    export_onnx,
-    export_torchscript,
     load_torchscript,
     read_metadata,
     sha256_file,
     write_onnx_metadata,
 )
+from casm_deploy.checkpoint import (
+    FORMAT,
+    VERSION,
+    load_checkpoint,
+    load_masker,
+    save_untrained,
+    training_data_kind,
+)
+from casm_deploy.cli import app
+from casm_deploy.deploy.api import Masker
+from casm_deploy.deploy.exporters import export_torchscript
+from casm_deploy.deploy.precision import DTYPES, HalfMasker
 from casm_deploy.deploy.runtimes import open_model
 from casm_deploy.errors import UserError
 
@@ -37,22 +42,15 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated
 
 
 @pytest.fixture(scope="module")
-def models(make_checkpoint, tiny_data, tmp_path_factory):
+def models(make_exports, tiny_data, tmp_path_factory):
     """A tiny random mapping at 64 px: its checkpoint, ONNX and TorchScript files, metadata."""
-    folder = tmp_path_factory.mktemp("models")
-    checkpoint = Path(make_checkpoint(folder / "checkpoint.pt", tiny_data, image_size=SIZE))
-    state = load_checkpoint(checkpoint)
-    masker, _ = load_masker(checkpoint)
-    meta = {**base_metadata(state, sha256_file(checkpoint)), "precision": "fp32"}
-    example = torch.rand(2, 3, SIZE, SIZE)
-    export_onnx(masker, example, folder / "masker.onnx", 18, meta)
-    export_torchscript(masker, example, folder / "masker.ts", meta)
+    files = make_exports(tmp_path_factory.mktemp("models"), tiny_data, SIZE)
     return {
-        "checkpoint": checkpoint,
-        "onnx": folder / "masker.onnx",
-        "ts": folder / "masker.ts",
-        "meta": meta,
-        "state": state,
+        "checkpoint": files["eager"],
+        "onnx": files["onnx"],
+        "ts": files["torchscript"],
+        "meta": read_metadata(files["onnx"]),
+        "state": load_checkpoint(files["eager"]),
     }
 
 
@@ -170,7 +168,7 @@ def test_the_loaded_graphs_are_checked_too(tmp_path):
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_our_own_exports_pass_the_inspection(arch, precision, tiny_data, tmp_path):
-    from casm_deploy.data.datasets import read_classes
+    from casm_deploy.data.imagenet import read_classes
 
     info = read_classes(tiny_data)
     path = Path(
@@ -180,7 +178,12 @@ def test_our_own_exports_pass_the_inspection(arch, precision, tiny_data, tmp_pat
     )
     masker, _ = load_masker(path)
     model = masker if precision == "fp32" else HalfMasker(masker, DTYPES[precision])
-    meta = {**base_metadata(load_checkpoint(path), sha256_file(path)), "precision": precision}
+    meta = {
+        **base_metadata(
+            state := load_checkpoint(path), sha256_file(path), training_data_kind(state)
+        ),
+        "precision": precision,
+    }
     export_torchscript(model.eval(), torch.rand(2, 3, SIZE, SIZE), tmp_path / "m.ts", meta)
     load_torchscript(tmp_path / "m.ts", torch.device("cpu"))  # no refusal
     masks, logits = open_model(tmp_path / "m.ts", device="cpu")(

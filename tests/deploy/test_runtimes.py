@@ -1,4 +1,4 @@
-"""backends, predict and images: device and provider choice, the uint8 masks, staging buffers,
+"""runtimes, the API and decoding: device and provider choice, the uint8 masks, staging buffers,
 the GPU decoders' CPU twins. ONNX Runtime's GPU providers are faked where a GPU would be needed.
 """
 
@@ -13,31 +13,15 @@ from pictures import scene
 from PIL import Image, ImageOps
 
 from casm_deploy.config import InferConfig
-from casm_deploy.data.decode import (
-    Encoded,
-    Entry,
-    ImageError,
-    TorchvisionJpegs,
-    decode,
-    orient,
-    read_file,
-)
-from casm_deploy.deploy import runtimes as backends
+from casm_deploy.data.decode import TorchvisionJpegs, decode, orient
+from casm_deploy.data.imagefiles import Encoded, Entry, ImageError, read_file
+from casm_deploy.deploy import runtime_onnx
 from casm_deploy.deploy.api import Masker, float_masks
-from casm_deploy.deploy.infer import JpegStage, Writer
-from casm_deploy.deploy.runtimes import (
-    CPU,
-    CUDA,
-    TENSORRT,
-    Pending,
-    Staging,
-    backend_of,
-    masks_to_uint8,
-    onnx_providers,
-    open_model,
-    resolve_device,
-    trt_cache_dir,
-)
+from casm_deploy.deploy.device_io import Pending, Staging, masks_to_uint8
+from casm_deploy.deploy.outputs import Writer
+from casm_deploy.deploy.pipeline import JpegStage
+from casm_deploy.deploy.runtime_onnx import CPU, CUDA, TENSORRT, onnx_providers, trt_cache_dir
+from casm_deploy.deploy.runtimes import backend_of, device_type, open_model
 from casm_deploy.errors import UserError
 
 SIZE = 32
@@ -45,18 +29,10 @@ SHA = "ab" * 32
 
 
 @pytest.fixture(scope="module")
-def onnx_model(make_checkpoint, tiny_data, tmp_path_factory):
+def onnx_model(make_exports, tiny_data, tmp_path_factory):
     """A tiny random mapping as an ONNX file (and its checkpoint, for torch)."""
-    from casm_deploy.checkpoint import load_checkpoint, masker_from_checkpoint
-    from casm_deploy.deploy.export import base_metadata, export_onnx, sha256_file
-
-    folder = tmp_path_factory.mktemp("models")
-    checkpoint = Path(make_checkpoint(folder / "checkpoint.pt", tiny_data, image_size=SIZE))
-    state = load_checkpoint(checkpoint)
-    meta = {**base_metadata(state, sha256_file(checkpoint)), "precision": "fp32"}
-    path = folder / "masker.onnx"
-    export_onnx(masker_from_checkpoint(state), torch.rand(2, 3, SIZE, SIZE), path, 18, meta)
-    return path, checkpoint
+    files = make_exports(tmp_path_factory.mktemp("models"), tiny_data, SIZE, formats=("onnx",))
+    return files["onnx"], files["eager"]
 
 
 def _images(n: int = 5, seed: int = 0) -> np.ndarray:
@@ -66,16 +42,17 @@ def _images(n: int = 5, seed: int = 0) -> np.ndarray:
 # --- device and backend -----------------------------------------------------------------------
 
 
-def test_resolve_device(monkeypatch):
-    with pytest.raises(UserError, match="--device 'gpu'"):
-        resolve_device("gpu")
-    assert resolve_device("cpu") == "cpu"
+def test_device_type(monkeypatch):
+    for name in ("gpu", "cuda:1"):  # the common rule takes cuda:N; infer and the API do not
+        with pytest.raises(UserError, match=f"--device '{name}': choose one of auto, cpu, cuda"):
+            device_type(name)
+    assert device_type("cpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_device("auto") == "cpu"
-    with pytest.raises(UserError, match="--device cuda: PyTorch finds no CUDA device"):
-        resolve_device("cuda")
+    assert device_type("auto") == "cpu"
+    with pytest.raises(UserError, match="--device cuda: CUDA is not available"):
+        device_type("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_device("auto") == "cuda" and resolve_device("cuda") == "cuda"
+    assert device_type("auto") == "cuda" and device_type("cuda") == "cuda"
 
 
 def test_backend_of():
@@ -156,7 +133,7 @@ class FakeGpuOrt:
         def preload(_ort):
             self.preloaded += 1
 
-        monkeypatch.setattr(backends, "preload_cuda", preload)
+        monkeypatch.setattr(runtime_onnx, "preload_cuda", preload)
 
 
 def test_auto_falls_back_to_the_best_provider_that_starts(onnx_model, monkeypatch, tmp_path):
@@ -164,7 +141,7 @@ def test_auto_falls_back_to_the_best_provider_that_starts(onnx_model, monkeypatc
     reference = open_model(path, device="cpu")(_images())
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     fake = FakeGpuOrt(monkeypatch)
-    monkeypatch.setattr(backends, "tensorrt_loadable", lambda: True)
+    monkeypatch.setattr(runtime_onnx, "tensorrt_loadable", lambda: True)
     model = open_model(path, device="auto", batch=4)
     assert fake.chains == [[TENSORRT, CUDA, CPU], [CUDA, CPU]]
     assert fake.preloaded == 1  # the CUDA libraries are loaded before a CUDA session
@@ -180,10 +157,10 @@ def test_auto_falls_back_to_the_best_provider_that_starts(onnx_model, monkeypatc
 
 def test_tensorrt_without_its_libraries_is_skipped(onnx_model, monkeypatch):
     fake = FakeGpuOrt(monkeypatch)
-    monkeypatch.setattr(backends, "tensorrt_loadable", lambda: False)
+    monkeypatch.setattr(runtime_onnx, "tensorrt_loadable", lambda: False)
     model = open_model(onnx_model[0], device="auto")
     assert fake.chains == [[CUDA, CPU]]
-    assert any(backends.TENSORRT_LIBRARY in note for note in model.notices)
+    assert any(runtime_onnx.TENSORRT_LIBRARY in note for note in model.notices)
 
 
 def test_explicit_cuda_never_falls_back(onnx_model, monkeypatch):

@@ -9,7 +9,8 @@ import torch
 from casm_deploy.config import EvalConfig, SynthConfig
 from casm_deploy.errors import UserError
 from casm_deploy.evaluation import benchmark as evaluate
-from casm_deploy.evaluation.benchmark import Method, label_map, score_batch
+from casm_deploy.evaluation.benchmark import score_batch
+from casm_deploy.evaluation.methods import Method, label_map
 
 KEYS = {"LE", "OM", "F1", "F1a", "mask_mean", "mask_std", "mask_entropy", "mask_tv", "n_images"}
 

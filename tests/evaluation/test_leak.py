@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from casm_deploy.data.datasets import read_classes
+from casm_deploy.data.imagenet import read_classes
 from casm_deploy.evaluation.leak import mask_only_accuracy
 
 KEYS = {"accuracy", "chance", "n_train", "n_val", "epochs"}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from casm_deploy.evaluation.coverage import copy_coverage
 from casm_deploy.evaluation.metrics import (
     LocalizationMeter,
     MaskStats,
@@ -14,7 +15,6 @@ from casm_deploy.evaluation.metrics import (
     box_iou,
     center_box,
     clip_box,
-    copy_coverage,
     largest_component,
     localization_scores,
     mask_entropy,

@@ -1,5 +1,5 @@
 """Part coverage (issue 15): how a mask covers the parts of an object, any one of which tells
-the class (`data synth --parts`): metrics.part_coverage, the label-map transform, the
+the class (`data synth --parts`): coverage.part_coverage, the label-map transform, the
 parts/ sidecar reader, and eval's part_* scores."""
 
 import dataclasses
@@ -12,11 +12,14 @@ import pytest
 import torch
 
 from casm_deploy.config import EvalConfig
-from casm_deploy.data.datasets import read_annotation, read_parts, transform_box, transform_labels
+from casm_deploy.data.imagenet import read_annotation, read_parts, transform_box
+from casm_deploy.data.transforms import transform_labels
 from casm_deploy.errors import UserError
 from casm_deploy.evaluation import benchmark as evaluate
-from casm_deploy.evaluation.benchmark import Method, score_batch
-from casm_deploy.evaluation.metrics import binarize_at_mean, part_coverage
+from casm_deploy.evaluation.benchmark import score_batch
+from casm_deploy.evaluation.coverage import part_coverage
+from casm_deploy.evaluation.methods import Method
+from casm_deploy.evaluation.metrics import binarize_at_mean
 
 KEYS = {"LE", "OM", "F1", "F1a", "mask_mean", "mask_std", "mask_entropy", "mask_tv", "n_images"}
 PART_KEYS = {"part_coverage", "parts_all_touched", "part_share_least", "n_part_images"}

@@ -11,7 +11,7 @@ import pytest
 
 from casm_deploy.config import VisualizeConfig
 from casm_deploy.errors import UserError
-from casm_deploy.evaluation import visualize
+from casm_deploy.evaluation import figures, visualize
 
 
 class _ImageSources(HTMLParser):
@@ -40,12 +40,12 @@ def test_run_writes_grid_gallery_and_json(tiny_data, tmp_path, make_checkpoint):
         )
     )
     grid_one, grid_two = cv2.imread(one["grid"]), cv2.imread(two["grid"])
-    cell = visualize.cell_size(32)
+    cell = figures.cell_size(32)
     assert cell >= 128
-    assert grid_one.shape[:2] == visualize.grid_shape(4, 1, 32)
-    assert grid_two.shape[:2] == visualize.grid_shape(4, 2, 32)
-    assert grid_one.shape[1] == visualize.LABEL_WIDTH + 4 * (cell + visualize.PAD)
-    assert grid_two.shape[0] - grid_one.shape[0] == 4 * (cell + visualize.PAD)
+    assert grid_one.shape[:2] == figures.grid_shape(4, 1, 32)
+    assert grid_two.shape[:2] == figures.grid_shape(4, 2, 32)
+    assert grid_one.shape[1] == figures.LABEL_WIDTH + 4 * (cell + figures.PAD)
+    assert grid_two.shape[0] - grid_one.shape[0] == 4 * (cell + figures.PAD)
 
     parser = _ImageSources()
     parser.feed(Path(two["html"]).read_text())
@@ -129,7 +129,7 @@ def test_a_plain_folder_of_images_gets_a_gallery_without_ground_truth(
     printed = capsys.readouterr().out
     assert "not an ImageNet layout" in printed and "no ground truth, no IoU" in printed
 
-    assert cv2.imread(written["grid"]).shape[:2] == visualize.grid_shape(4, 1, 32)
+    assert cv2.imread(written["grid"]).shape[:2] == figures.grid_shape(4, 1, 32)
     page = Path(written["html"]).read_text()
     assert "IoU" not in page.replace("no IoU", "") and "ground truth</span>" not in page
     parser = _ImageSources()

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from casm_deploy.errors import UserError
-from casm_deploy.models.mapping import Decoder, Encoder, build_masker, load_encoder_weights
+from casm_deploy.models.decoder import Decoder
+from casm_deploy.models.encoder import Encoder
+from casm_deploy.models.mapping import build_masker
 
 
 @pytest.mark.parametrize(
@@ -35,46 +36,14 @@ def test_masker_takes_unnormalised_images_and_any_size(upsample):
         assert torch.equal(masks[..., 0::4, 0::4], masks[..., 1::4, 1::4])
 
 
-def test_full_width_encoder_matches_torchvision_state_dict(tmp_path):
+def test_state_dict_keys_are_torchvisions_and_the_checkpoints():
+    """The keys checkpoints and torchvision files are written with: the head is the encoder's fc."""
     import torchvision
 
-    reference = torchvision.models.resnet18(num_classes=1000)
-    path = tmp_path / "resnet18.pth"
-    torch.save(reference.state_dict(), path)
-    encoder = Encoder("resnet18", num_classes=4, width=64)
-    untouched = load_encoder_weights(encoder, str(path))
-    assert untouched == ["fc.bias", "fc.weight"]  # another number of classes: head kept
-    assert torch.equal(encoder.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
-
-
-def test_weights_of_another_width_are_refused(tmp_path):
-    import torchvision
-
-    path = tmp_path / "resnet18.pth"
-    torch.save(torchvision.models.resnet18().state_dict(), path)
-    with pytest.raises(UserError, match="width"):
-        load_encoder_weights(Encoder("resnet18", 4, width=32), str(path))
-
-
-def test_named_weights_without_network_say_which_file(monkeypatch, tmp_path):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(UserError) as error:
-        load_encoder_weights(Encoder("resnet50", 4), "IMAGENET1K_V2")
-    message = str(error.value)
-    assert "cannot download" in message and "resnet50-" in message and ".pth" in message
-
-
-def test_unknown_weight_name_and_arch():
-    with pytest.raises(UserError, match="neither a file"):
-        load_encoder_weights(Encoder("resnet18", 4), "no/such/file.pth")
-    with pytest.raises(UserError, match="unknown --arch"):
-        Encoder("vgg16", 4)
-
-
-def test_weights_from_a_casm_deploy_checkpoint(tmp_path):
-    source = Encoder("resnet18", 4, width=16)
-    path = tmp_path / "checkpoint.pt"
-    torch.save({"format": "casm-deploy/checkpoint", "encoder": source.state_dict()}, path)
-    target = Encoder("resnet18", 4, width=16)
-    assert load_encoder_weights(target, str(path)) == []
-    assert torch.equal(target.fc.weight, source.fc.weight)
+    encoder = Encoder("resnet18", num_classes=4, width=16)
+    reference = torchvision.models.resnet18(num_classes=4)
+    assert list(encoder.state_dict()) == list(reference.state_dict())
+    masker = build_masker("resnet18", 4, width=16, shared_encoder=False)
+    prefixes = {key.split(".")[0] for key in masker.state_dict()}
+    assert prefixes == {"encoder", "decoder", "mapping_encoder"}
+    assert "encoder.fc.weight" in masker.state_dict()

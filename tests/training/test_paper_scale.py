@@ -192,7 +192,7 @@ def test_training_starts_from_the_torchvision_weights(pipeline):
 
 
 def test_fp32_torchscript_and_onnx_pass_parity_at_224(pipeline):
-    from casm_deploy.deploy.export import read_metadata
+    from casm_deploy.artifact import read_metadata
 
     step, out = pipeline["export fp32"], pipeline["root"] / "fp32"
     report = _report(out)
@@ -250,7 +250,7 @@ def test_int8_onnx_is_written_loads_and_reports_its_own_bars(pipeline):
     """
     import onnxruntime as ort
 
-    from casm_deploy.deploy.export import read_metadata
+    from casm_deploy.artifact import read_metadata
 
     step, out = pipeline["export int8"], pipeline["root"] / "int8"
     report = _report(out)

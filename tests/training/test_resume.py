@@ -56,6 +56,11 @@ def train():
             process.wait()
 
 
+def temporaries(run_dir):
+    """What interrupted writes leave (files.atomic_file's; earlier versions' .tmp)."""
+    return [p.name for p in run_dir.iterdir() if p.name.endswith((".partial", ".tmp"))]
+
+
 def epochs_logged(path):
     if not path.exists():
         return []
@@ -79,14 +84,14 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(train, tiny_data, tmp_
     killed_at = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
     assert killed_at["phase"] == "casm", "the run finished before it could be killed"
     assert (tmp_path / "killed" / killed_at["pool_file"]).exists()
-    leftovers = [p.name for p in (tmp_path / "killed").iterdir() if p.name.endswith(".tmp")]
+    leftovers = temporaries(tmp_path / "killed")
     assert len(leftovers) <= 1  # at most the write that SIGKILL interrupted
 
     resumed = train(tiny_data, tmp_path, "killed", "--resume")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert reference.wait(timeout=300) == 0, reference.stderr.read()
     # The interrupted write's temporary went at the resume.
-    assert not [p.name for p in (tmp_path / "killed").iterdir() if p.name.endswith(".tmp")]
+    assert not temporaries(tmp_path / "killed")
 
     # At most the epoch in progress was lost and redone: one log line per epoch, in order.
     logged = [(r["phase"], r.get("epoch")) for r in epochs_logged(log)]

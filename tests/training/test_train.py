@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from casm_deploy.config import TrainConfig
 from casm_deploy.models.mapping import build_masker
-from casm_deploy.training.train import CASM, ThinningPool, mapping_loss
+from casm_deploy.training.casm import CASM, mapping_loss
+from casm_deploy.training.pool import ThinningPool
 
 
 def tiny_masker(num_classes=3):
@@ -327,9 +328,10 @@ def test_unshared_run_starts_the_mapping_encoder_from_the_classifier_and_saves_i
 
 
 def test_run_with_stretch_resize(tiny_data, tmp_path):
-    from casm_deploy.data.datasets import list_images, own_boxes, read_classes
+    from casm_deploy.data.imagenet import list_images, own_boxes, read_classes
     from casm_deploy.errors import UserError
-    from casm_deploy.training.train import center_baseline, run
+    from casm_deploy.evaluation.localisation import center_baseline
+    from casm_deploy.training.train import run
 
     cfg = TrainConfig(
         data=str(tiny_data), out=str(tmp_path), name="s", width=8, image_size=32,
@@ -355,8 +357,8 @@ def test_run_with_stretch_resize(tiny_data, tmp_path):
 
 
 def test_asking_for_cuda_without_it_is_a_user_error(monkeypatch):
+    from casm_deploy.common.devices import resolve_device
     from casm_deploy.errors import UserError
-    from casm_deploy.training.train import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto").type == "cpu"
@@ -381,7 +383,8 @@ def test_casm_step_on_cuda_keeps_the_pool_on_the_cpu():
 
 
 def real_batch(data, size=48, n=16):
-    from casm_deploy.data.datasets import build_loader, read_classes
+    from casm_deploy.data.imagenet import read_classes
+    from casm_deploy.data.loader import build_loader
 
     loader = build_loader(data, "train", read_classes(data).wnids, size, n, train=True, workers=0)
     images, labels, _ = next(iter(loader))

@@ -4,6 +4,7 @@ that stay in torch, the pool's storage, pinned batches, and the masked-out fill.
 import contextlib
 import copy
 import dataclasses
+import os
 import random
 
 import numpy as np
@@ -12,12 +13,18 @@ import torch
 
 from casm_deploy.common.ui import progress
 from casm_deploy.config import TrainConfig
-from casm_deploy.data import datasets as data
-from casm_deploy.data.datasets import build_loader, read_classes
+from casm_deploy.data import torch_loader as data
+from casm_deploy.data.imagenet import read_classes
+from casm_deploy.data.loader import build_loader
 from casm_deploy.evaluation import metrics
 from casm_deploy.models.mapping import build_masker
-from casm_deploy.training import train
-from casm_deploy.training.train import CASM, Distributed, casm_epoch, loader_workers, mask_stat_sums
+from casm_deploy.training import casm as casm_module
+from casm_deploy.training import engine
+from casm_deploy.training.casm import CASM, masked_out
+from casm_deploy.training.distributed import Distributed
+from casm_deploy.training.engine import casm_one_epoch, mask_stat_sums, pretrain_one_epoch
+from casm_deploy.training.loaders import loader_workers
+from casm_deploy.training.pool import pool_storage
 
 # Every way a tensor's value reaches Python: each is a host sync when the tensor is on a GPU.
 READS = ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__")
@@ -61,7 +68,7 @@ def train_batches(root, batch_size=4) -> list:
 def fp16_like_casm(monkeypatch, cfg: TrainConfig) -> CASM:
     """A CASM whose gradient scaler is on, as fp16 on CUDA has it, computing in fp32 on the CPU
     (CPU autocast has no fp16): the scaler's host reads are what this exercises."""
-    monkeypatch.setattr(train, "amp_dtype", lambda amp, device_type: None)
+    monkeypatch.setattr(casm_module, "amp_dtype", lambda amp, device_type: None)
     casm = CASM(tiny_masker(), dataclasses.replace(cfg, amp="fp16"), random.Random(0))
     assert casm.scaler.is_enabled()
     return casm
@@ -70,13 +77,13 @@ def fp16_like_casm(monkeypatch, cfg: TrainConfig) -> CASM:
 def test_a_casm_epoch_reads_the_device_only_for_the_progress_bar(tiny_data, monkeypatch):
     """18 steps, the bar read every 5: 3 reads, and one at the end, whatever the step does
     (pool draws, snapshots, the scaler's inf checks, the clipping, the mask statistics)."""
-    monkeypatch.setattr(train, "PROGRESS_EVERY", 5)
+    monkeypatch.setattr(engine, "PROGRESS_EVERY", 5)
     monkeypatch.setattr(metrics.MaskStats, "update", None)  # the numpy path must not run
     loader = train_batches(tiny_data, batch_size=2)
     assert len(loader) == 18
     casm = fp16_like_casm(monkeypatch, TrainConfig(reproduce="L100", hp=0.5, smf=5))
     with progress(disable=True) as bars, count_reads() as counts:
-        result = casm_epoch(casm, loader, bars, "test")
+        result = casm_one_epoch(casm, loader, bars, "test")
     assert counts["reads"] == 4
     assert casm.step_count == 18 and len(casm.pool.snapshots) == 4  # steps 0, 4, 9 and 14
     assert 0 <= result["train_acc"] <= 1 and 0 < result["train_mask_mean"] < 1
@@ -85,7 +92,7 @@ def test_a_casm_epoch_reads_the_device_only_for_the_progress_bar(tiny_data, monk
 def test_the_sync_counter_sees_the_scaler_of_an_unfused_optimiser(tiny_data, monkeypatch):
     """The counter can fail: plain (unfused) optimisers make the scaler read `found_inf` on the
     host at every optimiser step, which is why the CASM steps take the fused ones."""
-    monkeypatch.setattr(train, "PROGRESS_EVERY", 1000)
+    monkeypatch.setattr(engine, "PROGRESS_EVERY", 1000)
     casm = fp16_like_casm(monkeypatch, TrainConfig(reproduce="L"))
     for opt in (casm.opt_classifier, casm.opt_decoder):
         assert opt.defaults["fused"] and opt._step_supports_amp_scaling
@@ -94,19 +101,19 @@ def test_the_sync_counter_sees_the_scaler_of_an_unfused_optimiser(tiny_data, mon
             group["fused"] = None
     loader = train_batches(tiny_data, batch_size=6)
     with progress(disable=True) as bars, count_reads() as counts:
-        casm_epoch(casm, loader, bars, "test")
+        casm_one_epoch(casm, loader, bars, "test")
     assert counts["reads"] >= 3 * len(loader)  # two classifier steps and a decoder step each
 
 
 def test_pretraining_reads_the_device_only_for_the_progress_bar(tiny_data, monkeypatch):
-    monkeypatch.setattr(train, "PROGRESS_EVERY", 5)
+    monkeypatch.setattr(engine, "PROGRESS_EVERY", 5)
     casm = fp16_like_casm(monkeypatch, TrainConfig())
     masker = casm.masker
     opt = torch.optim.Adam(masker.encoder.parameters(), lr=1e-3, fused=casm.fused)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=100)
     loader = train_batches(tiny_data, batch_size=3)  # 12 steps: reads at 5, 10 and the end
     with progress(disable=True) as bars, count_reads() as counts:
-        result = train._pretrain_epoch(masker, loader, opt, sched, casm, bars, "test")
+        result = pretrain_one_epoch(masker, loader, opt, sched, casm, bars, "test")
     assert counts["reads"] == 3
     assert 0 <= result["train_acc"] <= 1 and result["train_loss"] > 0
 
@@ -130,15 +137,15 @@ def test_pool_storage_choices(monkeypatch):
     model = torch.nn.Linear(1000, 1000)  # 4 MB of fp32 weights per snapshot
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     for choice in ("auto", "device", "pinned"):
-        assert train.pool_storage(choice, cpu, 30, model) == (cpu, False)
+        assert pool_storage(choice, cpu, 30, model) == (cpu, False)
     props = type("Props", (), {})()
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     props.total_memory = 5 * 30 * 4_004_000  # the pool is exactly a fifth: it stays on the GPU
-    assert train.pool_storage("auto", cuda, 30, model) == (cuda, False)
+    assert pool_storage("auto", cuda, 30, model) == (cuda, False)
     props.total_memory -= 5
-    assert train.pool_storage("auto", cuda, 30, model) == (cpu, True)
-    assert train.pool_storage("device", cuda, 30, model) == (cuda, False)
-    assert train.pool_storage("pinned", cuda, 30, model) == (cpu, True)
+    assert pool_storage("auto", cuda, 30, model) == (cpu, True)
+    assert pool_storage("device", cuda, 30, model) == (cuda, False)
+    assert pool_storage("pinned", cuda, 30, model) == (cpu, True)
 
 
 def test_a_drawn_snapshot_classifies_as_the_snapshot_loaded_into_a_model():
@@ -223,7 +230,7 @@ def test_the_torch_loader_sends_float_batches_to_the_gpu(tiny_data):
 
 
 def test_loader_workers_default_to_the_cores_on_cuda(monkeypatch):
-    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert loader_workers(None, cpu, Distributed()) == 1
     assert loader_workers(None, cuda, Distributed()) == 16
@@ -236,8 +243,8 @@ def test_masked_out_fill_black_or_the_mean_colour():
     images = torch.rand(2, 3, 8, 8)
     masks = torch.zeros(2, 1, 8, 8)
     masks[:, :, :4] = 1.0  # the top half is salient: masked out
-    black = train.masked_out(masker, images, masks, "black")
-    mean = train.masked_out(masker, images, masks, "mean")
+    black = masked_out(masker, images, masks, "black")
+    mean = masked_out(masker, images, masks, "mean")
     torch.testing.assert_close(black, masker.normalize(images * (1 - masks)))
     assert torch.equal(mean[:, :, :4], torch.zeros_like(mean[:, :, :4]))  # the mean colour
     torch.testing.assert_close(mean[:, :, 4:], masker.normalize(images)[:, :, 4:])

@@ -11,11 +11,13 @@ import time
 import pytest
 from typer.testing import CliRunner
 
+from casm_deploy.checkpoint import load_checkpoint
 from casm_deploy.cli import app
-from casm_deploy.config import TrainConfig
-from casm_deploy.data.datasets import build_loader, read_classes
+from casm_deploy.config import TrainConfig, config_to_dict
+from casm_deploy.data.imagenet import read_classes
+from casm_deploy.data.loader import build_loader
 from casm_deploy.errors import UserError
-from casm_deploy.training import train
+from casm_deploy.training import rundir, train
 
 TINY = dict(
     width=8,
@@ -104,7 +106,7 @@ def test_the_cli_names_the_bad_file_in_one_line_and_skips_it_when_asked(bad_data
 
 
 def test_dali_cannot_skip_and_auto_falls_back_to_torch(bad_data):
-    from casm_deploy.data.datasets import TorchLoader
+    from casm_deploy.data.torch_loader import TorchLoader
 
     root, _ = bad_data
     wnids = read_classes(root).wnids
@@ -126,9 +128,15 @@ def test_dali_names_the_file_it_cannot_decode(bad_data):
 
 # The run folder: temporaries, lock, --resume -------------------------------------------------
 
-# Names as checkpoint.save_atomic makes them (tempfile.mkstemp), and one that is not ours.
-TEMPORARIES = [".checkpoint.pt.k2j4_x9a.tmp", ".pool-12.pt.abcd1234.tmp", "metrics.tmp"]
-NOT_OURS = ["notes.tmp", ".config.json.q1w2e3r4.tmp"]
+# Names as files.atomic_file makes them (checkpoint.save_atomic, rundir.trim_log), as earlier
+# versions made them (tempfile.mkstemp, metrics.tmp), and some that are not ours.
+TEMPORARIES = [".checkpoint.pt.partial", ".pool-12.pt.partial", ".metrics.jsonl.partial"]
+TEMPORARIES += [".checkpoint.pt.k2j4_x9a.tmp", ".pool-12.pt.abcd1234.tmp", "metrics.tmp"]
+NOT_OURS = ["notes.tmp", ".config.json.q1w2e3r4.tmp", ".notes.txt.partial"]
+
+
+def temporaries(run_dir):
+    return sorted(p.name for p in run_dir.iterdir() if p.name.endswith((".tmp", ".partial")))
 
 
 def plant(run_dir, names):
@@ -142,17 +150,15 @@ def test_stale_temporaries_are_removed_at_start_and_at_resume(tiny_data, tmp_pat
     run_dir = tmp_path / "t"
     plant(run_dir, TEMPORARIES + NOT_OURS)
     train.run(cfg)
-    left = sorted(p.name for p in run_dir.iterdir() if p.name.endswith(".tmp"))
-    assert left == sorted(NOT_OURS)
+    assert temporaries(run_dir) == sorted(NOT_OURS)
 
     plant(run_dir, TEMPORARIES)
     train.run(TrainConfig(data=str(tiny_data), out=str(tmp_path), name="t", resume=True))
-    left = sorted(p.name for p in run_dir.iterdir() if p.name.endswith(".tmp"))
-    assert left == sorted(NOT_OURS)
+    assert temporaries(run_dir) == sorted(NOT_OURS)
 
 
 def test_a_run_in_a_locked_folder_is_refused(tiny_data, tmp_path):
-    lock = train.lock_run_dir(tmp_path / "busy")  # as a run going on there holds it
+    lock = rundir.lock_run_dir(tmp_path / "busy")  # as a run going on there holds it
     assert lock is not None
     try:
         plant(tmp_path / "busy", TEMPORARIES)
@@ -162,15 +168,15 @@ def test_a_run_in_a_locked_folder_is_refused(tiny_data, tmp_path):
         assert all((tmp_path / "busy" / name).exists() for name in TEMPORARIES)  # its writes
     finally:
         lock.close()
-    assert train.lock_run_dir(tmp_path / "busy") is not None  # free again once closed
+    assert rundir.lock_run_dir(tmp_path / "busy") is not None  # free again once closed
 
 
 def test_without_a_lock_only_old_temporaries_are_removed(tmp_path):
     plant(tmp_path, TEMPORARIES)
     old = tmp_path / TEMPORARIES[0]
-    an_hour_and_more = time.time() - train.STALE_SECONDS - 60
+    an_hour_and_more = time.time() - rundir.STALE_SECONDS - 60
     os.utime(old, (an_hour_and_more, an_hour_and_more))
-    train.remove_temporaries(tmp_path, locked=False)
+    rundir.remove_temporaries(tmp_path, locked=False)
     assert not old.exists() and all((tmp_path / name).exists() for name in TEMPORARIES[1:])
 
 
@@ -179,18 +185,18 @@ def test_resume_before_the_first_checkpoint_starts_the_run(tiny_data, tmp_path, 
     cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path), name="early", **TINY)
     run_dir = tmp_path / "early"
     run_dir.mkdir()
-    (run_dir / "config.json").write_text(json.dumps(train.config_to_dict(cfg)))
+    (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg)))
     flags_now = TrainConfig(data=str(tiny_data), out=str(tmp_path), name="early", resume=True)
     train.run(flags_now)
     printed = " ".join(capsys.readouterr().out.split())  # as rich wrapped it
     assert f"{run_dir}: no checkpoint to resume yet; starting the run afresh" in printed
-    checkpoint = train.load_checkpoint(run_dir / "checkpoint.pt")
+    checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
     assert checkpoint["phase"] == "done"
     assert checkpoint["config"]["width"] == 8  # the settings it started with, not the defaults
 
     # Nothing at all there yet: --resume starts the run with the flags given.
     train.run(dataclasses.replace(cfg, name="never", resume=True))
-    assert train.load_checkpoint(tmp_path / "never" / "checkpoint.pt")["phase"] == "done"
+    assert load_checkpoint(tmp_path / "never" / "checkpoint.pt")["phase"] == "done"
 
 
 def test_a_run_refused_at_the_start_leaves_no_folder(tmp_path):

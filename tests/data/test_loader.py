@@ -1,102 +1,21 @@
+"""The loaders: the torch loader's images and order, the resize policies, build_loader, and
+the loaders' decoder, which reads and decodes files as infer does."""
+
+import io
+
 import numpy as np
 import pytest
 import torch
+from pictures import scene
+from PIL import Image, ImageOps
 
-from casm_deploy.data.datasets import (
-    ImageDataset,
-    TorchLoader,
-    build_loader,
-    decode_image,
-    list_images,
-    own_boxes,
-    read_annotation,
-    read_classes,
-    stretch,
-    transform_box,
-)
+from casm_deploy.data.decode import decode_image, read_image, resize_square
+from casm_deploy.data.imagefiles import EXTENSIONS, ImageError, read_file, scan
+from casm_deploy.data.imagenet import list_images, read_classes, transform_box
+from casm_deploy.data.loader import build_loader
+from casm_deploy.data.torch_loader import ImageDataset, TorchLoader
+from casm_deploy.data.transforms import random_resized_crop_box, stretch
 from casm_deploy.errors import UserError
-
-XML = """<annotation><size><width>200</width><height>100</height><depth>3</depth></size>
-<object><name>n1</name><bndbox><xmin>10</xmin><ymin>20</ymin><xmax>60</xmax><ymax>80</ymax>
-</bndbox></object>
-<object><name>n2</name><bndbox><xmin>0</xmin><ymin>0</ymin><xmax>5</xmax><ymax>5</ymax>
-</bndbox></object>
-<object><name>n1</name><bndbox><xmin>150</xmin><ymin>10</ymin><xmax>200</xmax><ymax>90</ymax>
-</bndbox></object></annotation>"""
-
-
-def test_read_annotation_with_several_objects_and_classes(tmp_path):
-    path = tmp_path / "a.xml"
-    path.write_text(XML)
-    annotation = read_annotation(path)
-    assert (annotation.width, annotation.height) == (200, 100)
-    assert annotation.boxes_of("n1") == [[10, 20, 60, 80], [150, 10, 200, 90]]
-    assert annotation.boxes_of("n2") == [[0, 0, 5, 5]]
-    assert annotation.boxes_of("n3") == []
-
-
-@pytest.mark.parametrize("content", ["<annotation>", "<annotation></annotation>", ""])
-def test_malformed_annotation_names_the_file(tmp_path, content):
-    path = tmp_path / "bad.xml"
-    path.write_text(content)
-    with pytest.raises(UserError, match="bad.xml"):
-        read_annotation(path)
-
-
-def test_transform_box_center_crop_by_hand():
-    # 200 x 100 -> shorter side 64: scale 0.64, width 128, crop cuts 32 px on the left.
-    assert transform_box([10, 20, 60, 80], 200, 100, 64) == [-25, 12, 6, 51]
-    # Portrait 100 x 200: the crop cuts 32 px at the top.
-    assert transform_box([20, 10, 80, 60], 100, 200, 64, "center-crop") == [12, -25, 51, 6]
-
-
-def test_transform_box_stretch_by_hand():
-    assert transform_box([10, 20, 60, 80], 200, 100, 64, "stretch") == [3, 12, 19, 51]
-    with pytest.raises(UserError):
-        transform_box([0, 0, 1, 1], 10, 10, 64, "squash")
-    with pytest.raises(UserError, match="squash"):  # the images refuse it as the boxes do
-        ImageDataset([], 64, train=False, policy="squash")
-
-
-def test_transform_box_matches_the_image_transform(tiny_data):
-    """A box drawn into an image lands where the loader's centre crop puts those pixels."""
-    import cv2
-
-    image = np.zeros((90, 150, 3), np.uint8)
-    image[30:60, 60:100] = 255
-    path = tiny_data.parent / "probe.png"
-    cv2.imwrite(str(path), image)
-    dataset = ImageDataset([(path, 0)], size=48, train=False)
-    crop = dataset[0][0][..., 0] > 127
-    ys, xs = np.nonzero(crop)
-    box = transform_box([60, 30, 100, 60], 150, 90, 48)
-    assert abs(xs.min() - box[0]) <= 1 and abs(xs.max() + 1 - box[2]) <= 1
-    assert abs(ys.min() - box[1]) <= 1 and abs(ys.max() + 1 - box[3]) <= 1
-
-
-def test_classes_and_images_of_the_synthetic_set(tiny_data):
-    info = read_classes(tiny_data)
-    assert len(info.wnids) == 3 and info.wnids == sorted(info.wnids)
-    samples = list_images(tiny_data, "val", info.wnids)
-    assert len(samples) == 12 and {label for _, label in samples} == {0, 1, 2}
-
-
-def test_missing_data_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="data synth"):
-        read_classes(tmp_path / "nowhere")
-    with pytest.raises(UserError, match="not an ImageNet layout"):
-        read_classes(tmp_path)
-
-
-def test_classes_of_a_split_alone_when_asked(tmp_path):
-    for wnid in ("n2", "n1"):
-        (tmp_path / "val" / wnid).mkdir(parents=True)
-    with pytest.raises(UserError, match="not an ImageNet layout"):
-        read_classes(tmp_path)  # training needs classes.txt or train/
-    info = read_classes(tmp_path, split="val")  # eval of a test set of its own classes
-    assert info.wnids == info.names == ["n1", "n2"]
-    (tmp_path / "train" / "n3").mkdir(parents=True)
-    assert read_classes(tmp_path, split="val").wnids == ["n3"]  # train/ comes first
 
 
 def test_loader_batches_are_channels_last_floats(tiny_data):
@@ -165,21 +84,9 @@ def test_undecodable_image_names_the_file(tmp_path):
         ImageDataset([(path, 0)], 32, train=False)[0]
 
 
-def test_own_boxes_keeps_the_images_class_only(tmp_path):
-    (tmp_path / "img1.xml").write_text(XML)
-    assert own_boxes(tmp_path / "img1.JPEG", "n2", tmp_path, 64, "stretch") == [[0, 0, 1, 3]]
-    assert len(own_boxes(tmp_path / "img1.JPEG", "n1", tmp_path, 64)) == 2
-    with pytest.raises(UserError, match="no box of class n3"):
-        own_boxes(tmp_path / "img1.JPEG", "n3", tmp_path, 64)
-    with pytest.raises(UserError, match="img2.xml"):
-        own_boxes(tmp_path / "img2.JPEG", "n1", tmp_path, 64)
-
-
 def test_random_resized_crop_windows_follow_torchvision():
     """RandomResizedCrop's draw: an area share in [0.08, 1], an aspect ratio in [3/4, 4/3], the
     window inside the image; an image too elongated for ten tries gets the centred fallback."""
-    from casm_deploy.data.datasets import random_resized_crop_box
-
     rng = np.random.default_rng(0)
     shares, ratios = [], []
     for _ in range(500):
@@ -193,8 +100,6 @@ def test_random_resized_crop_windows_follow_torchvision():
 
 
 def test_random_resized_crop_policy_trains_on_windows_and_validates_on_the_centre(tiny_data):
-    from casm_deploy.data.datasets import ImageDataset, list_images, read_classes, transform_box
-
     samples = list_images(tiny_data, "train", read_classes(tiny_data).wnids)[:8]
     rrc = ImageDataset(samples, 32, train=True, seed=1, policy="random-resized-crop")
     crop = ImageDataset(samples, 32, train=True, seed=1, policy="center-crop")
@@ -207,3 +112,63 @@ def test_random_resized_crop_policy_trains_on_windows_and_validates_on_the_centr
     assert val.policy == "center-crop" and np.array_equal(val[0][0], centre[0][0])
     box = [10, 20, 60, 50]
     assert transform_box(box, 80, 60, 32, "random-resized-crop") == transform_box(box, 80, 60, 32)
+
+
+# --- The loaders' decoder: the same reading and decoding as infer's ----------------------------
+
+
+def _encode(image: np.ndarray, kind: str, orientation: int = 1) -> bytes:
+    picture = Image.fromarray(image)
+    exif = picture.getexif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    picture.save(buffer, kind, exif=exif, **({"quality": 95} if kind in ("JPEG", "WEBP") else {}))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["PNG", "BMP", "TIFF"])
+def test_the_loaders_decode_as_infer_does(tmp_path, kind):
+    image = scene(37, 53)
+    path = tmp_path / f"a.{kind.lower()}"
+    path.write_bytes(_encode(image, kind))
+    whole = decode_image(path)
+    assert whole.dtype == np.uint8 and np.array_equal(whole, image)  # lossless: the pixels
+    assert np.array_equal(resize_square(whole, 24), read_image(path, 24)[0])
+
+
+@pytest.mark.parametrize("kind", ["JPEG", "PNG", "WEBP"])
+def test_the_loaders_show_the_image_as_oriented(tmp_path, kind):
+    path = tmp_path / f"a.{kind.lower()}"
+    path.write_bytes(_encode(scene(30, 40), kind, orientation=6))
+    with Image.open(path) as picture:
+        shown = np.asarray(ImageOps.exif_transpose(picture).convert("RGB"))
+    whole = decode_image(path)
+    assert whole.shape == shown.shape == (40, 30, 3)
+    assert np.abs(whole.astype(int) - shown).mean() < (2 if kind == "PNG" else 6)
+
+
+def test_the_loaders_errors_name_the_file(tmp_path):
+    garbage = tmp_path / "garbage.JPEG"
+    garbage.write_bytes(b"this is not a JPEG" * 20)
+    with pytest.raises(UserError) as caught:
+        decode_image(garbage)
+    assert str(caught.value) == f"{garbage}: cannot decode image"
+    gone = tmp_path / "gone.JPEG"
+    with pytest.raises(UserError) as caught:
+        decode_image(gone)
+    assert str(caught.value) == f"{gone}: cannot read image (No such file or directory)"
+    with pytest.raises(ImageError, match="^file not found$"):  # infer's reason, as it was
+        read_file(gone)
+
+
+def test_one_list_of_extensions_for_the_layout_and_the_scan(tmp_path):
+    folder = tmp_path / "train" / "n1"
+    folder.mkdir(parents=True)
+    png = _encode(scene(8, 8), "PNG")
+    names = [f"a{k}{ext.upper() if k % 2 else ext}" for k, ext in enumerate(EXTENSIONS)]
+    for name in [*names, "notes.txt", "clip.gif"]:
+        (folder / name).write_bytes(png)
+    listed = [path.name for path, _ in list_images(tmp_path, "train", ["n1"])]
+    scanned = [entry.path.name for entry in scan(tmp_path)]
+    assert listed == scanned == sorted(names)

@@ -1,0 +1,281 @@
+"""The exported model file's contract: its tensor names, its metadata, its digest, its loading.
+
+checkpoint -> deploy/exporters (write_onnx_metadata, extra_files) -> masker.onnx / .ts / .pt2
+-> deploy/runtimes, infer and the `casm_deploy.Masker` API (read_metadata, sha256_file,
+load_torchscript). Every writer and reader of those files takes the names and the metadata's
+layout from here, so a file written by one release is read by the next.
+
+Light on purpose: torch and onnx are imported by the functions that need them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import re
+import warnings
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from casm_deploy.errors import UserError
+from casm_deploy.version import __version__
+
+if TYPE_CHECKING:
+    import torch
+
+INPUT = "images"
+OUTPUTS = ("masks", "logits")
+FORMAT = "casm-deploy/masker"  # the metadata's `format`: what marks a casm-deploy export
+METADATA_FILE = "casm_metadata.json"  # inside TorchScript and pt2 archives (extra files)
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An error's message for a one-line report: its first line, at most `limit` characters."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
+# --- metadata ---------------------------------------------------------------------------------
+
+
+def base_metadata(
+    checkpoint: dict[str, Any], checkpoint_sha256: str, training_data: str = ""
+) -> dict[str, str]:
+    """The metadata every artefact carries (strings: ONNX `metadata_props` hold strings).
+
+    Structured values are JSON. Each exporter adds `precision` and `exporter` (and ONNX `opset`).
+    `training_data` is "synthetic" for a model of `data synth`'s shapes (infer warns that it
+    means nothing on photos), "images" for other data, "unknown" where the checkpoint does not
+    tell (the caller passes `checkpoint.training_data_kind`: this module sits below the
+    checkpoint's, which reads its METADATA_FILE to tell an export from a checkpoint).
+    """
+    import torch
+
+    from casm_deploy.models.mapping import IMAGENET_MEAN, IMAGENET_STD
+
+    spec = checkpoint["model"]
+    size = int(spec["image_size"])
+    return {
+        "format": FORMAT,
+        "arch": spec["arch"],
+        "width": str(spec["width"]),
+        "num_classes": str(spec["num_classes"]),
+        "upsample": spec["upsample"],
+        "image_size": str(size),
+        "input": json.dumps({"name": INPUT, "shape": ["B", 3, size, size], "dtype": "float32"}),
+        "outputs": json.dumps(
+            {
+                OUTPUTS[0]: {"shape": ["B", 1, size, size], "dtype": "float32"},
+                OUTPUTS[1]: {"shape": ["B", int(spec["num_classes"])], "dtype": "float32"},
+            }
+        ),
+        "input_range": "RGB in [0, 1]",
+        "normalization": json.dumps(
+            {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "inside_graph": True}
+        ),
+        "wnids": json.dumps(list(spec.get("wnids", []))),
+        "names": json.dumps(list(spec.get("names", []))),
+        "package_version": __version__,
+        "torch_version": torch.__version__,
+        "training_config": json.dumps(checkpoint.get("config", {}), sort_keys=True),
+        "training_data": training_data or "unknown",
+        "checkpoint_sha256": checkpoint_sha256,
+    }
+
+
+def extra_files(metadata: dict[str, str]) -> dict[str, str]:
+    """The metadata as the extra file of a TorchScript or pt2 archive (`_extra_files=`)."""
+    return {METADATA_FILE: json.dumps(metadata)}
+
+
+def write_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Replace an ONNX file's `metadata_props` by `metadata` and run the full checker."""
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    model.doc_string = "casm-deploy masker: images (B,3,H,W) in [0,1] -> masks, logits"
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of an exported file (.onnx, .ts or .pt2), without running the model.
+
+    Raises:
+        UserError: the file is missing, or not an export of casm-deploy.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    if path.suffix == ".onnx":
+        import onnx
+
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as error:
+            raise UserError(f"{path}: not a readable ONNX model ({error})") from None
+        meta = {p.key: p.value for p in model.metadata_props}
+    else:  # TorchScript and pt2 are zip archives; the metadata is a member of extra/
+        try:
+            with zipfile.ZipFile(path) as archive:
+                member = next(
+                    (n for n in archive.namelist() if n.endswith(f"extra/{METADATA_FILE}")), None
+                )
+                meta = json.loads(archive.read(member)) if member else {}
+        except (zipfile.BadZipFile, json.JSONDecodeError) as error:
+            raise UserError(f"{path}: not a TorchScript or pt2 archive ({error})") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path}: no casm-deploy metadata (not exported by casm-deploy export)")
+    return meta
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- TorchScript: written and loaded with the same warnings silenced ------------------------
+
+
+@contextlib.contextmanager
+def torchscript_warnings() -> Iterator[None]:
+    import torch
+
+    with warnings.catch_warnings():
+        # Recent PyTorch marks every torch.jit entry point deprecated. TorchScript is still what
+        # LibTorch (C++) deployments load, so it is written on purpose; --pt2 is its successor.
+        warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+        # The decoder compares feature-map sizes in Python. An export fixes H and W, so the
+        # traced constant is right; the trace is checked at several batch sizes anyway.
+        warnings.filterwarnings(
+            "ignore",
+            "Converting a tensor to a Python boolean",
+            torch.jit.TracerWarning,
+            r"casm_deploy\.model",
+        )
+        yield
+
+
+def load_torchscript(path: Path, device: torch.device) -> torch.jit.ScriptModule:
+    """Load a TorchScript export after `check_torchscript_code`, then `check_torchscript_graphs`
+    (the deprecation warnings silenced as when it was written).
+
+    Raises:
+        UserError: the file is not a TorchScript archive, or its code is refused.
+    """
+    import torch
+
+    check_torchscript_code(path)
+    with torchscript_warnings():
+        module = torch.jit.load(str(path), map_location=device)
+    check_torchscript_graphs(module, path)
+    return module
+
+
+# --- what a TorchScript file may do -----------------------------------------------------------
+#
+# A TorchScript file is a program, not data: torch.jit.load runs its `__setstate__` methods and
+# every call runs its `forward`, with any operator PyTorch has, file I/O included (ONNX is data:
+# ONNX Runtime runs only ONNX operators). A masker needs tensor maths only, so a file is refused
+# when its code uses an operator outside aten:: and prim::, one that reads or writes a file, or a
+# call into code its graph does not show. This is a safeguard against a tampered file, not a
+# sandbox: load TorchScript only from sources you trust.
+
+SAFE_NAMESPACES = ("aten", "prim")
+OPAQUE_CALLS = ("prim::PythonOp", "prim::IgnoredPythonOp", "prim::CallFunction", "prim::CallMethod")
+FILE_ARGUMENTS = ("filename", "file", "path", "fname", "filepath", "directory")
+FILE_OPERATORS = ("aten::from_file", "aten::save", "aten::load")  # named too: schemas change
+
+
+@functools.cache
+def file_operators() -> frozenset[str]:
+    """The operators that touch files: FILE_OPERATORS and every registered operator with a
+    string argument naming a file."""
+    import torch
+
+    found = set(FILE_OPERATORS)
+    for schema in torch._C._jit_get_all_schemas():
+        if any(a.name in FILE_ARGUMENTS and "str" in str(a.type) for a in schema.arguments):
+            found.add(schema.name)
+    return frozenset(found)
+
+
+def _refuse(path: Path, what: str) -> None:
+    raise UserError(
+        f"{path}: refused: its TorchScript code uses {what}, which a masker never needs (a "
+        "TorchScript file is a program: load only files you trust; ONNX files are data)"
+    )
+
+
+def check_torchscript_code(path: Path) -> None:
+    """Read an archive's serialized code (its `code/*.py` records, TorchScript source) before
+    torch.jit.load runs any of it, with torch's own zip reader: the records torch will read.
+
+    Raises:
+        UserError: not a TorchScript archive, or its code names an operator of another
+            namespace, a custom class or a file operator.
+    """
+    import torch
+
+    try:
+        reader = torch._C.PyTorchFileReader(str(path))
+        records = reader.get_all_records()
+    except RuntimeError as error:
+        raise UserError(f"{path}: not a TorchScript archive ({first_line(error)})") from None
+    sources = [r for r in records if r.endswith(".py")]
+    if not any(r.startswith("code/") for r in sources):
+        raise UserError(f"{path}: no TorchScript code in it (not written by torch.jit.save)")
+    file_names = {name.split("::")[1]: name for name in file_operators()}
+    for record in sources:
+        text = reader.get_record(record).decode("utf-8", "replace")
+        for namespace in re.findall(r"\bops\.(\w+)\.", text):  # ops.NS.name(...): a foreign op
+            if namespace not in SAFE_NAMESPACES:
+                _refuse(path, f"{namespace}:: operators")
+        if re.search(r"\btorch\.classes\b", text):
+            _refuse(path, "a custom class")
+        # any word that is a file operator's name, however it is reached (torch.X, ops.aten.X)
+        for word in sorted(set(re.findall(r"\w+", text)) & file_names.keys()):
+            _refuse(path, file_names[word])
+
+
+def check_torchscript_graphs(module: torch.jit.ScriptModule, path: Path) -> None:
+    """Check every node of every method and hook of every submodule, calls inlined, before the
+    module is first called: only aten:: and prim:: operators, no file operator, no opaque call.
+
+    Raises:
+        UserError: a node is refused (the message names its operator).
+    """
+    denied = file_operators()
+    for submodule in module.modules():
+        scripted = submodule._c
+        functions = [scripted._get_method(name) for name in scripted._method_names()]
+        functions += [*scripted._get_forward_pre_hooks(), *scripted._get_forward_hooks()]
+        for function in functions:
+            graph = getattr(function, "inlined_graph", None) or function.graph
+            for node in _all_nodes(graph.nodes()):
+                kind = node.kind()
+                if kind.split("::")[0] not in SAFE_NAMESPACES:
+                    _refuse(path, kind)
+                if kind in denied or kind in OPAQUE_CALLS:
+                    _refuse(path, kind)
+
+
+def _all_nodes(nodes: Any) -> Iterator[Any]:
+    """Nodes with those of their blocks (if, loop) and subgraphs (fork), depth first."""
+    for node in nodes:
+        yield node
+        for block in node.blocks():
+            yield from _all_nodes(block.nodes())
+        for name in node.attributeNames():
+            if node.kindOf(name) == "g":
+                yield from _all_nodes(node.g(name).nodes())

@@ -1,0 +1,213 @@
+"""The methods `eval` scores: each model of the checkpoints, then the baselines.
+
+A Method is a way to get masks for a batch (a trained mapping, the centre or full box, or
+Grad-CAM on the first model's classifier) with the label map of the classifier whose top-1
+decides OM, and the meters `benchmark.score_batch` adds each batch to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from casm_deploy.checkpoint import load_masker
+from casm_deploy.common.ui import console
+from casm_deploy.config import EvalConfig
+from casm_deploy.errors import UserError
+from casm_deploy.evaluation.gradcam import gradcam
+from casm_deploy.evaluation.metrics import LocalizationMeter, MaskStats, center_box
+from casm_deploy.models.mapping import SaliencyModel
+
+BASELINES = ("center", "full", "gradcam")
+
+
+@dataclass
+class Method:
+    """A way to get masks for a batch, with the classifier whose top-1 decides OM."""
+
+    name: str
+    masks: Callable[[torch.Tensor], tuple]  # images -> masks, logits (None: the first model's)
+    labels: list[int]  # data label -> the classifier's label (-1: a class it does not know)
+    is_model: bool = False  # a trained mapping (the many-classifiers test applies to these)
+    copies: bool = False  # also score the two copies' coverage (eval --copies)
+    meter: LocalizationMeter = field(default_factory=LocalizationMeter)
+    stats: MaskStats = field(default_factory=MaskStats)
+    copy_share_sum: float = 0.0  # sums over images of `coverage.copy_coverage`'s two results
+    copy_touch_count: int = 0
+    parts: bool = False  # also score how the mask covers the object's parts (DATA/parts/)
+    part_touched_sum: float = 0.0  # sums over images of `coverage.part_coverage`'s results
+    part_all_count: int = 0
+    part_share_sum: float = 0.0
+    part_images: int = 0  # images with at least one part in the frame
+    unknown_images: int = 0  # images of classes the classifier does not know: no OM for them
+
+    def om_note(self) -> str:
+        """Why OM leaves images out ("" when it counts them all): it needs the model's classes."""
+        n, unknown = self.meter.n_images, self.unknown_images
+        if not unknown:
+            return ""
+        if unknown == n:
+            return f"OM is not defined for these {n} images: the model does not know their classes"
+        return (
+            f"OM counts only the {n - unknown} images of the model's classes: "
+            f"it is not defined for the other {unknown}"
+        )
+
+    def result(self) -> dict:
+        copies = {}
+        if self.copies:
+            n = self.meter.n_images
+            copies = {
+                "copy_share_lighter": self.copy_share_sum / n if n else None,
+                "copy_touch_both": self.copy_touch_count / n if n else None,
+            }
+        parts = {}
+        if self.parts:
+            n = self.part_images
+            parts = {
+                "part_coverage": self.part_touched_sum / n if n else None,
+                "parts_all_touched": self.part_all_count / n if n else None,
+                "part_share_least": self.part_share_sum / n if n else None,
+                "n_part_images": n,
+            }
+        note = {"OM_note": self.om_note()} if self.unknown_images else {}
+        return {
+            **{k: v for k, v in self.meter.result().items() if k != "n_images"},
+            **self.stats.result(),
+            **copies,
+            **parts,
+            **note,
+            "n_images": self.meter.n_images,
+        }
+
+
+def label_map(model_wnids: list[str], data_wnids: list[str]) -> list[int]:
+    """For each data label, the model's label of the same wnid, or -1 (an unseen class)."""
+    index = {wnid: i for i, wnid in enumerate(model_wnids)}
+    return [index.get(wnid, -1) for wnid in data_wnids]
+
+
+def class_mismatch(name: str, model_wnids: list[str], data_wnids: list[str]) -> str:
+    """A one-line warning when a model's classes and the data's differ ("" when they match)."""
+    unknown = len(set(data_wnids) - set(model_wnids))
+    absent = len(set(model_wnids) - set(data_wnids))
+    parts = []
+    if unknown:
+        parts.append(
+            f"{unknown} of the data's {len(data_wnids)} classes are not the model's "
+            "(OM leaves their images out)"
+        )
+    if absent:
+        parts.append(f"{absent} of its {len(model_wnids)} classes are not in the data")
+    return f"warning: {name}: {'; '.join(parts)}" if parts else ""
+
+
+def constant_masks(box: list[int], size: int) -> Callable[[torch.Tensor], tuple]:
+    """Masks that are 1 inside `box` and 0 elsewhere, for every image (centre / full).
+
+    They come with no logits: OM then uses those of the first model on the same batch.
+    """
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., box[1] : box[3], box[0] : box[2]] = 1.0
+    return lambda images: (mask.expand(len(images), 1, size, size), None)
+
+
+def select_classes(data_wnids: list[str], model_wnids: list[str], which: str) -> list[str]:
+    """The data's classes to score: all, those the model was trained on, or the others."""
+    if which == "all":
+        return list(data_wnids)
+    known = set(model_wnids)
+    chosen = [w for w in data_wnids if (w in known) == (which == "seen")]
+    if not chosen:
+        raise UserError(f"--classes {which}: the data has no class the first model has {which}")
+    return chosen
+
+
+def build_methods(
+    cfg: EvalConfig, data_wnids: list[str], parts: bool = False
+) -> tuple[list[Method], int, list[str]]:
+    """The models of `cfg.models`, then the baselines on the first model's classifier.
+
+    Also returns the data classes to score (`cfg.classes` against the first model's classes).
+    `parts`: every method also scores part coverage.
+    """
+    if not cfg.models:
+        raise UserError("eval needs at least one model (a checkpoint)")
+    unknown = sorted(set(cfg.baselines) - set(BASELINES))
+    if unknown:
+        raise UserError(f"unknown --baseline {', '.join(unknown)}; use {', '.join(BASELINES)}")
+    models = load_maskers(cfg.models)
+    size = models[0].spec["image_size"]
+    data_wnids = select_classes(data_wnids, models[0].spec["wnids"], cfg.classes)
+    for m in models:
+        warning = class_mismatch(m.name, m.spec["wnids"], data_wnids)
+        if warning and cfg.classes == "all":  # seen / unseen choose the difference on purpose
+            console.print(warning, soft_wrap=True)
+    methods = [
+        Method(
+            m.name,
+            m.masker,
+            label_map(m.spec["wnids"], data_wnids),
+            is_model=True,
+            copies=cfg.copies,
+            parts=parts,
+        )
+        for m in models
+    ]
+    first: SaliencyModel = methods[0].masks
+    labels = methods[0].labels
+    for baseline in cfg.baselines:
+        if baseline == "center":
+            fn = constant_masks(center_box(size, size), size)
+        elif baseline == "full":
+            fn = constant_masks([0, 0, size, size], size)
+        else:
+            fn = lambda images: gradcam(first, images, cfg.gradcam_stage)  # noqa: E731
+        methods.append(Method(baseline, fn, labels, copies=cfg.copies, parts=parts))
+    return methods, size, data_wnids
+
+
+def load_classifiers(paths: tuple[str, ...], data_wnids: list[str]) -> list[tuple]:
+    """(name, masker, label map) of each classifier checkpoint (its encoder is what is used)."""
+    return [(m.name, m.masker, label_map(m.spec["wnids"], data_wnids)) for m in load_maskers(paths)]
+
+
+@dataclass
+class NamedMasker:
+    """A loaded model among several to compare, under a unique display name."""
+
+    name: str
+    path: str
+    masker: SaliencyModel
+    spec: dict[str, Any]
+
+
+def display_name(path: str | Path) -> str:
+    """`runs/<name>/checkpoint.pt` -> `<name>`; any other file -> its stem."""
+    path = Path(path)
+    return path.parent.name if path.stem == "checkpoint" and path.parent.name else path.stem
+
+
+def load_maskers(paths: tuple[str, ...] | list[str], wanted: str = "") -> list[NamedMasker]:
+    """Load models to compare side by side: unique names (`run`, `run#2`), one image size.
+
+    Raises:
+        UserError: a file cannot be loaded, or the models were trained at different sizes.
+    """
+    models: list[NamedMasker] = []
+    for path in paths:
+        masker, spec = load_masker(path, wanted)
+        name, base, copy = display_name(path), display_name(path), 1
+        while name in {m.name for m in models}:
+            copy += 1
+            name = f"{base}#{copy}"
+        models.append(NamedMasker(name, str(path), masker, spec))
+    sizes = {m.spec["image_size"] for m in models}
+    if len(sizes) > 1:
+        listing = ", ".join(f"{m.path}: {m.spec['image_size']} px" for m in models)
+        raise UserError(f"the models must share one image size to be compared ({listing})")
+    return models

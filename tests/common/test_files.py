@@ -1,0 +1,50 @@
+"""common/files.py: a file is replaced whole or not at all; --overwrite removes only our entries."""
+
+import os
+
+import pytest
+
+from casm_deploy.common.files import atomic_file, remove_owned, temporary_of, write_atomic
+
+
+def test_a_write_replaces_the_file_whole_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text("old")
+    write_atomic(path, "new")
+    assert path.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_file(path) as f:
+        f.write(b"half of the new")
+        raise RuntimeError("killed mid-write")
+    assert path.read_bytes() == b"old"
+    assert not temporary_of(path).exists()
+
+
+def test_a_link_planted_at_the_temporary_is_not_followed(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    (tmp_path / "out").mkdir()
+    path = tmp_path / "out" / "a.txt"
+    os.symlink(outside, temporary_of(path))
+    write_atomic(path, b"data")
+    assert path.read_bytes() == b"data"
+    assert outside.read_text() == "keep me"
+
+
+def test_remove_owned_deletes_only_the_named_entries(tmp_path):
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "x.png").write_bytes(b"")
+    (tmp_path / "boxes.jsonl").write_text("{}\n")
+    (tmp_path / "notes.txt").write_text("the user's")
+    target = tmp_path.parent / f"{tmp_path.name}-target"
+    target.mkdir()
+    (target / "precious").write_text("x")
+    os.symlink(target, tmp_path / "overlays")  # a link among our names: removed, not followed
+    remove_owned(tmp_path, ("masks", "boxes.jsonl", "overlays", "summary.json"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert (target / "precious").read_text() == "x"
