@@ -18,7 +18,6 @@ from typing import Annotated, Any
 
 import typer
 
-from casm_deploy import __version__
 from casm_deploy.config import (
     EvalConfig,
     ExportConfig,
@@ -29,6 +28,7 @@ from casm_deploy.config import (
 )
 from casm_deploy.errors import UserError
 from casm_deploy.options import choices_of, field_types, make_config
+from casm_deploy.version import __version__
 
 # Help texts are Rich markup ("rich" mode): Rich reads [lowercase...] as a tag and drops it, so
 # defaults are written in words. The lines of a help text after its first paragraph are kept as

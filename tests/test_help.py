@@ -7,8 +7,8 @@ import pytest
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from casm_deploy import __version__
 from casm_deploy.cli import app
+from casm_deploy.version import __version__
 
 runner = CliRunner()
 CLI = get_command(app)

@@ -13,7 +13,7 @@ from casm_deploy.errors import UserError
 
 
 class Decoder(nn.Module):
-    """Feature maps -> mask (B, 1, H, W) in [0, 1], as ALGORITHM.md.
+    """Feature maps -> mask (B, 1, H, W) in [0, 1], as ARCHITECTURE.md ("The method") says.
 
     Each of l1..l4: 1x1 conv to 64 channels (no bias) -> BatchNorm -> ReLU -> bilinear upsample
     to s0's size; concatenate with s0 -> 3x3 conv to one channel -> sigmoid -> upsample to H x W
