@@ -17,6 +17,7 @@ LEVELS = [
     ["models"],
     [
         "evaluation.metrics",
+        "evaluation.boxacc",
         "evaluation.coverage",
         "evaluation.masking",
         "evaluation.localisation",
