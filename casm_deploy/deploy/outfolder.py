@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from casm_deploy.common.files import PARTIAL, atomic_file
+from casm_deploy.common.files import PARTIAL, atomic_file, temporary_of
 from casm_deploy.common.paths import check_file, check_folder
 from casm_deploy.errors import UserError
 
@@ -167,7 +167,7 @@ def check_outputs(out: Path, coco: str) -> None:
         return
     path = Path(coco)
     check_file(path, "--coco")
-    if len(os.fsencode(f".{path.name}{PARTIAL}")) > _name_max(path.parent):
+    if len(os.fsencode(temporary_of(path).name)) > _name_max(path.parent):
         raise UserError(f"--coco {path}: file name too long")
     if path.resolve() in {(out / name).resolve() for name in (*OWN_FILES, "masks", "overlays")}:
         raise UserError(f"--coco {path}: would replace OUT's own {path.name}")
