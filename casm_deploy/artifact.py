@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch
 
 INPUT = "images"
-OUTPUTS = ("masks", "logits")
+OUTPUTS = ("masks", "logits")  # a full model's; a masks-only model has the first alone
 FORMAT = "casm-deploy/masker"  # the metadata's `format`: what marks a casm-deploy export
 METADATA_FILE = "casm_metadata.json"  # inside TorchScript and pt2 archives (extra files)
 
@@ -42,8 +42,16 @@ def first_line(error: BaseException, limit: int = 300) -> str:
 # --- metadata ---------------------------------------------------------------------------------
 
 
+def output_names(masks_only: bool) -> tuple[str, ...]:
+    """The graph's outputs, in order: masks and logits, or masks alone (a masks-only model)."""
+    return OUTPUTS[:1] if masks_only else OUTPUTS
+
+
 def base_metadata(
-    checkpoint: dict[str, Any], checkpoint_sha256: str, training_data: str = ""
+    checkpoint: dict[str, Any],
+    checkpoint_sha256: str,
+    training_data: str = "",
+    masks_only: bool = False,
 ) -> dict[str, str]:
     """The metadata every artefact carries (strings: ONNX `metadata_props` hold strings).
 
@@ -52,6 +60,11 @@ def base_metadata(
     means nothing on photos), "images" for other data, "unknown" where the checkpoint does not
     tell (the caller passes `checkpoint.training_data_kind`: this module sits below the
     checkpoint's, which reads its METADATA_FILE to tell an export from a checkpoint).
+
+    `masks_only`: the file is the mapping without the classifier (`SaliencyModel.masks_only`),
+    one output `masks`; `num_classes`, `wnids` and `names` then still name the classes of the
+    classifier it was trained against, which the file does not predict. A mapping with an
+    encoder of its own records it as `mapping_arch` and `mapping_width`.
     """
     import torch
 
@@ -59,20 +72,27 @@ def base_metadata(
 
     spec = checkpoint["model"]
     size = int(spec["image_size"])
+    shapes = {"masks": ["B", 1, size, size], "logits": ["B", int(spec["num_classes"])]}
+    outputs = {
+        name: {"shape": shapes[name], "dtype": "float32"} for name in output_names(masks_only)
+    }
+    own_encoder = {}
+    if spec.get("shared_encoder", True) is False:
+        own_encoder = {
+            "mapping_arch": str(spec.get("mapping_arch") or spec["arch"]),
+            "mapping_width": str(spec.get("mapping_width") or spec["width"]),
+        }
     return {
         "format": FORMAT,
         "arch": spec["arch"],
         "width": str(spec["width"]),
+        **own_encoder,
         "num_classes": str(spec["num_classes"]),
         "upsample": spec["upsample"],
         "image_size": str(size),
+        "masks_only": json.dumps(masks_only),
         "input": json.dumps({"name": INPUT, "shape": ["B", 3, size, size], "dtype": "float32"}),
-        "outputs": json.dumps(
-            {
-                OUTPUTS[0]: {"shape": ["B", 1, size, size], "dtype": "float32"},
-                OUTPUTS[1]: {"shape": ["B", int(spec["num_classes"])], "dtype": "float32"},
-            }
-        ),
+        "outputs": json.dumps(outputs),
         "input_range": "RGB in [0, 1]",
         "normalization": json.dumps(
             {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "inside_graph": True}
@@ -100,7 +120,8 @@ def write_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
     del model.metadata_props[:]
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=value)
-    model.doc_string = "casm-deploy masker: images (B,3,H,W) in [0,1] -> masks, logits"
+    outputs = ", ".join(output_names(is_masks_only(path, metadata)))
+    model.doc_string = f"casm-deploy masker: images (B,3,H,W) in [0,1] -> {outputs}"
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
 
@@ -134,6 +155,19 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     if meta.get("format") != FORMAT:
         raise UserError(f"{path}: no casm-deploy metadata (not exported by casm-deploy export)")
     return meta
+
+
+def is_masks_only(path: str | Path, meta: dict[str, Any]) -> bool:
+    """Whether an export's metadata says it has no classifier (one output, `masks`). Files
+    written before the key existed are full models.
+
+    Raises:
+        UserError: the key is there but neither true nor false.
+    """
+    value = meta.get("masks_only", "false")
+    if value not in ("true", "false", True, False):  # a string in ONNX, either in JSON
+        raise UserError(f"{path}: metadata masks_only {value!r} is not true or false")
+    return value in ("true", True)
 
 
 def sha256_file(path: Path) -> str:

@@ -3,12 +3,14 @@
 Written and read here alone: `train` saves a `TrainingCheckpoint` with `save_training` at every
 epoch end (atomically) and `--resume` reads it back with `load_training`; `eval`, `export` and
 `infer` rebuild the model from it with `load_masker`. Keys: format, version, package_version,
-model (arch, width, num_classes, upsample, image_size, wnids, names, shared_encoder, data_kind:
-`model_spec`), config, phase, epoch, step, encoder, decoder, mapping_encoder, optimizers,
-pool_file, rng, metrics. The thinning pool is the file `pool_file` beside it.
+model (arch, width, num_classes, upsample, image_size, wnids, names, shared_encoder,
+mapping_arch, mapping_width, data_kind: `model_spec`), config, phase, epoch, step, encoder,
+decoder, mapping_encoder, optimizers, pool_file, rng, metrics. The thinning pool is the file
+`pool_file` beside it.
 `optimizers["casm"]["scaler"]` (the fp16 gradient scaler; {} otherwise), `model["data_kind"]`
-("synthetic" or "images") and `mapping_encoder` are optional: files written before them lack
-them and load as they are, so VERSION stays 1.
+("synthetic" or "images"), `model["mapping_arch"]` / `["mapping_width"]` (the mapping encoder's,
+when unshared; absent: the classifier's) and `mapping_encoder` are optional: files written
+before them lack them and load as they are, so VERSION stays 1.
 
 A file of another kind (an export, a torchvision state dict or pickled model) is named as such
 in one line, with what to pass instead.
@@ -55,14 +57,18 @@ def model_spec(
     names: list[str],
     shared_encoder: bool,
     data_kind: str | None = None,
+    mapping: tuple[str, int] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint's model description (`checkpoint["model"]`, which `check_spec` reads).
 
-    `data_kind`: what it learned from, "synthetic" or "images" (None: not recorded).
+    `data_kind`: what it learned from, "synthetic" or "images" (None: not recorded). `mapping`:
+    the arch and width of the mapping's own encoder (default: the classifier's), when unshared.
     """
     spec = {"arch": arch, "width": width, "num_classes": len(wnids), "upsample": upsample}
     spec |= {"image_size": image_size, "wnids": list(wnids), "names": list(names)}
     spec |= {"shared_encoder": shared_encoder}
+    if not shared_encoder:
+        spec["mapping_arch"], spec["mapping_width"] = mapping or (arch, width)
     if data_kind is not None:
         spec["data_kind"] = data_kind
     return spec
@@ -160,12 +166,20 @@ def save_untrained(
     seed: int = 0,
     config: dict[str, Any] | None = None,
     shared_encoder: bool = True,
+    mapping: tuple[str, int] | None = None,
 ) -> Path:
     """A checkpoint of this schema holding a freshly initialised mapping, for tests and
-    benchmarks: an untrained mapping costs what a trained one costs."""
+    benchmarks: an untrained mapping costs what a trained one costs. `mapping`: the arch and
+    width of the mapping's own encoder (implies not `shared_encoder`)."""
     torch.manual_seed(seed)
-    masker = build_masker(arch, len(wnids), width=width, shared_encoder=shared_encoder)
-    spec = model_spec(arch, width, "nearest", image_size, wnids, names, shared_encoder)
+    shared_encoder = shared_encoder and mapping is None
+    mapping_arch, mapping_width = mapping or (None, None)
+    masker = build_masker(
+        arch, len(wnids), width, "nearest", shared_encoder, mapping_arch, mapping_width
+    )
+    spec = model_spec(
+        arch, width, "nearest", image_size, wnids, names, shared_encoder, mapping=mapping
+    )
     payload = {"format": FORMAT, "version": VERSION, "model": spec, "config": config or {}}
     payload |= {"encoder": masker.encoder.state_dict(), "decoder": masker.decoder.state_dict()}
     if not shared_encoder:
@@ -187,8 +201,8 @@ def load_checkpoint(path: str | Path, wanted: str = "") -> dict[str, Any]:
     checkpoint = load_file(path, wanted)
     if is_torchvision_weights(checkpoint):
         raise UserError(
-            f"{path}: this is a torchvision classifier's weights (a state dict: conv1.weight "
-            f"... fc.weight), which train --weights takes; {wanted}"
+            f"{path}: this is a torchvision classifier's weights (a state dict), which "
+            f"train --weights takes; {wanted}"
         )
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise UserError(
@@ -308,7 +322,17 @@ def check_spec(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
             )
     if not isinstance(spec.get("shared_encoder", True), bool):
         raise UserError(f"{path}: model shared_encoder {spec['shared_encoder']!r} is not a bool")
+    check_mapping_spec(spec, path)
     return spec
+
+
+def check_mapping_spec(spec: dict[str, Any], path: str | Path) -> None:
+    """The mapping encoder's arch and width, when the description has them."""
+    arch, width = spec.get("mapping_arch", spec["arch"]), spec.get("mapping_width", spec["width"])
+    if arch not in ARCHS:
+        raise UserError(f"{path}: model mapping_arch {arch!r} is not one of {', '.join(ARCHS)}")
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        raise UserError(f"{path}: model mapping_width {width!r} is not a positive integer")
 
 
 def load_weights(module: torch.nn.Module, state: Any, path: str | Path, key: str) -> None:
@@ -345,7 +369,13 @@ def masker_from_checkpoint(
     spec = check_spec(checkpoint, path)
     shared = spec.get("shared_encoder", True)  # absent from checkpoints older than --unshared
     masker = build_masker(
-        spec["arch"], spec["num_classes"], spec["width"], spec["upsample"], shared_encoder=shared
+        spec["arch"],
+        spec["num_classes"],
+        spec["width"],
+        spec["upsample"],
+        shared_encoder=shared,
+        mapping_arch=None if shared else spec.get("mapping_arch"),
+        mapping_width=None if shared else spec.get("mapping_width"),
     )
     load_weights(masker.encoder, checkpoint.get("encoder"), path, "encoder")
     load_weights(masker.decoder, checkpoint.get("decoder"), path, "decoder")

@@ -221,7 +221,8 @@ Examples:
   casm-deploy data synth data/parts --parts 3""",
 )
 def synth(cfg: SynthConfig) -> None:
-    """Generate the embedded benchmark: ImageNet layout, ILSVRC XML boxes, shapes on clutter."""
+    """Generate the embedded benchmark: ImageNet layout, ILSVRC XML boxes and object masks,
+    shapes on clutter."""
     from casm_deploy.data.synth import generate
 
     generate(cfg)
@@ -278,7 +279,8 @@ Examples:
   casm-deploy eval runs/imagenet/checkpoint.pt /data/imagenet""",
 )
 def evaluate(cfg: EvalConfig) -> None:
-    """Score masks as the paper: LE, OM, F1 on ILSVRC boxes, with baselines and classifiers."""
+    """Score masks as the paper: LE, OM, F1 on ILSVRC boxes, with baselines and classifiers;
+    also MaxBoxAccV2 and, where the data has object masks, PxAP."""
     from casm_deploy.evaluation import benchmark as job
 
     job.run(cfg)

@@ -31,6 +31,17 @@ def models_and_data(paths: list[Path]) -> dict[str, Any]:
 
 
 _SIZE, _LAYOUT = "Classes and counts", "Image layout"
+# The classifier CNNs `train --arch` builds (models/backbones.py has the table of each).
+Arch = Literal[
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "regnet_y_400mf",
+]
 
 
 @dataclass(frozen=True)
@@ -182,9 +193,17 @@ class TrainConfig:
         "classifier-s0).",
         panel=_RUN,
     )
-    arch: str = opt("resnet18", "resnet18, resnet34 or resnet50.", panel=_MODEL)
-    # channels of the stem; torchvision's ResNets use 64
-    width: int = opt(32, "Stem channels (torchvision: 64).", panel=_MODEL, at_least=1)
+    arch: Arch = opt(
+        "resnet18", f"The classifier, a torchvision CNN: {', '.join(get_args(Arch))}.", panel=_MODEL
+    )
+    # a multiplier in 64ths: the default halves torchvision's every layer
+    width: int = opt(
+        32,
+        "Width: 64 is torchvision's own (a ResNet's stem channels); other values scale every "
+        "layer by width/64.",
+        panel=_MODEL,
+        at_least=1,
+    )
     image_size: int = opt(64, "Training image size (px).", panel=_MODEL, at_least=1)
     weights: str = opt(
         "",
@@ -316,6 +335,22 @@ class TrainConfig:
         "starts, trained with the decoder), instead of sharing the classifier's.",
         panel=_METHOD,
     )
+    # A mapping of its own: no classifier is needed to make a mask (export --masks-only).
+    mapping_arch: str = opt(  # "": the classifier's arch, and only with --unshared
+        "",
+        "Give the mapping an encoder of its own of this arch (one of --arch's), freshly "
+        "initialised and trained by the mapping's loss; implies --unshared.",
+        panel=_METHOD,
+        show_default=False,
+    )
+    mapping_width: int | None = opt(  # None: the classifier's width
+        None,
+        "Width of the mapping's own encoder (as --width; default: the classifier's); implies "
+        "--unshared.",
+        panel=_METHOD,
+        show_default=False,
+        at_least=1,
+    )
     hp: float | None = opt(None, "Override the preset's pool probability.", panel=_METHOD)
     # divides step numbers
     smf: int | None = opt(None, "Override the preset's snapshot period.", panel=_METHOD, at_least=1)
@@ -340,6 +375,11 @@ class TrainConfig:
             raise ConfigError(f"--momentum must be in [0, 1), not {self.momentum}")
         if self.hp is not None and not 0 <= self.hp <= 1:
             raise ConfigError(f"--hp must be in [0, 1], not {self.hp}")
+        if self.mapping_arch and self.mapping_arch not in get_args(Arch):
+            raise ConfigError(
+                f"--mapping-arch must be one of {', '.join(get_args(Arch))}, "
+                f"not {self.mapping_arch!r}"
+            )
         if self.recipe == "imagenet" and not self.weights:
             raise ConfigError(
                 "--recipe imagenet starts from a pre-trained classifier: pass --weights with a "
@@ -349,6 +389,23 @@ class TrainConfig:
     @property
     def preset(self) -> Preset:
         return PRESETS[self.reproduce]
+
+    @property
+    def own_mapping(self) -> bool:
+        """The mapping has an encoder of its own arch or width (fresh, not a classifier copy)."""
+        return bool(self.mapping_arch) or self.mapping_width is not None
+
+    @property
+    def shared_encoder(self) -> bool:
+        return not (self.unshared or self.own_mapping)
+
+    @property
+    def resolved_mapping(self) -> tuple[str, int] | None:
+        """The mapping encoder's (arch, width), or None when it reads the classifier's."""
+        if self.shared_encoder:
+            return None
+        width = self.width if self.mapping_width is None else self.mapping_width
+        return self.mapping_arch or self.arch, width
 
     @property
     def fixed_classifier(self) -> bool:
@@ -375,8 +432,13 @@ class TrainConfig:
             return self.name
         if self.classifier_only:
             return f"classifier-s{self.seed}"
-        unshared = "-unshared" if self.unshared else ""
-        return f"{self.reproduce.lower()}-{self.score}{unshared}-s{self.seed}"
+        mapping = ""
+        if self.own_mapping:
+            arch, width = self.resolved_mapping
+            mapping = f"-map-{arch}-w{width}"
+        elif self.unshared:
+            mapping = "-unshared"
+        return f"{self.reproduce.lower()}-{self.score}{mapping}-s{self.seed}"
 
     @property
     def casm_epochs(self) -> int:
@@ -439,7 +501,9 @@ class EvalConfig:
     json: str = opt(
         "",
         "Write the first model's scores here (keys LE, OM, F1, F1a, mask_mean, mask_std, "
-        "mask_entropy, mask_tv, n_images; with --copies also copy_share_lighter, "
+        "mask_entropy, mask_tv, MaxBoxAccV2, MaxBoxAcc@0.3, MaxBoxAcc@0.5, MaxBoxAcc@0.7, "
+        "n_images; PxAP when the annotations have object masks (<stem>.png beside each XML, as "
+        "data synth writes them); with --copies also copy_share_lighter, "
         "copy_touch_both; when DATA has a parts/ folder (data synth --parts) also part_coverage, "
         "parts_all_touched, part_share_least, n_part_images; OM_note when some images are of "
         "classes the model does not know, which OM leaves out); other methods beside it.",
@@ -526,6 +590,14 @@ class ExportConfig:
     )
     pt2: bool = opt(  # TorchScript's successor
         False, "Also write masker.pt2, a torch.export program.", panel=_FORMATS, negatable=False
+    )
+    masks_only: bool = opt(  # SaliencyModel.masks_only(): the mapping's encoder and decoder
+        False,
+        "Write the mapping without the classifier: inputs `images`, one output `masks` (no "
+        "logits, so infer gives no labels). Only for a mapping with an encoder of its own "
+        "(trained with --unshared or --mapping-arch); a shared-encoder checkpoint is refused.",
+        panel=_FORMATS,
+        negatable=False,
     )
     triton: bool = opt(
         False, "Also write a Triton model repository in OUT/triton.", panel=_TRITON, negatable=False

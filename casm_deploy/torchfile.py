@@ -19,8 +19,9 @@ from casm_deploy.errors import UserError
 
 # What `load_checkpoint` and `load_masker` ask for, when the caller does not say it better.
 CHECKPOINT_WANTED = "expected a training checkpoint, runs/<name>/checkpoint.pt"
-# The keys by which a torchvision ResNet's state dict is known (the stem and the head).
-TORCHVISION_KEYS = ("conv1.weight", "bn1.weight", "fc.weight")
+# The top-level modules by which a torchvision classifier's state dict is known: a ResNet's
+# stem and head; MobileNetV3's, EfficientNet's and ConvNeXt's features and classifier; RegNet's.
+TORCHVISION_MODULES = (("conv1", "fc"), ("features", "classifier"), ("stem", "trunk_output", "fc"))
 ONNX_FIELDS = (0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42)  # ModelProto fields 2-8, as tags
 
 
@@ -54,12 +55,13 @@ def identify(path: str | Path) -> str:
 
 
 def is_torchvision_weights(value: Any) -> bool:
-    """A torchvision ResNet's state dict: tensors under its stem and head keys."""
-    return (
-        isinstance(value, dict)
-        and all(isinstance(value.get(k), torch.Tensor) for k in TORCHVISION_KEYS)
-        and "format" not in value
-    )
+    """A torchvision classifier's state dict: tensors only, under one family's modules."""
+    if not isinstance(value, dict) or not value or "format" in value:
+        return False
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()):
+        return False
+    modules = {k.split(".", 1)[0] for k in value}
+    return any(modules >= set(family) for family in TORCHVISION_MODULES)
 
 
 def load_file(path: str | Path, wanted: str = "") -> Any:

@@ -18,6 +18,7 @@ LEVELS = [
     [
         "evaluation.metrics",
         "evaluation.boxacc",
+        "evaluation.pxap",
         "evaluation.coverage",
         "evaluation.masking",
         "evaluation.localisation",

@@ -1,9 +1,10 @@
 """An ImageNet-layout data set on disk: its classes, its image lists, and its annotations.
 
 `train/<wnid>/*.JPEG`, `val/<wnid>/*.JPEG` (as `synth.py` writes them, or ImageNet itself),
-`classes.txt`, the ILSVRC XML boxes in `annotations/` and, for a parts set, the part label maps
-in `parts/`. The loaders (`loader.build_loader`) read the images; validation and the benchmark
-read the boxes and label maps here, brought to the model frame as the images are
+`classes.txt`, the ILSVRC XML boxes in `annotations/` (with, where they exist, the objects'
+pixel masks beside them as `<stem>.png`) and, for a parts set, the part label maps in `parts/`.
+The loaders (`loader.build_loader`) read the images; validation and the benchmark read the
+boxes, masks and label maps here, brought to the model frame as the images are
 (`transforms.py`).
 """
 
@@ -166,8 +167,6 @@ def read_parts(parts: Path, stem: str, width: int, height: int) -> np.ndarray:
         UserError: either file is missing or malformed, the map is not `width` x `height`,
             or it has a label the JSON lists no part for (the message names the file).
     """
-    import cv2
-
     sidecar = Path(parts) / f"{stem}.json"
     try:
         listed = json.loads(sidecar.read_text())["parts"]
@@ -184,11 +183,26 @@ def read_parts(parts: Path, stem: str, width: int, height: int) -> np.ndarray:
         raise UserError(f"{sidecar}: not a valid part annotation ({error})") from None
 
     png = Path(parts) / f"{stem}.png"
+    labels = _read_label_map(png, width, height, "part label map")
+    top = int(labels.max())
+    if top > len(listed):
+        raise UserError(f"{png}: has label {top}, but {sidecar.name} lists {len(listed)} parts")
+    return labels
+
+
+def _read_label_map(png: Path, width: int, height: int, kind: str) -> np.ndarray:
+    """A one-channel uint8 PNG at the image's size, `width` x `height` (`kind` names it).
+
+    Raises:
+        UserError: the file is missing, undecodable, not one-channel uint8, or of another size.
+    """
+    import cv2
+
     if not png.is_file():
-        raise UserError(f"{png}: part label map not found")
+        raise UserError(f"{png}: {kind} not found")
     labels = cv2.imdecode(np.fromfile(png, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if labels is None:
-        raise UserError(f"{png}: cannot decode the part label map")
+        raise UserError(f"{png}: cannot decode the {kind}")
     if labels.ndim != 2 or labels.dtype != np.uint8:
         raise UserError(
             f"{png}: not a one-channel uint8 label map (shape {labels.shape}, {labels.dtype})"
@@ -198,9 +212,6 @@ def read_parts(parts: Path, stem: str, width: int, height: int) -> np.ndarray:
             f"{png}: the label map is {labels.shape[1]}x{labels.shape[0]}, "
             f"its image {width}x{height}"
         )
-    top = int(labels.max())
-    if top > len(listed):
-        raise UserError(f"{png}: has label {top}, but {sidecar.name} lists {len(listed)} parts")
     return labels
 
 
@@ -218,3 +229,42 @@ def own_parts(
     annotation = read_annotation(Path(annotations) / f"{stem}.xml")
     labels = read_parts(parts, stem, annotation.width, annotation.height)
     return transform_labels(labels, size, policy)
+
+
+def has_object_masks(annotations: Path) -> bool:
+    """Whether the annotations folder holds object masks (`<stem>.png` beside the XMLs)."""
+    return next(Path(annotations).glob("*.png"), None) is not None
+
+
+def read_object_masks(annotations: Path, stem: str, annotation: Annotation) -> np.ndarray:
+    """The object mask of one image, `annotations/<stem>.png`, beside its XML `annotation`.
+
+    A one-channel uint8 map at the image's size (the XML's): 0 where no object is, k on the
+    pixels of the XML's k-th object (as `data synth` writes them).
+
+    Raises:
+        UserError: the file is missing or malformed, is not the image's size, or has a label
+            the XML lists no object for (the message names the file).
+    """
+    png = Path(annotations) / f"{stem}.png"
+    labels = _read_label_map(png, annotation.width, annotation.height, "object mask")
+    top, listed = int(labels.max()), len(annotation.objects)
+    if top > listed:
+        raise UserError(f"{png}: has label {top}, but {stem}.xml lists {listed} objects")
+    return labels
+
+
+def own_object_mask(
+    image_path: Path, wnid: str, annotations: Path, size: int, policy: str = "center-crop"
+) -> np.ndarray:
+    """The pixels of the objects of class `wnid` in an image (`read_object_masks`), as a bool
+    `size` x `size` map in the model frame, brought there like the image (`transform_labels`).
+
+    Raises:
+        UserError: the annotation or the mask is missing or malformed.
+    """
+    stem = Path(image_path).stem
+    annotation = read_annotation(Path(annotations) / f"{stem}.xml")
+    labels = transform_labels(read_object_masks(annotations, stem, annotation), size, policy)
+    own = [k + 1 for k, (name, _) in enumerate(annotation.objects) if name == wnid]
+    return np.isin(labels, own)

@@ -1,10 +1,12 @@
 """The embedded benchmark: a deterministic generator of an ImageNet-layout data set on disk.
 
-First step of the flow: `generate` writes `train/<wnid>/*.JPEG`, `val/<wnid>/*.JPEG` and
-`annotations/<stem>.xml` (ILSVRC/PASCAL VOC boxes) that `imagenet.py` and the loaders
-(`loader.build_loader`) then read. Boxes are ILSVRC pixel coordinates of the tight box of the
-object's drawn pixels (coverage >= 0.5): xmin, ymin inclusive, xmax, ymax EXCLUSIVE (last
-column / row + 1), as `[x0, y0, x1, y1]`.
+First step of the flow: `generate` writes `train/<wnid>/*.JPEG`, `val/<wnid>/*.JPEG`,
+`annotations/<stem>.xml` (ILSVRC/PASCAL VOC boxes) and beside each XML `annotations/<stem>.png`
+(the objects' pixels: a uint8 map at the image's size, 0 where no object is, k on the pixels of
+the XML's k-th object) that `imagenet.py` and the loaders (`loader.build_loader`) then read.
+Boxes are ILSVRC pixel coordinates of the tight box of the object's drawn pixels (coverage >=
+0.5), the pixels its mask holds: xmin, ymin inclusive, xmax, ymax EXCLUSIVE (last column / row
++ 1), as `[x0, y0, x1, y1]`.
 
 The pixels come from `draw.py` (one solid shape, `render`) or, with `parts` (`--parts N`),
 from `parts.py` (an object of parts, whose validation images also get `parts/<stem>.png` and
@@ -25,6 +27,7 @@ import numpy as np
 from casm_deploy.common.files import remove_owned, write_atomic
 from casm_deploy.config import SynthConfig, config_to_dict
 from casm_deploy.data.draw import SHAPES, background, draw_distractors, render, tight_box, wnid_for
+from casm_deploy.data.imagenet import has_object_masks
 from casm_deploy.data.parts import PART_KINDS, SPLITS, make_parts_sample, part_annotation
 from casm_deploy.errors import UserError
 from casm_deploy.options import ConfigError
@@ -47,16 +50,30 @@ def make_sample(
         `(image, boxes)`: RGB uint8 `(H, W, 3)` (W doubled when `cfg.copies == 2`) and one box
         per object copy (only the left one when `cfg.right == "clutter"`).
     """
+    image, boxes, _ = make_labelled_sample(cfg, split, shape_index, i, drop)
+    return image, boxes
+
+
+def make_labelled_sample(
+    cfg: SynthConfig, split: str, shape_index: int, i: int, drop: int | None = None
+) -> tuple[np.ndarray, list[tuple[int, int, int, int]], np.ndarray]:
+    """`make_sample`'s image and boxes, and the objects' pixels as a label map.
+
+    Returns:
+        `(image, boxes, objects)`: `objects` is uint8 `(H, W)`, 0 where no object is and k on
+        the pixels of the object of `boxes[k - 1]` (those at least half covered; their tight
+        box is that box).
+    """
     if cfg.parts:
         image, labels = make_parts_sample(cfg, split, shape_index, i, drop)
-        return image, [tight_box(labels > 0)]
+        return image, [tight_box(labels > 0)], (labels > 0).astype(np.uint8)
     if drop is not None:
         raise ValueError("drop needs an object made of parts (cfg.parts > 0)")
     rng = np.random.default_rng([cfg.seed, SPLITS[split], shape_index, i])
     image, mask = render(
         rng, SHAPES[shape_index], cfg.min_side, cfg.max_side, cfg.min_area, cfg.max_area
     )
-    boxes = [tight_box(mask)]
+    boxes, objects = [tight_box(mask)], mask.astype(np.uint8)
     if cfg.copies == 2 and cfg.right == "clutter":  # the object on the left only
         h, w = image.shape[:2]
         # A generator of its own (the trailing 1), so the left half is the same image as with
@@ -65,12 +82,14 @@ def make_sample(
         right = background(clutter_rng, h, w)
         draw_distractors(clutter_rng, right)
         image = np.concatenate([image, right], axis=1)
+        objects = np.concatenate([objects, np.zeros_like(objects)], axis=1)
     elif cfg.copies == 2:  # the paper's duplicated-object check: the same content twice
         w = image.shape[1]
         x0, y0, x1, y1 = boxes[0]
         boxes.append((x0 + w, y0, x1 + w, y1))
         image = np.concatenate([image, image], axis=1)
-    return image, boxes
+        objects = np.concatenate([objects, objects * 2], axis=1)
+    return image, boxes, objects
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,9 +122,9 @@ def _write_items(cfg: SynthConfig, items: list[tuple[str, int, int, str]]) -> in
         wnid = wnid_for(shape_index)
         if cfg.parts:
             image, labels = make_parts_sample(cfg, split, shape_index, i)
-            boxes = [tight_box(labels > 0)]
+            boxes, objects = [tight_box(labels > 0)], (labels > 0).astype(np.uint8)
         else:
-            image, boxes = make_sample(cfg, split, shape_index, i)
+            image, boxes, objects = make_labelled_sample(cfg, split, shape_index, i)
         ok, jpeg = cv2.imencode(
             ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
         )
@@ -115,13 +134,21 @@ def _write_items(cfg: SynthConfig, items: list[tuple[str, int, int, str]]) -> in
             h, w = image.shape[:2]
             xml = _annotation_xml(stem, wnid, w, h, boxes)
             (out / "annotations" / f"{stem}.xml").write_text(xml)
-        if split == "val" and cfg.parts:  # lossless PNG: labels must stay labels
-            ok, png = cv2.imencode(".png", labels)
-            assert ok, "PNG encoding failed"
-            (out / "parts" / f"{stem}.png").write_bytes(png.tobytes())
+            (out / "annotations" / f"{stem}.png").write_bytes(_png(objects))
+        if split == "val" and cfg.parts:
+            (out / "parts" / f"{stem}.png").write_bytes(_png(labels))
             record = json.dumps(part_annotation(labels, cfg.parts))
             (out / "parts" / f"{stem}.json").write_text(record + "\n")
     return len(items)
+
+
+def _png(labels: np.ndarray) -> bytes:
+    """A label map as PNG bytes: lossless, so that labels stay labels."""
+    import cv2
+
+    ok, png = cv2.imencode(".png", labels)
+    assert ok, "PNG encoding failed"
+    return png.tobytes()
 
 
 def _init_worker() -> None:
@@ -244,12 +271,17 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
     """
     start = time.perf_counter()
     cfg = resolve_config(cfg)
-    if _check_existing(cfg):
-        if progress:
-            print(f"{cfg.out} already holds this data set; nothing to do")
-        return _summary(cfg, time.perf_counter() - start, generated=False)
-
     out = Path(cfg.out)
+    if _check_existing(cfg):
+        if has_object_masks(out / "annotations"):
+            if progress:
+                print(f"{cfg.out} already holds this data set; nothing to do")
+            return _summary(cfg, time.perf_counter() - start, generated=False)
+        # Made before synth wrote the objects' masks: the same files again, and the masks.
+        if progress:
+            print(f"{cfg.out} holds this data set without object masks; writing it again")
+        remove_owned(out, OWNED)
+
     indices = [SHAPES.index(name) for name in cfg.classes]
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("generation in progress\n")
@@ -304,4 +336,4 @@ def _run(cfg: SynthConfig, items: list, progress: bool) -> None:
                 bar.advance(task, done)
 
 
-__all__ = ["JPEG_QUALITY", "generate", "make_sample", "resolve_config"]
+__all__ = ["JPEG_QUALITY", "generate", "make_labelled_sample", "make_sample", "resolve_config"]

@@ -5,7 +5,9 @@
     result.boxes[0], result.labels[0], result.masks[0].shape   # (H, W) of cat.jpg
 
 It is the inference-side twin of `casm_deploy.models.mapping.SaliencyModel` (the nn.Module that is
-trained and exported); `infer` runs the same `run` and `describe` over whole folders.
+trained and exported); `infer` runs the same `run` and `describe` over whole folders. A
+masks-only export (`export --masks-only`: no classifier) gives masks and boxes, and None for
+every label field (`masker.masks_only` says so).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 
 from casm_deploy.data.decode import read_image, resize_square
 from casm_deploy.data.imagefiles import ImageError
-from casm_deploy.deploy.device_io import Pending
+from casm_deploy.deploy.device_io import Outputs, Pending
 from casm_deploy.deploy.model_info import ModelInfo
 from casm_deploy.deploy.runtimes import DEFAULT_BATCH, Backend, open_model
 from casm_deploy.evaluation.metrics import Box, masks_to_boxes
@@ -30,14 +32,15 @@ from casm_deploy.evaluation.metrics import Box, masks_to_boxes
 class Prediction:
     """Per image: its mask (float32 in [0, 1], at the original size unless asked otherwise),
     its box `[x0, y0, x1, y1]` in original pixels (exclusive edges; None for an empty mask),
-    the predicted class (id, name, index) and its softmax score."""
+    the predicted class (id, name, index) and its softmax score. A masks-only model predicts no
+    class: its labels, names, indices and scores are None, one per image."""
 
     masks: list[np.ndarray] = field(default_factory=list)
     boxes: list[Box | None] = field(default_factory=list)
-    labels: list[str] = field(default_factory=list)
-    names: list[str] = field(default_factory=list)
-    indices: list[int] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
+    labels: list[str | None] = field(default_factory=list)
+    names: list[str | None] = field(default_factory=list)
+    indices: list[int | None] = field(default_factory=list)
+    scores: list[float | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -165,8 +168,14 @@ class Masker:
     def image_size(self) -> int:
         return self.info.image_size
 
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, S, S, 3) uint8 RGB -> masks (B, S, S) in [0, 1] and logits (B, K)."""
+    @property
+    def masks_only(self) -> bool:
+        """The model has no classifier (`export --masks-only`): masks and boxes, no labels."""
+        return self.info.masks_only
+
+    def run(self, images: np.ndarray) -> Outputs:
+        """(B, S, S, 3) uint8 RGB -> masks (B, S, S) in [0, 1] and logits (B, K), or None for
+        the logits of a masks-only model."""
         return self.backend(images)
 
     def submit(self, images: Sequence[Any], uint8_masks: bool = False) -> Pending:
@@ -175,38 +184,40 @@ class Masker:
         return self.backend.submit(images, uint8_masks)
 
     def describe(
-        self, masks: np.ndarray, logits: np.ndarray, sizes: list[tuple[int, int]]
+        self, masks: np.ndarray, logits: np.ndarray | None, sizes: list[tuple[int, int]]
     ) -> list[dict[str, Any]]:
-        """Per image: box in original pixels, mask mean, label and score (JSON-ready).
+        """Per image: box in original pixels, mask mean, label and score (JSON-ready); without
+        logits (a masks-only model) no label fields at all, rather than empty ones.
 
         `masks` are floats in [0, 1] or uint8 levels (then boxes and means are those of the
         8-bit mask, as a PNG holds it).
         """
         masks = float_masks(masks)
         boxes = masks_to_boxes(masks)
+        rows = [
+            {
+                "box": scale_box(box, self.image_size, width, height),
+                "width": width,
+                "height": height,
+                "mask_mean": round(float(mask.mean()), 6),
+            }
+            for mask, box, (width, height) in zip(masks, boxes, sizes, strict=True)
+        ]
+        if logits is None:
+            return rows
         probabilities = softmax(logits.astype(np.float64))
-        rows = []
-        for mask, box, p, (width, height) in zip(masks, boxes, probabilities, sizes, strict=True):
+        for row, p in zip(rows, probabilities, strict=True):
             index = int(p.argmax())
             label, name = self.info.label(index)
-            rows.append(
-                {
-                    "box": scale_box(box, self.image_size, width, height),
-                    "width": width,
-                    "height": height,
-                    "mask_mean": round(float(mask.mean()), 6),
-                    "label": label,
-                    "name": name,
-                    "class_index": index,
-                    "score": round(float(p[index]), 6),
-                }
-            )
+            row |= {"label": label, "name": name, "class_index": index}
+            row["score"] = round(float(p[index]), 6)
         return rows
 
     def predict(
         self, inputs: Any, batch_size: int | None = None, mask_size: str = "original"
     ) -> Prediction:
-        """Masks, boxes and labels of images given as paths, arrays or tensors.
+        """Masks, boxes and labels of images given as paths, arrays or tensors (the labels,
+        names, indices and scores of a masks-only model are None).
 
         Args:
             inputs: one image or a list; see `to_uint8_image` for the accepted kinds.
@@ -232,8 +243,8 @@ class Masker:
                     mask = resize_mask(mask, width, height)
                 result.masks.append(mask)
                 result.boxes.append(row["box"])
-                result.labels.append(row["label"])
-                result.names.append(row["name"])
-                result.indices.append(row["class_index"])
-                result.scores.append(row["score"])
+                result.labels.append(row.get("label"))  # None: a masks-only model
+                result.names.append(row.get("name"))
+                result.indices.append(row.get("class_index"))
+                result.scores.append(row.get("score"))
         return result

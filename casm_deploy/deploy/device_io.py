@@ -1,4 +1,5 @@
-"""Batches between the host and the device: uint8 images in, masks and logits back.
+"""Batches between the host and the device: uint8 images in, masks and logits back (masks
+alone from a masks-only model: its logits are None).
 
 runtimes.open_model -> a backend (runtime_onnx, runtime_torch) -> `submit(images)` -> here: the
 images stacked into pinned buffers (`Staging`) and copied on a side stream (`DeviceIO`), the
@@ -15,21 +16,24 @@ import torch
 
 # One image of a batch: (S, S, 3) uint8 RGB, a numpy array or a torch tensor (from a GPU decoder).
 Image = Any
+# What a batch gives back: masks (B, S, S) and logits (B, K), None from a masks-only model.
+Outputs = tuple[np.ndarray, np.ndarray | None]
 
 
 class Pending:
     """A batch on its way through the model; `result()` waits for its masks and logits."""
 
-    def __init__(self, finish: Callable[[], tuple[np.ndarray, np.ndarray]]):
-        self._finish: Callable[[], tuple[np.ndarray, np.ndarray]] | None = finish
-        self._result: tuple[np.ndarray, np.ndarray] | None = None
+    def __init__(self, finish: Callable[[], Outputs]):
+        self._finish: Callable[[], Outputs] | None = finish
+        self._result: Outputs | None = None
 
     @classmethod
-    def done(cls, masks: np.ndarray, logits: np.ndarray) -> Pending:
+    def done(cls, masks: np.ndarray, logits: np.ndarray | None) -> Pending:
         return cls(lambda: (masks, logits))
 
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """Masks (B, S, S), float32 in [0, 1] or uint8 (0-255) when asked, and logits (B, K)."""
+    def result(self) -> Outputs:
+        """Masks (B, S, S), float32 in [0, 1] or uint8 (0-255) when asked, and logits (B, K),
+        None for a masks-only model."""
         if self._finish is not None:
             self._result, self._finish = self._finish(), None
         assert self._result is not None
@@ -115,19 +119,24 @@ class DeviceIO:
         batch.record_stream(compute)  # allocated on the side stream, used on this one
         return batch
 
-    def to_host(self, masks: torch.Tensor, logits: torch.Tensor, uint8_masks: bool) -> Pending:
-        """(B, S, S) masks and (B, K) logits on the device -> a Pending of numpy arrays, copied
-        into pinned memory on the current stream (torch caches pinned blocks between batches)."""
+    def to_host(
+        self, masks: torch.Tensor, logits: torch.Tensor | None, uint8_masks: bool
+    ) -> Pending:
+        """(B, S, S) masks and (B, K) logits (None: a masks-only model) on the device -> a
+        Pending of numpy arrays, copied into pinned memory on the current stream (torch caches
+        pinned blocks between batches)."""
         masks = masks_to_uint8(masks) if uint8_masks else masks.float()
         host_masks = torch.empty(masks.shape, dtype=masks.dtype, pin_memory=True)
-        host_logits = torch.empty(logits.shape, dtype=torch.float32, pin_memory=True)
         host_masks.copy_(masks, non_blocking=True)
-        host_logits.copy_(logits.float(), non_blocking=True)
+        host_logits = None
+        if logits is not None:
+            host_logits = torch.empty(logits.shape, dtype=torch.float32, pin_memory=True)
+            host_logits.copy_(logits.float(), non_blocking=True)
         done = torch.cuda.Event()
         done.record()
 
-        def finish() -> tuple[np.ndarray, np.ndarray]:
+        def finish() -> Outputs:
             done.synchronize()
-            return host_masks.numpy(), host_logits.numpy()
+            return host_masks.numpy(), None if host_logits is None else host_logits.numpy()
 
         return Pending(finish)

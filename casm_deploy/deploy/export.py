@@ -2,7 +2,8 @@
 
 Flow: runs/<name>/checkpoint.pt -> `run` -> OUT/masker.ts, masker.onnx, masker.pt2, a Triton
 model repository, and OUT/export.json (the metadata and the parity report) -> infer. Every file
-is checked against the eager fp32 SaliencyModel (parity_run.py) before the command succeeds.
+is checked against the eager fp32 SaliencyModel (parity_run.py) before the command succeeds;
+with `--masks-only`, the files and the reference are its MaskMapping (no classifier).
 
 The parts: exporters.py writes the files, precision.py makes fp16 / bf16 models and int8 ONNX,
 parity_data.py finds the images, parity_run.py and parity.py run and judge each file.
@@ -42,6 +43,7 @@ from casm_deploy.deploy.exporters import (
     export_onnx,
     export_pt2,
     export_torchscript,
+    masks_only_of,
     write_triton,
 )
 from casm_deploy.deploy.parity_data import (
@@ -52,7 +54,6 @@ from casm_deploy.deploy.parity_data import (
 )
 from casm_deploy.deploy.parity_run import check_parity, ieee_fp32
 from casm_deploy.deploy.precision import DTYPES, HalfMasker, quantize_int8
-from casm_deploy.models.mapping import SaliencyModel
 
 WANTED = "export takes a training checkpoint, runs/<name>/checkpoint.pt"
 
@@ -63,7 +64,9 @@ class Source:
 
     path: Path
     checkpoint: dict[str, Any]
-    masker: SaliencyModel  # eager fp32, on `device`: the reference
+    # eager fp32, on `device`: the reference and what is exported (the SaliencyModel, or its
+    # MaskMapping with --masks-only)
+    masker: nn.Module
     device: torch.device
     size: int
     data: Path  # parity (val) and calibration (train) images
@@ -92,6 +95,7 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
         source.checkpoint,
         sha256_file(source.path),
         training_data_kind(source.checkpoint, source.path),
+        cfg.masks_only,
     )
     masker = source.masker
     model = masker if cfg.precision not in DTYPES else HalfMasker(masker, DTYPES[cfg.precision])
@@ -103,7 +107,12 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
         if cfg.triton:
             onnx_path = written["onnx"]["path"]
             triton = write_triton(
-                out / "triton", cfg.triton_name, onnx_path, source.spec, cfg.max_batch
+                out / "triton",
+                cfg.triton_name,
+                onnx_path,
+                source.spec,
+                cfg.max_batch,
+                cfg.masks_only,
             )
 
         images = source.images
@@ -128,15 +137,21 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
 def load_source(cfg: ExportConfig) -> Source:
     """The checkpoint's SaliencyModel on the export's device, and the parity images.
 
+    With --masks-only, the SaliencyModel's MaskMapping, before anything is written.
+
     Raises:
-        UserError: OUT, the checkpoint or the data cannot be used, or CUDA is missing.
+        UserError: OUT, the checkpoint or the data cannot be used, CUDA is missing, or
+            --masks-only is asked of a mapping that shares the classifier's encoder.
     """
     check_folder(Path(cfg.out), "--out")
     device = resolve_device(cfg.device)
     path = Path(cfg.checkpoint)
     checkpoint = load_checkpoint(path, WANTED)
     check_decoder_trained(checkpoint, path)  # no export of a random decoder's masks
-    masker = masker_from_checkpoint(checkpoint, path).to(device)
+    masker: nn.Module = masker_from_checkpoint(checkpoint, path)
+    if cfg.masks_only:
+        masker = masks_only_of(masker, path)
+    masker = masker.to(device)
     spec = checkpoint["model"]
     size = int(spec["image_size"])
     data = resolve_data(cfg.data, checkpoint, path)
@@ -287,11 +302,12 @@ def show(result: dict[str, Any], out: Path) -> None:
                 if r["precision"] == "fp32"
                 else f"{worst['boxes_iou_above_0.9']:.1%} IoU>0.9"
             )
+            argmax = worst.get("argmax_agree")  # none for a masks-only model
             cells = [
                 f"{worst['max_abs_mask']:.2e}",
                 f"{worst['mean_abs_mask']:.2e}",
                 boxes,
-                f"{worst['argmax_agree']:.1%}",
+                "-" if argmax is None else f"{argmax:.1%}",
             ]
         colour = {"passed": "green", "failed": "red"}.get(r["status"].split(":")[0], "yellow")
         status, _, reason = r["status"].partition(": ")
@@ -309,6 +325,8 @@ def show(result: dict[str, Any], out: Path) -> None:
     for fmt, entry in result["files"].items():
         size = f"{entry['bytes'] / 1e6:.2f} MB" if "bytes" in entry else ""
         console.print(f"{fmt}: {out / entry['file']} {size}")
+    if result["metadata"]["masks_only"] == "true":
+        console.print("masks only: images -> masks, no classifier (no logits, no labels)")
     colour = "green" if report["passed"] else "red"
     console.print(
         f"[{colour}]parity {report['verdict']}[/]: {out / 'export.json'} ({result['seconds']} s)"

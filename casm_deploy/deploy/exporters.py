@@ -1,8 +1,10 @@
 """The exporters: a SaliencyModel -> masker.ts, masker.pt2, masker.onnx and a Triton repository.
 
 export.run -> (precision: HalfMasker, int8) -> these writers, each file carrying its metadata
-(artifact.py) -> parity_run checks every file -> infer. `export_masker` writes a checkpoint's
-fp32 files without the parity check: the models of tests and benchmarks.
+(artifact.py) -> parity_run checks every file -> infer. A model is the SaliencyModel (masks and
+logits) or, with `--masks-only`, its MaskMapping (masks alone); the metadata says which.
+`export_masker` writes a checkpoint's fp32 files without the parity check: the models of tests
+and benchmarks.
 """
 
 from __future__ import annotations
@@ -20,11 +22,15 @@ from casm_deploy.artifact import (
     OUTPUTS,
     base_metadata,
     extra_files,
+    is_masks_only,
+    output_names,
     sha256_file,
     torchscript_warnings,
     write_onnx_metadata,
 )
 from casm_deploy.checkpoint import load_checkpoint, masker_from_checkpoint, training_data_kind
+from casm_deploy.errors import UserError
+from casm_deploy.models.mapping import SaliencyModel
 
 FILES = {"torchscript": "masker.ts", "onnx": "masker.onnx", "pt2": "masker.pt2"}
 BF16_MIN_OPSET = 22  # ONNX Conv accepts bfloat16 from opset 22 on
@@ -59,7 +65,8 @@ def export_onnx(
 ) -> None:
     """ONNX through the dynamo exporter, a dynamic batch, metadata, then a full checker pass.
 
-    `example` holds at least two images, so the exporter cannot specialise the batch to 1.
+    `example` holds at least two images, so the exporter cannot specialise the batch to 1. The
+    outputs are named as `metadata` says (`masks_only`: masks alone).
     """
     batch = torch.export.Dim("batch")
     program = torch.onnx.export(
@@ -67,7 +74,7 @@ def export_onnx(
         (example,),
         dynamo=True,
         input_names=[INPUT],
-        output_names=list(OUTPUTS),
+        output_names=list(output_names(is_masks_only(path, metadata))),
         dynamic_shapes={INPUT: {0: batch}},
         opset_version=opset,
         verbose=False,
@@ -81,20 +88,25 @@ def export_masker(
     folder: str | Path,
     formats: Sequence[str] = ("torchscript", "onnx"),
     opset: int = DEFAULT_OPSET,
+    masks_only: bool = False,
 ) -> dict[str, Path]:
     """A checkpoint's Masker as fp32 files in `folder` (FILES' names), with their metadata but
-    no parity check: the tiny or random-weight models tests and benchmarks run.
+    no parity check: the tiny or random-weight models tests and benchmarks run. `masks_only`:
+    the mapping without the classifier (`export --masks-only`).
 
     Returns:
         The path of each written format.
+
+    Raises:
+        UserError: `masks_only` for a mapping that shares the classifier's encoder.
     """
     checkpoint, folder = Path(checkpoint), Path(folder)
     state = load_checkpoint(checkpoint)
     masker = masker_from_checkpoint(state, checkpoint)
-    meta = {
-        **base_metadata(state, sha256_file(checkpoint), training_data_kind(state, checkpoint)),
-        "precision": "fp32",
-    }
+    if masks_only:
+        masker = masks_only_of(masker, checkpoint)
+    kind = training_data_kind(state, checkpoint)
+    meta = {**base_metadata(state, sha256_file(checkpoint), kind, masks_only), "precision": "fp32"}
     size = int(state["model"]["image_size"])
     example = torch.rand(2, 3, size, size)
     folder.mkdir(parents=True, exist_ok=True)
@@ -109,16 +121,41 @@ def export_masker(
     return written
 
 
+def masks_only_of(masker: SaliencyModel, path: Path) -> nn.Module:
+    """The checkpoint's MaskMapping (eval mode), for `--masks-only`.
+
+    Raises:
+        UserError: the mapping shares the classifier's encoder (nothing would be left).
+    """
+    try:
+        return masker.masks_only().eval()
+    except UserError as error:
+        raise UserError(f"{path}: --masks-only: {error}") from None
+
+
 def write_triton(
-    root: Path, name: str, onnx_path: Path, spec: dict[str, Any], max_batch: int
+    root: Path,
+    name: str,
+    onnx_path: Path,
+    spec: dict[str, Any],
+    max_batch: int,
+    masks_only: bool = False,
 ) -> Path:
-    """A Triton model repository: ROOT/NAME/config.pbtxt and ROOT/NAME/1/model.onnx."""
+    """A Triton model repository: ROOT/NAME/config.pbtxt and ROOT/NAME/1/model.onnx (one output,
+    `masks`, for a masks-only model)."""
     model_dir = root / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(onnx_path, model_dir / "1" / "model.onnx")
     size, classes = int(spec["image_size"]), int(spec["num_classes"])
+    what = "mapping alone (--masks-only: no classifier)" if masks_only else "masker"
+    logits = f""",
+  {{
+    name: "{OUTPUTS[1]}"
+    data_type: TYPE_FP32
+    dims: [ {classes} ]
+  }}"""
     (model_dir / "config.pbtxt").write_text(
-        f"""# Written by `casm-deploy export --triton`: the CASM masker on ONNX Runtime.
+        f"""# Written by `casm-deploy export --triton`: the CASM {what} on ONNX Runtime.
 # Dims exclude the batch; images are RGB float32 in [0, 1] (normalisation is in the graph).
 name: "{name}"
 platform: "onnxruntime_onnx"
@@ -135,12 +172,7 @@ output [
     name: "{OUTPUTS[0]}"
     data_type: TYPE_FP32
     dims: [ 1, {size}, {size} ]
-  }},
-  {{
-    name: "{OUTPUTS[1]}"
-    data_type: TYPE_FP32
-    dims: [ {classes} ]
-  }}
+  }}{"" if masks_only else logits}
 ]
 dynamic_batching {{
   max_queue_delay_microseconds: 100

@@ -1,4 +1,5 @@
 """`casm-deploy infer`: every image file under a folder -> masks, boxes and labels; resumable.
+A masks-only model (`export --masks-only`) gives masks and boxes, and rows without labels.
 
 scan (streamed) -> read_image in threads, a few batches ahead -> backend (this thread) ->
 mask files written in threads -> boxes.jsonl appended and fsync'd per batch, the record of
@@ -93,9 +94,10 @@ def run_locked(cfg: InferConfig, root: Path, out: Path, masker: Masker) -> dict[
     # A counting pass first: the progress bar gets its total, and memory stays flat (a count,
     # not the list of files).
     todo = sum(1 for entry in scan(root, exclude=out) if entry.rel not in done)
+    masks_only = ", masks only (no classifier: no labels)" if info.masks_only else ""
     console.print(
         f"{root}: {todo} image files to do, {len(done)} already in {out / RECORD}; "
-        f"{info.backend} {info.precision} on {info.provider}, batch {cfg.batch}"
+        f"{info.backend} {info.precision}{masks_only} on {info.provider}, batch {cfg.batch}"
     )
     writer = Writer(out, cfg)
     workers = cfg.workers or usable_cpus()
@@ -151,11 +153,16 @@ def _rate(counts: dict[str, int], started: float) -> str:
 # --- OUT: resuming (outfolder: the lock, the record, and writing inside OUT only) ----------
 
 
+# Keys of infer.json that older releases did not write, with the value such a file meant.
+IDENTITY_DEFAULTS = {"masks_only": False}
+
+
 def identity(cfg: InferConfig, masker: Masker) -> dict[str, Any]:
     """What must match for a rerun to continue OUT's results rather than mix runs."""
     return {
         "dir": str(Path(cfg.dir).resolve()),
         "model_sha256": masker.info.sha256,
+        "masks_only": masker.info.masks_only,  # its rows have no label fields
         "masks": cfg.masks,
         "mask_size": cfg.mask_size,
         "overlay": cfg.overlay,
@@ -179,7 +186,11 @@ def prepare_out(out: Path, cfg: InferConfig, masker: Masker) -> set[str]:
                 previous = json.loads(marker.read_text())
             except (OSError, json.JSONDecodeError) as error:
                 raise UserError(f"{marker}: unreadable ({error}); use --overwrite") from None
-            changed = [key for key, value in wanted.items() if previous.get(key) != value]
+            changed = [
+                key
+                for key, value in wanted.items()
+                if previous.get(key, IDENTITY_DEFAULTS.get(key)) != value
+            ]
             if changed:
                 raise UserError(
                     f"--out {out} holds results of another run (changed: {', '.join(changed)}"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from casm_deploy.artifact import is_masks_only
 from casm_deploy.config import PRECISIONS
 from casm_deploy.errors import UserError
 
@@ -33,6 +34,9 @@ class ModelInfo:
     sha256: str
     # what it was trained on: "synthetic" (`data synth`'s shapes), "images", or "" (not known)
     training_data: str = ""
+    # the mapping without the classifier (`export --masks-only`): masks only, no logits, so no
+    # labels; `num_classes`, `wnids` and `names` are those of the classifier it trained with
+    masks_only: bool = False
 
     def label(self, index: int) -> tuple[str, str]:
         """The class id (WordNet id when known) and human name of a logit index."""
@@ -64,6 +68,7 @@ def info_from_metadata(path: Path, meta: dict[str, Any], **fields: Any) -> Model
         names=names,
         precision=precision,
         training_data=export_training_data(meta, wnids, names),
+        masks_only=is_masks_only(path, meta),
         **fields,
     )
 

@@ -35,7 +35,9 @@ SUMMARY = "summary.json"
 OWN_FILES = (RECORD, SUMMARY, IDENTITY, LOCK)
 # Errors of the disk itself, not of one file: the run stops instead of recording them.
 FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
-OK_FIELDS = ("width", "height", "box", "class_index", "score")  # what readers of ok rows use
+OK_FIELDS = ("width", "height", "box")  # what readers of ok rows use
+# and the label fields, all of them or (a masks-only model's rows) none
+LABEL_FIELDS = ("class_index", "score")
 
 
 class OutputError(Exception):
@@ -263,7 +265,10 @@ def parse(line: bytes) -> dict[str, Any] | None:
     if not isinstance(row, dict) or not isinstance(row.get("path"), str):
         return None
     status = row.get("status")
-    if status == "error" or (status == "ok" and all(key in row for key in OK_FIELDS)):
+    if status == "error":
+        return row
+    labelled = {key in row for key in LABEL_FIELDS}
+    if status == "ok" and all(key in row for key in OK_FIELDS) and len(labelled) == 1:
         return row
     return None
 

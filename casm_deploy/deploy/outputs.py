@@ -2,7 +2,8 @@
 
 pipeline.collect -> Writer.write (a PNG or npy mask, an overlay JPEG; paths kept inside OUT,
 names shortened to fit) -> outfolder.write_atomic; at the end of a run write_summary and
-write_coco read the whole record, boxes.jsonl.
+write_coco read the whole record, boxes.jsonl. A masks-only model's rows have no label fields:
+its overlays carry no class name and its COCO file one category, "salient object".
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ class Writer:
             np.save(buffer, full)
             self.put("masks", entry.rel, ".npy", buffer.getvalue(), row, "mask")
         if self.cfg.overlay:
-            label = overlay_label(row["name"], row["score"])
+            # a masks-only model names no class: the box alone
+            label = overlay_label(row["name"], row["score"]) if "name" in row else ""
             args = (entry.path, float_masks(mask), row["box"], width, height, max_pixels(self.cfg))
             jpeg = overlay(*args, label=label)
             self.put("overlays", entry.rel, ".jpg", jpeg, row, "overlay")
@@ -212,6 +214,7 @@ def write_summary(
         "provider": info.provider,
         "device": info.device,
         "precision": info.precision,
+        "masks_only": info.masks_only,  # no classifier: the rows have no label fields
         "model": info.path,
         "model_sha256": info.sha256,
         "image_size": info.image_size,
@@ -222,9 +225,21 @@ def write_summary(
     return summary
 
 
+SALIENT = {"id": 1, "name": "salient object", "supercategory": "saliency"}
+MASKS_ONLY_NOTE = (
+    "a masks-only model (no classifier): every box is the one category 'salient object', and "
+    "no box has a score (the model gives none)"
+)
+
+
 def write_coco(record: Path, path: Path, masker: Masker) -> None:
     """COCO-style detections: `images`, `categories` (ids = class index + 1) and one
-    `annotations` entry with a `score` per image with a box (the results list of COCO's API)."""
+    `annotations` entry with a `score` per image with a box (the results list of COCO's API).
+
+    A masks-only model predicts no class and no confidence: its boxes are of one category,
+    SALIENT, with no `score`, and `info.description` says so.
+    """
+    masks_only = masker.info.masks_only
     images, annotations = [], []
     for image_id, row in enumerate(rows(record), start=1):
         if row["status"] != "ok":
@@ -239,23 +254,26 @@ def write_coco(record: Path, path: Path, masker: Masker) -> None:
         )
         if row["box"] is not None:
             x0, y0, x1, y1 = row["box"]
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": row["class_index"] + 1,
-                    "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "area": (x1 - x0) * (y1 - y0),
-                    "score": row["score"],
-                    "iscrowd": 0,
-                }
-            )
+            annotation = {
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": SALIENT["id"] if masks_only else row["class_index"] + 1,
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "area": (x1 - x0) * (y1 - y0),
+                "iscrowd": 0,
+            }
+            if not masks_only:
+                annotation["score"] = row["score"]
+            annotations.append(annotation)
     info = masker.info
-    categories = [
-        {"id": k + 1, "name": info.label(k)[1], "supercategory": info.label(k)[0]}
-        for k in range(info.num_classes)
-    ]
-    coco = {"images": images, "annotations": annotations, "categories": categories}
+    coco: dict[str, Any] = {"images": images, "annotations": annotations}
+    if masks_only:
+        coco = {"info": {"description": MASKS_ONLY_NOTE}, **coco, "categories": [SALIENT]}
+    else:
+        coco["categories"] = [
+            {"id": k + 1, "name": info.label(k)[1], "supercategory": info.label(k)[0]}
+            for k in range(info.num_classes)
+        ]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -1,7 +1,8 @@
 """Parity of an exported model with the eager fp32 SaliencyModel: the measurements and the verdict.
 
 `export.run` calls `check` on every file it writes, at batch sizes 1, 3 and 64. Boxes go
-through `metrics.masks_to_boxes` on both sides, the one pipeline eval and infer use.
+through `metrics.masks_to_boxes` on both sides, the one pipeline eval and infer use. A
+masks-only model has no logits: its logit figures and the argmax criterion are left out.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from casm_deploy.evaluation.metrics import Box, box_iou, masks_to_boxes
 
 BATCH_SIZES = (1, 3, 64)
 
-# images (B, 3, H, W) float32 -> (masks (B, 1, H, W), logits (B, K)), numpy in and out.
-Predict = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+# images (B, 3, H, W) float32 -> (masks (B, 1, H, W), logits (B, K) or None: masks-only),
+# numpy in and out.
+Predict = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class Thresholds:
     mean_abs_mask: float | None  # mean |Δmask| over every pixel of every image
     box_iou: float | None  # a box agrees when IoU > this; None: only an identical box agrees
     box_share: float  # share of the real images whose boxes must agree
-    same_argmax: bool  # the logits' argmax must agree on every image
+    same_argmax: bool  # the logits' argmax must agree on every image (a model with logits)
 
 
 THRESHOLDS: dict[str, Thresholds] = {
@@ -44,7 +46,7 @@ class Reference:
     """The eager fp32 outputs on the parity images; the first `n_real` images are real ones."""
 
     masks: np.ndarray  # (N, 1, H, W)
-    logits: np.ndarray  # (N, K)
+    logits: np.ndarray | None  # (N, K); None for a masks-only model
     boxes: list[Box | None]  # of the real images
     n_real: int
 
@@ -57,14 +59,15 @@ def reference(predict: Predict, images: np.ndarray, n_real: int) -> Reference:
 
 def run_batched(
     predict: Predict, images: np.ndarray, batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray | None]:
     """`predict` over `images` in chunks of `batch_size` (the last one may be smaller)."""
     masks, logits = [], []
     for start in range(0, len(images), batch_size):
         m, z = predict(images[start : start + batch_size])
         masks.append(np.asarray(m, dtype=np.float32))
-        logits.append(np.asarray(z, dtype=np.float32))
-    return np.concatenate(masks), np.concatenate(logits)
+        if z is not None:
+            logits.append(np.asarray(z, dtype=np.float32))
+    return np.concatenate(masks), np.concatenate(logits) if logits else None
 
 
 def _agree(a: Box | None, b: Box | None, iou: float | None) -> bool:
@@ -73,27 +76,34 @@ def _agree(a: Box | None, b: Box | None, iou: float | None) -> bool:
     return iou is not None and box_iou(a, b) > iou
 
 
-def compare(ref: Reference, masks: np.ndarray, logits: np.ndarray) -> dict[str, Any]:
+def _shape(array: np.ndarray | None) -> tuple[int, ...] | None:
+    return None if array is None else array.shape
+
+
+def compare(ref: Reference, masks: np.ndarray, logits: np.ndarray | None) -> dict[str, Any]:
     """Differences of one run's outputs from the reference: plain numbers, JSON-ready.
 
-    Box shares are over the real images; mask and argmax figures over all images.
+    Box shares are over the real images; mask and argmax figures over all images. Without
+    logits (a masks-only model) there are no logit figures.
     """
-    if masks.shape != ref.masks.shape or logits.shape != ref.logits.shape:
+    if masks.shape != ref.masks.shape or _shape(logits) != _shape(ref.logits):
         raise ValueError(
-            f"outputs of shape {masks.shape}, {logits.shape}; expected "
-            f"{ref.masks.shape}, {ref.logits.shape}"
+            f"outputs of shape {masks.shape}, {_shape(logits)}; expected "
+            f"{ref.masks.shape}, {_shape(ref.logits)}"
         )
     diff = np.abs(masks.astype(np.float64) - ref.masks)  # (N, 1, H, W)
     boxes = masks_to_boxes(masks[: ref.n_real])
     pairs = list(zip(ref.boxes, boxes, strict=True))
-    return {
+    stats = {
         "max_abs_mask": float(diff.max()),
         "mean_abs_mask": float(diff.mean()),
-        "max_abs_logits": float(np.abs(logits - ref.logits).max()),
         "boxes_identical": float(np.mean([a == b for a, b in pairs])),
         "boxes_iou_above_0.9": float(np.mean([_agree(a, b, 0.9) for a, b in pairs])),
-        "argmax_agree": float(np.mean(logits.argmax(1) == ref.logits.argmax(1))),
     }
+    if logits is not None and ref.logits is not None:
+        stats["max_abs_logits"] = float(np.abs(logits - ref.logits).max())
+        stats["argmax_agree"] = float(np.mean(logits.argmax(1) == ref.logits.argmax(1)))
+    return stats
 
 
 def verdict(stats: dict[str, Any], limits: Thresholds) -> list[str]:
@@ -107,7 +117,7 @@ def verdict(stats: dict[str, Any], limits: Thresholds) -> list[str]:
     if not stats[key] >= limits.box_share:
         rule = "identical boxes" if limits.box_iou is None else f"box IoU > {limits.box_iou:g}"
         failures.append(f"{rule} on {stats[key]:.1%} of real images < {limits.box_share:.0%}")
-    if limits.same_argmax and stats["argmax_agree"] < 1:
+    if limits.same_argmax and stats.get("argmax_agree", 1) < 1:
         failures.append(f"argmax agrees on {stats['argmax_agree']:.1%} of images, not all")
     return failures
 

@@ -2,7 +2,7 @@
 
 export.run -> check_parity (inside ieee_fp32) -> each file opened as a numpy predict function
 (ONNX Runtime, torch.jit, torch.export) -> parity.check at every batch size -> the report in
-OUT/export.json.
+OUT/export.json. A masks-only model (one output) is checked against the eager MaskMapping.
 """
 
 from __future__ import annotations
@@ -18,14 +18,17 @@ import torch
 from casm_deploy.artifact import INPUT, OUTPUTS, first_line, load_torchscript
 from casm_deploy.deploy import parity
 from casm_deploy.deploy.precision import DTYPES
-from casm_deploy.models.mapping import SaliencyModel
 
 
 def _torch_predict(model: Any, device: torch.device) -> parity.Predict:
-    def predict(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A torch module as a predict function: (masks, logits), or a masks-only module's masks."""
+
+    def predict(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         with torch.no_grad():
-            masks, logits = model(torch.from_numpy(images).to(device))
-        return masks.float().cpu().numpy(), logits.float().cpu().numpy()
+            outputs = model(torch.from_numpy(images).to(device))
+        masks, logits = (outputs, None) if isinstance(outputs, torch.Tensor) else outputs
+        masks = masks.float().cpu().numpy()
+        return masks, None if logits is None else logits.float().cpu().numpy()
 
     return predict
 
@@ -40,10 +43,11 @@ def _onnxruntime_predict(path: Path, device: torch.device) -> tuple[parity.Predi
     if device.type == "cuda":  # no TF32: an fp32 graph is checked as true float32
         providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": 0}))
     session = ort.InferenceSession(str(path), options, providers=providers)
+    names = [name for name in OUTPUTS if name in {o.name for o in session.get_outputs()}]
 
-    def predict(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        masks, logits = session.run(list(OUTPUTS), {INPUT: images})
-        return masks, logits
+    def predict(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        outputs = session.run(names, {INPUT: images})
+        return outputs[0], outputs[1] if len(outputs) > 1 else None  # masks-only: no logits
 
     return predict, session.get_providers()[0]
 
@@ -71,7 +75,7 @@ def _counted(predict: parity.Predict, on_images: Callable[[int], None] | None) -
     if on_images is None:
         return predict
 
-    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         outputs = predict(batch)
         on_images(len(batch))
         return outputs
@@ -123,14 +127,15 @@ def _check_file(
 
 
 def check_parity(
-    masker: SaliencyModel,
+    masker: torch.nn.Module,
     written: dict[str, dict[str, Any]],
     images: np.ndarray,
     image_source: dict[str, Any],
     device: torch.device,
     on_images: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Check every written file against the eager fp32 masker on the parity images.
+    """Check every written file against the eager fp32 masker (the SaliencyModel, or its
+    MaskMapping for a masks-only export) on the parity images.
 
     An fp16 or bf16 ONNX graph that ONNX Runtime cannot run on this device is reported as
     skipped, with the reason; any other failure to run fails the check. `on_images(n)` is

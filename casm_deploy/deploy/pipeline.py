@@ -210,10 +210,11 @@ def collect(
     """The model's results of a launched batch: each file's record and its writing future."""
     jobs: list[Future | None] = [None] * len(launched.rows)
     if launched.pending is not None:
-        masks, logits = launched.pending.result()  # (B, S, S), (B, K)
+        masks, logits = launched.pending.result()  # (B, S, S), (B, K) or None (masks-only)
         for k, i in enumerate(launched.good):  # boxes and files in the pool: this thread
             entry = launched.batch[i][0]  # feeds the model
-            args = (entry, masks[k : k + 1], logits[k : k + 1], launched.sizes[k])
+            one = None if logits is None else logits[k : k + 1]
+            args = (entry, masks[k : k + 1], one, launched.sizes[k])
             jobs[i] = pool.submit(finish, masker, writer, *args)
     return list(zip(launched.rows, jobs, strict=True))
 
@@ -223,11 +224,11 @@ def finish(
     writer: Writer,
     entry: Entry,
     mask: np.ndarray,
-    logits: np.ndarray,
+    logits: np.ndarray | None,
     size: tuple[int, int],
 ) -> dict[str, Any]:
-    """One image's record fields (box, label, ...) from its (1, S, S) mask and (1, K) logits,
-    after its output files are written."""
+    """One image's record fields (box, label, ...) from its (1, S, S) mask and (1, K) logits
+    (None, and no label fields, for a masks-only model), after its output files are written."""
     (row,) = masker.describe(mask, logits, [size])
     writer.write(entry, mask[0], row)
     return row

@@ -1,7 +1,8 @@
-"""Precision: the fp16 / bf16 SaliencyModel behind float32 tensors, and int8 ONNX quantisation.
+"""Precision: the fp16 / bf16 mapping behind float32 tensors, and int8 ONNX quantisation.
 
-export -> HalfMasker (fp16, bf16) -> exporters (TorchScript, pt2, ONNX); an fp32 ONNX file ->
-`quantize_int8`, calibrated on training images (parity_data) -> masker.onnx at int8.
+export -> HalfMasker (fp16, bf16; a SaliencyModel or its masks-only MaskMapping) -> exporters
+(TorchScript, pt2, ONNX); an fp32 ONNX file -> `quantize_int8`, calibrated on training images
+(parity_data) -> masker.onnx at int8.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ from torch import nn
 
 from casm_deploy.artifact import INPUT, OUTPUTS, write_onnx_metadata
 from casm_deploy.common.ui import console
-from casm_deploy.models.mapping import SaliencyModel
+from casm_deploy.errors import UserError
+from casm_deploy.models.mapping import MaskMapping, SaliencyModel
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class HalfMasker(nn.Module):
-    """The SaliencyModel computing in fp16 or bf16 behind float32 `images`, `masks` and `logits`.
+    """A SaliencyModel computing in fp16 or bf16 behind float32 `images`, `masks` and `logits`;
+    a MaskMapping (`--masks-only`) likewise, with `masks` alone.
 
     BatchNorm is folded into the convolutions in float32 first, then the weights are rounded
     once. The normalisation and the mask head (the last 3x3 conv, the sigmoid and the
@@ -36,21 +39,30 @@ class HalfMasker(nn.Module):
     where half precision would move the mask most.
     """
 
-    def __init__(self, masker: SaliencyModel, dtype: torch.dtype):
+    def __init__(self, masker: SaliencyModel | MaskMapping, dtype: torch.dtype):
         super().__init__()
         masker = fold_batchnorm(copy.deepcopy(masker).eval())
         head = copy.deepcopy(masker.decoder.final)  # before .to(dtype) rounds it
-        self.encoder = masker.encoder.to(dtype)
+        self.masks_only = isinstance(masker, MaskMapping)
+        self.encoder = masker.encoder.to(dtype)  # a MaskMapping's: the mapping's own
+        # a SaliencyModel whose mapping has an encoder of its own reads its features from it
+        mapping_encoder = None if self.masks_only else masker.mapping_encoder
+        self.mapping_encoder = None if mapping_encoder is None else mapping_encoder.to(dtype)
         self.decoder = masker.decoder.to(dtype)
         self.decoder.final = nn.Sequential(_Cast(torch.float32), head)
         self.register_buffer("mean", masker.mean.float().clone(), persistent=False)
         self.register_buffer("std", masker.std.float().clone(), persistent=False)
         self.dtype = dtype
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        normalized = (images - self.mean) / self.std  # float32
-        logits, features = self.encoder(normalized.to(self.dtype))
-        masks = self.decoder(features, size=images.shape[-2:])  # float32 from the head on
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        normalized = ((images - self.mean) / self.std).to(self.dtype)  # computed in float32
+        size = images.shape[-2:]
+        if self.masks_only:
+            return self.decoder(self.encoder.feature_maps(normalized), size=size)
+        logits, features = self.encoder(normalized)
+        if self.mapping_encoder is not None:
+            features = self.mapping_encoder.feature_maps(normalized)
+        masks = self.decoder(features, size=size)  # float32 from the head on
         return masks, logits.float()
 
 
@@ -121,10 +133,11 @@ def quantize_int8(
 ) -> None:
     """Static QDQ int8 quantisation (per-channel weights) calibrated on `batches`.
 
-    The encoder (the classifier, most of the compute) is quantised; the decoder, which only
-    computes the mask, stays in float32: quantising it doubled the mean mask error on the demo
-    model for little speed. Activation ranges are percentiles: outliers of a few calibration
-    images would otherwise stretch the int8 grid.
+    The encoder (the classifier, most of the compute; in a masks-only graph, the mapping's own)
+    is quantised; the decoder, which only computes the mask, stays in float32 (`mask_head`):
+    quantising it doubled the mean mask error on the demo model for little speed. Activation
+    ranges are percentiles: outliers of a few calibration images would otherwise stretch the
+    int8 grid.
 
     The batches are calibrated one at a time (ONNX Runtime's `CalibStridedMinMax`, which every
     calibrator honours), each merged into the histograms: in one pass the calibrator holds every
@@ -174,7 +187,15 @@ def _quiet_print() -> Iterator[None]:
 
 
 def mask_head(model: Any) -> list[str]:
-    """Names of the ONNX nodes that compute `masks` only (the decoder), not `logits`."""
+    """Names of the ONNX nodes int8 leaves in float32: those that compute `masks` only (the
+    decoder, and a mapping's own encoder), not `logits`. A masks-only graph has no `logits`:
+    there they are the nodes the exporter scoped under the `decoder` module.
+
+    Raises:
+        UserError: a masks-only graph without the exporter's module scopes.
+    """
+    if OUTPUTS[1] not in {output.name for output in model.graph.output}:
+        return decoder_nodes(model)
     producers = {name: node for node in model.graph.node for name in node.output}
 
     def ancestors(tensor: str) -> set[str]:
@@ -187,3 +208,30 @@ def mask_head(model: Any) -> list[str]:
         return seen
 
     return sorted(ancestors(OUTPUTS[0]) - ancestors(OUTPUTS[1]))
+
+
+SCOPES = "pkg.torch.onnx.name_scopes"  # the dynamo exporter's module path of a node
+
+
+def decoder_nodes(model: Any) -> list[str]:
+    """Names of the nodes of the top-level `decoder` module, from the dynamo exporter's name
+    scopes (['', 'decoder', ...]), which ONNX Runtime's pre-processing keeps.
+
+    Raises:
+        UserError: no node is scoped under `decoder`.
+    """
+    import ast
+
+    found = []
+    for node in model.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == SCOPES), "[]")
+        with contextlib.suppress(ValueError, SyntaxError):
+            path = ast.literal_eval(scopes)
+            if isinstance(path, list) and path[1:2] == ["decoder"]:
+                found.append(node.name)
+    if not found:
+        raise UserError(
+            "int8 --masks-only: the ONNX graph names no module scopes, so its decoder cannot be "
+            "kept in float32; export it at fp32 or fp16"
+        )
+    return sorted(found)

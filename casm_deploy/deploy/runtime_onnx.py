@@ -2,7 +2,8 @@
 
 runtimes.open_model -> OnnxBackend: the providers chosen (onnx_providers), the first that
 starts, the graph's inputs and outputs checked against its metadata -> `submit`, on CUDA with IO
-binding on torch tensors (device_io) -> masks and logits for infer and the Masker API.
+binding on torch tensors (device_io) -> masks and logits (a masks-only model: masks alone) for
+infer and the Masker API.
 """
 
 from __future__ import annotations
@@ -19,8 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from casm_deploy.artifact import INPUT, OUTPUTS, first_line, read_metadata
-from casm_deploy.deploy.device_io import DeviceIO, Image, Pending, masks_to_uint8, stack_host
+from casm_deploy.artifact import INPUT, OUTPUTS, first_line, output_names, read_metadata
+from casm_deploy.deploy.device_io import (
+    DeviceIO,
+    Image,
+    Outputs,
+    Pending,
+    masks_to_uint8,
+    stack_host,
+)
 from casm_deploy.deploy.model_info import info_from_metadata
 from casm_deploy.errors import UserError
 
@@ -102,16 +110,21 @@ def preload_cuda(ort: Any) -> None:
             preload()
 
 
-def check_onnx_io(session: Any, path: Path, size: int, classes: int) -> None:
+def check_onnx_io(
+    session: Any, path: Path, size: int, classes: int, masks_only: bool = False
+) -> None:
     """The graph's inputs and outputs against its metadata: float images (B, 3, S, S) in,
-    float masks (B, 1, S, S) and logits (B, K) out, the batch B a dynamic dimension.
+    float masks (B, 1, S, S) and logits (B, K) out (masks alone for a masks-only model), the
+    batch B a dynamic dimension.
 
     Raises:
         UserError: a tensor is missing or of another type or shape (the message names it).
     """
+    dims = {MASKS: (1, size, size), LOGITS: (classes,)}
+    outputs = {name: dims[name] for name in output_names(masks_only)}
     expected = {
         "input": (session.get_inputs(), {INPUT: (3, size, size)}),
-        "output": (session.get_outputs(), {MASKS: (1, size, size), LOGITS: (classes,)}),
+        "output": (session.get_outputs(), outputs),
     }
     for kind, (args, shapes) in expected.items():
         found = {arg.name: arg for arg in args}
@@ -163,7 +176,8 @@ class OnnxBackend:
         if device == "cuda":
             preload_cuda(ort)
         self.session, used = self._start(ort, path, chain)
-        check_onnx_io(self.session, path, size, info.num_classes)
+        check_onnx_io(self.session, path, size, info.num_classes, info.masks_only)
+        self.outputs = list(output_names(info.masks_only))
         if used == TENSORRT:
             self.notices.append(
                 f"TensorRT builds its engine for batches 1-{batch} on the first run of this "
@@ -252,7 +266,7 @@ class OnnxBackend:
             self.notices.append(f"{short(chain[0][0])} did not start: running on {short(used)}")
         return session, used
 
-    def __call__(self, images: Sequence[Image]) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, images: Sequence[Image]) -> Outputs:
         return self.submit(images).result()
 
     def submit(self, images: Sequence[Image], uint8_masks: bool = False) -> Pending:
@@ -260,11 +274,11 @@ class OnnxBackend:
             inputs = stack_host(images).transpose(0, 3, 1, 2)
             inputs = np.ascontiguousarray(inputs, dtype=np.float32)
             inputs /= 255
-            masks, logits = self.session.run([MASKS, LOGITS], {INPUT: inputs})
+            masks, *logits = self.session.run(self.outputs, {INPUT: inputs})
             masks = masks[:, 0]
             if uint8_masks:
                 masks = masks_to_uint8(torch.from_numpy(masks)).numpy()
-            return Pending.done(masks, logits)
+            return Pending.done(masks, logits[0] if logits else None)
         if self.info.provider == TENSORRT and len(images) > self.max_batch:
             # beyond the engine's batch range: run in parts rather than rebuild it
             parts = [
@@ -272,6 +286,8 @@ class OnnxBackend:
                 for i in range(0, len(images), self.max_batch)
             ]
             masks = np.concatenate([m for m, _ in parts])
+            if self.info.masks_only:
+                return Pending.done(masks, None)
             return Pending.done(masks, np.concatenate([lg for _, lg in parts]))
         return self._bound(images, uint8_masks)
 
@@ -282,19 +298,20 @@ class OnnxBackend:
         staged = self.io.to_device(images)
         inputs = staged.permute(0, 3, 1, 2).float().div_(255).contiguous()  # (B,3,S,S)
         masks = torch.empty((batch, 1, size, size), device=self.device)
-        logits = torch.empty((batch, self.info.num_classes), device=self.device)
+        logits = None  # a masks-only model has none
+        bound = [(INPUT, inputs, "input"), (MASKS, masks, "output")]
+        if not self.info.masks_only:
+            logits = torch.empty((batch, self.info.num_classes), device=self.device)
+            bound.append((LOGITS, logits, "output"))
         # ORT runs on its own stream: it may start once torch's stream has written `inputs`
         # (and has finished with whatever memory the outputs reuse)
         ready = torch.cuda.Event()
         ready.record()
 
-        def finish() -> tuple[np.ndarray, np.ndarray]:
+        def finish() -> Outputs:
             binding = self.session.io_binding()
-            for name, tensor, bind in (
-                (INPUT, inputs, binding.bind_input),
-                (MASKS, masks, binding.bind_output),
-                (LOGITS, logits, binding.bind_output),
-            ):
+            for name, tensor, kind in bound:
+                bind = binding.bind_input if kind == "input" else binding.bind_output
                 bind(
                     name,
                     "cuda",

@@ -2,7 +2,7 @@
 
 runtimes.open_model -> TorchScriptBackend (artifact.load_torchscript: its code checked first)
 or EagerBackend (checkpoint.masker_from_checkpoint) -> `submit` through device_io -> masks and
-logits for infer and the `casm_deploy.Masker` API.
+logits (None from a masks-only export) for infer and the `casm_deploy.Masker` API.
 """
 
 from __future__ import annotations
@@ -11,17 +11,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from casm_deploy.artifact import first_line, load_torchscript, read_metadata
-from casm_deploy.deploy.device_io import DeviceIO, Image, Pending, masks_to_uint8, stack_host
+from casm_deploy.deploy.device_io import (
+    DeviceIO,
+    Image,
+    Outputs,
+    Pending,
+    masks_to_uint8,
+    stack_host,
+)
 from casm_deploy.deploy.model_info import ModelInfo, info_from_metadata
 from casm_deploy.errors import UserError
 
 
+def split_outputs(outputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A module's (masks, logits), or the masks a masks-only module returns alone."""
+    return (outputs, None) if isinstance(outputs, torch.Tensor) else outputs
+
+
 class TorchBackend:
-    """A torch module taking (B, 3, S, S) float in [0, 1], returning (masks, logits)."""
+    """A torch module taking (B, 3, S, S) float in [0, 1], returning (masks, logits), or the
+    masks alone (a masks-only export)."""
 
     module: Any
     device: torch.device
@@ -33,7 +45,7 @@ class TorchBackend:
         self.io = DeviceIO(self.device, batch, size) if self.device.type == "cuda" else None
         self.notices: list[str] = []
 
-    def __call__(self, images: Sequence[Image]) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, images: Sequence[Image]) -> Outputs:
         return self.submit(images).result()
 
     @torch.inference_mode()
@@ -41,12 +53,12 @@ class TorchBackend:
         if self.io is None:
             inputs = torch.from_numpy(stack_host(images))
             inputs = inputs.permute(0, 3, 1, 2).float().div_(255)  # channels-last NCHW view
-            masks, logits = self.module(inputs)
+            masks, logits = split_outputs(self.module(inputs))
             masks = masks[:, 0]
             masks = masks_to_uint8(masks) if uint8_masks else masks.float()
-            return Pending.done(masks.numpy(), logits.float().numpy())
+            return Pending.done(masks.numpy(), None if logits is None else logits.float().numpy())
         inputs = self.io.to_device(images).permute(0, 3, 1, 2).float().div_(255)
-        masks, logits = self.module(inputs)  # queued: the host goes on
+        masks, logits = split_outputs(self.module(inputs))  # queued: the host goes on
         return self.io.to_host(masks[:, 0], logits, uint8_masks)
 
 

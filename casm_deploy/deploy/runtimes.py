@@ -2,7 +2,8 @@
 
 export -> masker.onnx / masker.ts (or a training checkpoint) -> open_model -> Backend, which
 infer and the `casm_deploy.Masker` API call on batches of decoded uint8 images. The backends
-are runtime_onnx.OnnxBackend and runtime_torch's TorchScriptBackend and EagerBackend.
+are runtime_onnx.OnnxBackend and runtime_torch's TorchScriptBackend and EagerBackend. A
+masks-only export (`info.masks_only`) gives masks and no logits (None).
 
 On CUDA a batch goes through `submit` without blocking the calling thread: the images are
 copied in from pinned memory on a side stream (device_io.DeviceIO), the model runs, the masks
@@ -24,7 +25,7 @@ import torch
 
 from casm_deploy.artifact import first_line, sha256_file
 from casm_deploy.common.devices import resolve_device
-from casm_deploy.deploy.device_io import Image, Pending
+from casm_deploy.deploy.device_io import Image, Outputs, Pending
 from casm_deploy.deploy.model_info import ModelInfo
 from casm_deploy.deploy.runtime_onnx import OnnxBackend
 from casm_deploy.deploy.runtime_torch import EagerBackend, TorchBackend, TorchScriptBackend
@@ -37,7 +38,8 @@ DEFAULT_BATCH = 64  # the Masker API's batch size; infer passes its --batch
 
 
 class Backend(Protocol):
-    """A model that maps (B, S, S, 3) uint8 RGB images to masks (B, S, S) and logits (B, K).
+    """A model that maps (B, S, S, 3) uint8 RGB images to masks (B, S, S) and logits (B, K),
+    or to masks and None (a masks-only model: no classifier).
 
     The uint8 batch crosses to the device as it is (4x fewer bytes than float32); the scaling
     to [0, 1] happens there, and the normalisation inside the model.
@@ -48,7 +50,7 @@ class Backend(Protocol):
 
     def submit(self, images: Sequence[Image], uint8_masks: bool = False) -> Pending: ...
 
-    def __call__(self, images: Sequence[Image]) -> tuple[np.ndarray, np.ndarray]: ...
+    def __call__(self, images: Sequence[Image]) -> Outputs: ...
 
 
 def device_type(device: str) -> str:
@@ -154,16 +156,21 @@ def probe(model: Backend, path: Path) -> None:
     than after the first batch of images is decoded.
 
     Raises:
-        UserError: the model fails, or its outputs are not masks (1, 1, S, S) and logits (1, K).
+        UserError: the model fails, or its outputs are not masks (1, 1, S, S) and logits (1, K)
+            (masks alone, as a tensor, from a masks-only model).
     """
-    size, classes = model.info.image_size, model.info.num_classes
-    want = f"masks (1, 1, {size}, {size}) and logits (1, {classes})"
+    info = model.info
+    size, classes, masks_only = info.image_size, info.num_classes, info.masks_only
+    wanted: list[tuple[int, ...]] = [(1, 1, size, size)] + ([] if masks_only else [(1, classes)])
+    want = f"masks (1, 1, {size}, {size})" + ("" if masks_only else f" and logits (1, {classes})")
     try:
         if isinstance(model, TorchBackend):  # the module's own outputs, before `submit`
             with torch.inference_mode():
                 outputs = model.module(torch.zeros(1, 3, size, size, device=model.device))
+            if isinstance(outputs, torch.Tensor):  # a masks-only module's masks
+                outputs = (outputs,)
             shapes = [tuple(t.shape) for t in outputs] if isinstance(outputs, tuple) else []
-            if shapes != [(1, 1, size, size), (1, classes)]:
+            if shapes != wanted:
                 raise UserError(f"{path}: on one image it returns {shapes or outputs}, not {want}")
         masks, logits = model(np.zeros((1, size, size, 3), np.uint8))
     except UserError:
@@ -172,8 +179,9 @@ def probe(model: Backend, path: Path) -> None:
         raise UserError(
             f"{path}: the model fails on one {size}x{size} image ({first_line(error, 200)})"
         ) from None
-    if masks.shape != (1, size, size) or logits.shape != (1, classes):
-        raise UserError(
-            f"{path}: on one image it returns masks {masks.shape} and logits {logits.shape}, "
-            f"not {want}"
+    logits_shape = None if logits is None else logits.shape
+    if masks.shape != (1, size, size) or logits_shape != (None if masks_only else (1, classes)):
+        returned = f"masks {masks.shape}" + (
+            "" if logits is None else f" and logits {logits_shape}"
         )
+        raise UserError(f"{path}: on one image it returns {returned}, not {want}")

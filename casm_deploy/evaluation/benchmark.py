@@ -1,5 +1,6 @@
-"""`casm-deploy eval`: the paper's localisation benchmark (LE / OM / F1), baselines, and the
-classification of masked images by many classifiers (§3.3, Fig. 3).
+"""`casm-deploy eval`: the paper's localisation benchmark (LE / OM / F1), MaxBoxAccV2 and, where
+the data has object masks, PxAP (Choe et al., CVPR 2020), baselines, and the classification of
+masked images by many classifiers (§3.3, Fig. 3).
 
 One streamed pass over the data: each batch is decoded once, every method (the models, then
 the centre / full / Grad-CAM baselines) masks it, and the masks go through the one scorer,
@@ -18,10 +19,18 @@ from rich.table import Table
 from casm_deploy.common.paths import check_file
 from casm_deploy.common.ui import console, progress
 from casm_deploy.config import EvalConfig, config_to_dict
-from casm_deploy.data.imagenet import DatasetInfo, own_boxes, own_parts, read_classes
+from casm_deploy.data.imagenet import (
+    DatasetInfo,
+    has_object_masks,
+    own_boxes,
+    own_object_mask,
+    own_parts,
+    read_classes,
+)
 from casm_deploy.data.loader import build_loader
 from casm_deploy.data.transforms import check_policy
 from casm_deploy.errors import UserError
+from casm_deploy.evaluation import boxacc
 from casm_deploy.evaluation.coverage import copy_coverage, part_coverage
 from casm_deploy.evaluation.leak import mask_only_accuracy
 from casm_deploy.evaluation.localisation import score_masks
@@ -29,6 +38,8 @@ from casm_deploy.evaluation.masking import binarize, inpaint, masked_in, masked_
 from casm_deploy.evaluation.methods import Method, build_methods, load_classifiers
 
 SCORE_KEYS = ("LE", "OM", "F1", "F1a", "mask_mean", "mask_std", "mask_entropy", "mask_tv")
+BOX_KEYS = boxacc.KEYS  # MaxBoxAccV2 and MaxBoxAcc at IoU 0.3, 0.5, 0.7
+PIXEL_KEYS = ("PxAP",)  # when the annotations have object masks (`data synth` writes them)
 COPY_KEYS = ("copy_share_lighter", "copy_touch_both")  # with --copies only
 # When DATA has a parts/ folder (data of `synth --parts`).
 PART_KEYS = ("part_coverage", "parts_all_touched", "part_share_least", "n_part_images")
@@ -44,11 +55,21 @@ class Truth:
     wnids: list[str]  # data label -> wnid, of the classes scored
     size: int  # the model frame, S x S
     policy: str  # --resize
+    masks: bool = False  # the XMLs have object masks beside them: PxAP is scored
 
     def boxes(self, samples: list) -> list:
         """Each image's boxes of its own class."""
         return [
             own_boxes(p, self.wnids[y], self.annotations, self.size, self.policy)
+            for p, y in samples
+        ]
+
+    def object_masks(self, samples: list) -> list | None:
+        """Each image's pixels of its own class's objects (bool), or None without masks."""
+        if not self.masks:
+            return None
+        return [
+            own_object_mask(p, self.wnids[y], self.annotations, self.size, self.policy)
             for p, y in samples
         ]
 
@@ -66,12 +87,15 @@ def run(cfg: EvalConfig) -> dict:
     """Score every method on `cfg.data`; print the tables; write `cfg.json` when given.
 
     The data's classes: its classes.txt, else its train/ folders, else (a test set of its own)
-    the folders of `cfg.split`. LE and F1 need only the boxes; OM needs the model's classes.
+    the folders of `cfg.split`. LE, F1 and MaxBoxAccV2 need only the boxes; OM needs the
+    model's classes. When the annotations folder has object masks (`<stem>.png` beside the XMLs,
+    as `data synth` writes), every image of the split needs its mask and PxAP is scored too.
     When DATA has a parts/ folder (`data synth --parts`), every image of the split needs its
     part label map and list there, and part coverage is scored too (`coverage.part_coverage`).
 
     Returns:
-        {"scores": {method: {LE, OM, F1, F1a, mask_*, n_images; with `cfg.copies` also
+        {"scores": {method: {LE, OM, F1, F1a, mask_*, MaxBoxAccV2, MaxBoxAcc@0.3 / 0.5 / 0.7,
+                             n_images; with object masks also PxAP; with `cfg.copies` also
                              copy_share_lighter, copy_touch_both; when DATA has a parts/
                              folder also part_coverage, parts_all_touched, part_share_least,
                              n_part_images; OM_note when some images are of classes the
@@ -81,8 +105,8 @@ def run(cfg: EvalConfig) -> dict:
     """
     if cfg.json:
         check_file(Path(cfg.json), "--json")
-    info, annotations, parts = open_split(cfg)
-    methods, size, wnids = build_methods(cfg, info.wnids, parts=parts is not None)
+    info, annotations, parts, masks = open_split(cfg)
+    methods, size, wnids = build_methods(cfg, info.wnids, parts=parts is not None, masks=masks)
     classifiers = load_classifiers(cfg.classifiers, wnids)
     loader = build_loader(
         cfg.data,
@@ -95,7 +119,7 @@ def run(cfg: EvalConfig) -> dict:
         policy=cfg.resize,
         limit=cfg.limit,
     )
-    truth = Truth(annotations, parts, wnids, size, cfg.resize)
+    truth = Truth(annotations, parts, wnids, size, cfg.resize, masks)
     counts = score_split(cfg, loader, truth, methods, classifiers)
 
     scores = {m.name: m.result() for m in methods}
@@ -104,14 +128,15 @@ def run(cfg: EvalConfig) -> dict:
             console.print(f"{method.name}: {method.om_note()}")
     accuracy = classifier_accuracy(counts) if classifiers else {}
     leak = leak_control(cfg, methods, wnids, size) if cfg.leak_control else {}
-    print_tables(scores, accuracy, leak, methods[0].name, cfg, parts=parts is not None)
+    print_tables(scores, accuracy, leak, methods[0].name, cfg, parts=parts is not None, masks=masks)
     if cfg.json:
         write_json(Path(cfg.json), scores, accuracy, leak, methods[0].name, cfg)
     return {"scores": scores, "classifiers": accuracy, "leak": leak}
 
 
-def open_split(cfg: EvalConfig) -> tuple[DatasetInfo, Path, Path | None]:
-    """The data's classes, its annotations folder and its parts/ folder (None without one).
+def open_split(cfg: EvalConfig) -> tuple[DatasetInfo, Path, Path | None, bool]:
+    """The data's classes, its annotations folder, its parts/ folder (None without one), and
+    whether the annotations have object masks.
 
     Raises:
         UserError: no annotations folder, or an unknown resize policy.
@@ -126,11 +151,12 @@ def open_split(cfg: EvalConfig) -> tuple[DatasetInfo, Path, Path | None]:
     if not annotations.is_dir():
         raise UserError(f"{annotations}: no annotations folder (pass --annotations DIR)")
     check_policy(cfg.resize)
+    masks = has_object_masks(annotations)  # then every image needs its own (PxAP)
     parts = root / "parts"
     if not parts.is_dir():
-        return info, annotations, None
+        return info, annotations, None, masks
     console.print(f"{parts}: also scoring part coverage ({', '.join(PART_KEYS[:3])})")
-    return info, annotations, parts
+    return info, annotations, parts, masks
 
 
 def score_split(
@@ -154,11 +180,12 @@ def score_split(
             if cfg.copies:
                 check_two_copies(samples, gt_boxes)
             part_maps = truth.part_maps(samples)
+            object_masks = truth.object_masks(samples)
             outputs = [method.masks(images) for method in methods]
             first_logits = outputs[0][1]  # the first method is always a model
             for method, (masks, logits) in zip(methods, outputs, strict=True):
                 logits = first_logits if logits is None else logits
-                score_batch(method, masks, logits, labels, gt_boxes, part_maps)
+                score_batch(method, masks, logits, labels, gt_boxes, part_maps, object_masks)
                 if method.name in counts and classifiers:
                     count_classifications(counts[method.name], classifiers, images, masks, labels)
             bars.advance(task)
@@ -190,16 +217,24 @@ def leak_control(cfg: EvalConfig, methods: list[Method], wnids: list[str], size:
     return leak
 
 
-def score_batch(method: Method, masks, logits, labels, gt_boxes, part_maps=None) -> None:
-    """LE / OM / F1 and mask statistics of one batch, into the method's meters.
+def score_batch(
+    method: Method, masks, logits, labels, gt_boxes, part_maps=None, object_masks=None
+) -> None:
+    """LE / OM / F1, MaxBoxAccV2 and mask statistics of one batch, into the method's meters.
 
-    `part_maps`: the images' part label maps in the model frame, for `method.parts`.
+    `part_maps`: the images' part label maps in the model frame, for `method.parts`;
+    `object_masks`: the pixels of each image's objects in the model frame, for `method.pxap`.
     """
     known = [method.labels[label] for label in labels.tolist()]  # -1: a class it does not know
     predicted = logits.argmax(1).tolist()
     correct = [None if k < 0 else guess == k for k, guess in zip(known, predicted, strict=True)]
     method.unknown_images += sum(k < 0 for k in known)
     masks_np = score_masks(masks, gt_boxes, correct, method.meter, method.stats)
+    for mask, gt in zip(masks_np, gt_boxes, strict=True):
+        method.boxacc.add(mask, gt)
+    if method.pxap is not None:
+        for mask, truth in zip(masks_np, object_masks, strict=True):
+            method.pxap.add(mask, truth)
     if method.copies:
         for mask, gt in zip(masks_np, gt_boxes, strict=True):
             share, touches_both = copy_coverage(mask, gt)
@@ -249,26 +284,16 @@ def count_classifications(counts, classifiers, images, masks, labels) -> None:
 
 
 def print_tables(
-    scores: dict, accuracy: dict, leak: dict, first: str, cfg: EvalConfig, parts: bool = False
+    scores: dict,
+    accuracy: dict,
+    leak: dict,
+    first: str,
+    cfg: EvalConfig,
+    parts: bool = False,
+    masks: bool = False,
 ) -> None:
-    table = Table(title=f"{cfg.data} ({cfg.split}, {cfg.resize})")
-    table.add_column("method", no_wrap=True)
-    copy_keys = COPY_KEYS if cfg.copies else ()
-    copy_headers = ("lighter copy", "both copies") if cfg.copies else ()
-    part_keys = PART_KEYS if parts else ()
-    # Short two-line headers: the table has to fit 120 columns (the console's width in logs).
-    part_headers = ("parts", "all\nparts", "least\npart", "part\nimages") if parts else ()
-    headers = ["LE", "OM", "F1", "F1a", "area", "std", "entropy", "TV"]
-    headers += [*copy_headers, *part_headers, "images"]
-    for header in headers:
-        table.add_column(header, justify="right")
-    for name, result in scores.items():
-        cells = [
-            f"{result[k]:.3f}" if isinstance(result[k], float) else str(result[k])
-            for k in (*SCORE_KEYS, *copy_keys, *part_keys, "n_images")
-        ]
-        table.add_row(name, *["-" if c == "None" else c for c in cells])
-    console.print(table)
+    print_localisation(scores, cfg, parts)
+    print_box_and_pixel_scores(scores, masks)
     if cfg.baselines:
         console.print(f"OM of the baselines uses the classifier of {first}.")
     for mask_model, by_classifier in accuracy.items():
@@ -292,6 +317,50 @@ def print_tables(
         console.print(
             "Above chance, the mask's outline tells the class: masked-out accuracies then "
             "partly measure that leak."
+        )
+
+
+def cell(value) -> str:
+    """A table cell: a float to 3 places, None as "-"."""
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def print_localisation(scores: dict, cfg: EvalConfig, parts: bool) -> None:
+    """The paper's table: LE / OM / F1, the mask statistics, and copy or part coverage."""
+    table = Table(title=f"{cfg.data} ({cfg.split}, {cfg.resize})")
+    table.add_column("method", no_wrap=True)
+    copy_keys = COPY_KEYS if cfg.copies else ()
+    copy_headers = ("lighter copy", "both copies") if cfg.copies else ()
+    part_keys = PART_KEYS if parts else ()
+    # Short two-line headers: the table has to fit 120 columns (the console's width in logs).
+    part_headers = ("parts", "all\nparts", "least\npart", "part\nimages") if parts else ()
+    headers = ["LE", "OM", "F1", "F1a", "area", "std", "entropy", "TV"]
+    headers += [*copy_headers, *part_headers, "images"]
+    for header in headers:
+        table.add_column(header, justify="right")
+    for name, result in scores.items():
+        keys = (*SCORE_KEYS, *copy_keys, *part_keys, "n_images")
+        table.add_row(name, *[cell(result[k]) for k in keys])
+    console.print(table)
+
+
+def print_box_and_pixel_scores(scores: dict, masks: bool) -> None:
+    """MaxBoxAccV2, its MaxBoxAcc at each IoU threshold and, with object masks, PxAP."""
+    title = "MaxBoxAccV2 and PxAP" if masks else "MaxBoxAccV2"
+    table = Table(title=f"{title} (Choe et al., CVPR 2020)")
+    table.add_column("method", no_wrap=True)
+    headers = ["MaxBoxAccV2", *(k.replace("@", "\nIoU ") for k in BOX_KEYS[1:])]
+    for header in headers + (["PxAP"] if masks else []):
+        table.add_column(header, justify="right")
+    for name, result in scores.items():
+        table.add_row(name, *[cell(result[k]) for k in BOX_KEYS + (PIXEL_KEYS if masks else ())])
+    console.print(table)
+    if not masks:
+        console.print(
+            "PxAP: not measured, the annotations have no object masks (<stem>.png beside each "
+            "XML, as data synth writes them)."
         )
 
 

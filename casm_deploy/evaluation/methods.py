@@ -18,8 +18,11 @@ from casm_deploy.checkpoint import load_masker
 from casm_deploy.common.ui import console
 from casm_deploy.config import EvalConfig
 from casm_deploy.errors import UserError
+from casm_deploy.evaluation import boxacc
+from casm_deploy.evaluation.boxacc import BoxAccMeter
 from casm_deploy.evaluation.gradcam import gradcam
 from casm_deploy.evaluation.metrics import LocalizationMeter, MaskStats, center_box
+from casm_deploy.evaluation.pxap import PxAPMeter
 from casm_deploy.models.mapping import SaliencyModel
 
 BASELINES = ("center", "full", "gradcam")
@@ -36,6 +39,8 @@ class Method:
     copies: bool = False  # also score the two copies' coverage (eval --copies)
     meter: LocalizationMeter = field(default_factory=LocalizationMeter)
     stats: MaskStats = field(default_factory=MaskStats)
+    boxacc: BoxAccMeter = field(default_factory=BoxAccMeter)  # MaxBoxAccV2
+    pxap: PxAPMeter | None = None  # where the data has object masks (`imagenet.own_object_mask`)
     copy_share_sum: float = 0.0  # sums over images of `coverage.copy_coverage`'s two results
     copy_touch_count: int = 0
     parts: bool = False  # also score how the mask covers the object's parts (DATA/parts/)
@@ -75,9 +80,12 @@ class Method:
                 "n_part_images": n,
             }
         note = {"OM_note": self.om_note()} if self.unknown_images else {}
+        boxes = self.boxacc.result()
         return {
             **{k: v for k, v in self.meter.result().items() if k != "n_images"},
             **self.stats.result(),
+            **{k: boxes[k] for k in boxacc.KEYS},
+            **(self.pxap.result() if self.pxap is not None else {}),
             **copies,
             **parts,
             **note,
@@ -128,12 +136,12 @@ def select_classes(data_wnids: list[str], model_wnids: list[str], which: str) ->
 
 
 def build_methods(
-    cfg: EvalConfig, data_wnids: list[str], parts: bool = False
+    cfg: EvalConfig, data_wnids: list[str], parts: bool = False, masks: bool = False
 ) -> tuple[list[Method], int, list[str]]:
     """The models of `cfg.models`, then the baselines on the first model's classifier.
 
     Also returns the data classes to score (`cfg.classes` against the first model's classes).
-    `parts`: every method also scores part coverage.
+    `parts`: every method also scores part coverage; `masks`: PxAP too.
     """
     if not cfg.models:
         raise UserError("eval needs at least one model (a checkpoint)")
@@ -155,6 +163,7 @@ def build_methods(
             is_model=True,
             copies=cfg.copies,
             parts=parts,
+            pxap=PxAPMeter() if masks else None,
         )
         for m in models
     ]
@@ -167,7 +176,8 @@ def build_methods(
             fn = constant_masks([0, 0, size, size], size)
         else:
             fn = lambda images: gradcam(first, images, cfg.gradcam_stage)  # noqa: E731
-        methods.append(Method(baseline, fn, labels, copies=cfg.copies, parts=parts))
+        pxap = PxAPMeter() if masks else None
+        methods.append(Method(baseline, fn, labels, copies=cfg.copies, parts=parts, pxap=pxap))
     return methods, size, data_wnids
 
 

@@ -1,6 +1,7 @@
 """The decoder of the mapping: the encoder's feature maps -> a mask in [0, 1].
 
-`mapping.SaliencyModel` feeds it `encoder.Encoder`'s features [s0, l1, l2, l3, l4], detached.
+`mapping.SaliencyModel` feeds it an encoder's feature maps [stem, s4, s8, s16, s32] (a ResNet's
+[s0, l1, l2, l3, l4]), detached.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ class Decoder(nn.Module):
 
     Each of l1..l4: 1x1 conv to 64 channels (no bias) -> BatchNorm -> ReLU -> bilinear upsample
     to s0's size; concatenate with s0 -> 3x3 conv to one channel -> sigmoid -> upsample to H x W
-    (nearest as the reference code, or bilinear as the paper's text).
+    (nearest as the reference code, or bilinear as the paper's text). The maps meet at stride 4,
+    l1's size: a ResNet's s0 is there already, a stem at stride 2 (MobileNet, EfficientNet,
+    RegNet) is resized to it, which keeps the final conv as cheap as a ResNet's.
     """
 
     def __init__(self, feature_channels: list[int], channels: int = 64, upsample: str = "nearest"):
@@ -41,13 +44,14 @@ class Decoder(nn.Module):
 
     def forward(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         """Feature maps [s0, l1, l2, l3, l4] and the image size (H, W) -> masks (B, 1, H, W)."""
-        s0 = features[0]
-        maps = [s0]
-        for lateral, feature in zip(self.lateral, features[1:], strict=True):
-            x = lateral(feature)
-            if x.shape[-2:] != s0.shape[-2:]:
-                x = F.interpolate(x, size=s0.shape[-2:], mode="bilinear", align_corners=False)
-            maps.append(x)
+        at = features[1].shape[-2:]  # stride 4
+        maps = [features[0]] + [
+            lateral(f) for lateral, f in zip(self.lateral, features[1:], strict=True)
+        ]
+        maps = [
+            m if m.shape[-2:] == at else F.interpolate(m, at, mode="bilinear", align_corners=False)
+            for m in maps
+        ]
         masks = torch.sigmoid(self.final(torch.cat(maps, dim=1)))  # (B, 1, H/4, W/4)
         if self.upsample == "nearest":
             return F.interpolate(masks, size=size, mode="nearest")

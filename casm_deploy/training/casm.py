@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from casm_deploy.config import TrainConfig
-from casm_deploy.models.encoder import Encoder
+from casm_deploy.models.backbones import is_head
 from casm_deploy.models.mapping import SaliencyModel
 from casm_deploy.training.amp import amp_dtype, autocast
 from casm_deploy.training.distributed import average_buffers, average_gradients
@@ -105,9 +105,10 @@ class CASM:
         # The mapping's parameters: the decoder, and its own encoder when unshared (not the
         # head, which the mapping never reads).
         self.mapping_params = list(masker.decoder.parameters())
-        if masker.mapping_encoder is not None:
+        own = masker.mapping_encoder
+        if own is not None:
             self.mapping_params += [
-                p for n, p in masker.mapping_encoder.named_parameters() if not n.startswith("fc.")
+                p for n, p in own.named_parameters() if not is_head(own.arch, n)
             ]
         self.opt_decoder = torch.optim.Adam(
             self.mapping_params,
@@ -120,7 +121,7 @@ class CASM:
             cfg.pool_device, masker.mean.device, cfg.pool_size, masker.encoder
         )
         self.pool = ThinningPool(cfg.pool_size, cfg.resolved_smf, hp, rng, storage, pinned)
-        self._pool_model: Encoder | None = None
+        self._pool_model: nn.Module | None = None
         self.step_count = 0
 
     def set_epoch_lr(self, epoch: int) -> None:
@@ -215,7 +216,7 @@ class CASM:
         else:
             masker.mapping_encoder.train()
             with amp:
-                _, mapping_features = masker.mapping_encoder(masker.normalize(images))
+                mapping_features = masker.mapping_encoder.feature_maps(masker.normalize(images))
         with amp:
             masks = masker.decoder(mapping_features, size=images.shape[-2:])
         return masks.float()

@@ -145,8 +145,9 @@ def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
         cfg.image_size,
         info.wnids,
         info.names,
-        shared_encoder=not cfg.unshared,
+        shared_encoder=cfg.shared_encoder,
         data_kind=data_kind,
+        mapping=cfg.resolved_mapping,
     )
     setup = Setup(cfg, job, run_dir, loaders, spec)
 
@@ -164,8 +165,15 @@ def _train(cfg: TrainConfig, job: Distributed, device: torch.device) -> Path:
 
 def build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> SaliencyModel:
     """The model of `cfg` on `device` (from `--weights` when given), the same on every rank."""
+    mapping_arch, mapping_width = cfg.resolved_mapping or (None, None)
     masker = build_masker(
-        cfg.arch, num_classes, cfg.width, cfg.upsample, shared_encoder=not cfg.unshared
+        cfg.arch,
+        num_classes,
+        cfg.width,
+        cfg.upsample,
+        cfg.shared_encoder,
+        mapping_arch,
+        mapping_width,
     )
     if cfg.weights:
         path = weights_file(cfg.arch, cfg.weights)  # the file given, or torch's cached one
@@ -221,8 +229,9 @@ def pretrain_phase(setup: Setup, state: TrainState, bars) -> None:
 def casm_phase(setup: Setup, state: TrainState, bars) -> None:
     """The CASM epochs left (Algorithm 1)."""
     cfg, loader, masker = setup.cfg, setup.loaders.casm, state.masker
-    if state.epoch == 0 and masker.mapping_encoder is not None:
-        # Unshared: the mapping's encoder starts as the classifier the phase starts from.
+    if state.epoch == 0 and cfg.unshared and not cfg.own_mapping:
+        # Unshared: the mapping's encoder starts as the classifier the phase starts from (one
+        # of its own arch or width, --mapping-arch, starts from its fresh weights).
         masker.mapping_encoder.load_state_dict(masker.encoder.state_dict())
     for e in range(state.epoch, cfg.casm_epochs):
         state.casm.set_epoch_lr(e)

@@ -1,11 +1,14 @@
 """The ImageNet layout: class lists, image lists, ILSVRC boxes and their transform."""
 
+import cv2
 import numpy as np
 import pytest
 
 from casm_deploy.data.imagenet import (
+    has_object_masks,
     list_images,
     own_boxes,
+    own_object_mask,
     read_annotation,
     read_classes,
     transform_box,
@@ -104,3 +107,40 @@ def test_own_boxes_keeps_the_images_class_only(tmp_path):
         own_boxes(tmp_path / "img1.JPEG", "n3", tmp_path, 64)
     with pytest.raises(UserError, match="img2.xml"):
         own_boxes(tmp_path / "img2.JPEG", "n1", tmp_path, 64)
+
+
+def test_own_object_mask_in_the_model_frame(tmp_path):
+    """The XML's three objects (n1, n2, n1) painted 1, 2, 3 in a 200 x 100 mask."""
+    (tmp_path / "img1.xml").write_text(XML)
+    assert not has_object_masks(tmp_path)
+    objects = np.zeros((100, 200), np.uint8)
+    objects[20:80, 10:60], objects[0:5, 0:5], objects[10:90, 150:200] = 1, 2, 3
+    cv2.imwrite(str(tmp_path / "img1.png"), objects)
+    assert has_object_masks(tmp_path)
+    image = tmp_path / "img1.JPEG"
+    # Stretched to 50 x 50 (x / 4, y / 2): both n1 objects, not n2's corner.
+    stretched = own_object_mask(image, "n1", tmp_path, 50, "stretch")
+    assert stretched.dtype == bool and stretched.shape == (50, 50)
+    assert stretched[25, 8] and stretched[25, 45] and not stretched[0, 0]
+    assert own_object_mask(image, "n2", tmp_path, 50, "stretch")[0, 0]
+    # Centre crop: 100 x 50, columns 25-74 kept. The second n1 object is cut away; the first,
+    # columns 10-59 and rows 20-79, samples to columns 5-29 and rows 10-39 before the crop.
+    cropped = own_object_mask(image, "n1", tmp_path, 50)
+    assert np.flatnonzero(cropped.any(0)).tolist() == list(range(0, 5))
+    assert np.flatnonzero(cropped.any(1)).tolist() == list(range(10, 40))
+
+
+def test_a_bad_object_mask_names_the_file(tmp_path):
+    (tmp_path / "img1.xml").write_text(XML)
+    image = tmp_path / "img1.JPEG"
+    with pytest.raises(UserError, match=r"img1\.png: object mask not found"):
+        own_object_mask(image, "n1", tmp_path, 32)
+    cv2.imwrite(str(tmp_path / "img1.png"), np.zeros((100, 100), np.uint8))
+    with pytest.raises(UserError, match=r"img1\.png: the label map is 100x100, its image 200x100"):
+        own_object_mask(image, "n1", tmp_path, 32)
+    cv2.imwrite(str(tmp_path / "img1.png"), np.full((100, 200), 4, np.uint8))
+    with pytest.raises(UserError, match=r"img1\.png: has label 4, but img1\.xml lists 3 objects"):
+        own_object_mask(image, "n1", tmp_path, 32)
+    (tmp_path / "img1.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match=r"img1\.png: cannot decode the object mask"):
+        own_object_mask(image, "n1", tmp_path, 32)

@@ -98,8 +98,22 @@ def read_boxes(xml_path: Path) -> tuple[ET.Element, list[tuple[int, ...]]]:
     return root, boxes
 
 
+def check_object_masks(root: Path) -> None:
+    """Every XML has its object mask beside it: the image's size, 0 off the objects and k on
+    the k-th object's pixels, whose tight box is exactly the k-th box."""
+    for xml in sorted((root / "annotations").glob("*.xml")):
+        tree, boxes = read_boxes(xml)
+        objects = cv2.imread(str(xml.with_suffix(".png")), cv2.IMREAD_UNCHANGED)
+        size = (int(tree.findtext("size/height")), int(tree.findtext("size/width")))
+        assert objects.dtype == np.uint8 and objects.shape == size
+        assert set(np.unique(objects)) == set(range(len(boxes) + 1))
+        for k, box in enumerate(boxes, 1):
+            assert tight_box(objects == k) == box
+
+
 def test_annotations(tiny_set):
     cfg = tiny(tiny_set)
+    check_object_masks(tiny_set)
     for path in (tiny_set / "val").rglob("*.JPEG"):
         image = cv2.imread(str(path))
         h, w = image.shape[:2]
@@ -152,6 +166,7 @@ def test_copies(tmp_path):
         )  # JPEG blocks fall differently in the two halves
         _, boxes = read_boxes(tmp_path / "two" / "annotations" / f"{path.stem}.xml")
         assert len(boxes) == 2 and boxes[1][0] == boxes[0][0] + half
+    check_object_masks(tmp_path / "two")  # objects 1 and 2, one per copy
 
 
 def test_clutter_on_the_right(tmp_path):
@@ -172,6 +187,7 @@ def test_clutter_on_the_right(tmp_path):
     generate(cfg, progress=False)
     for xml in (tmp_path / "clutter" / "annotations").glob("*.xml"):
         assert len(read_boxes(xml)[1]) == 1
+    check_object_masks(tmp_path / "clutter")  # the left object only: no mask on the clutter
     # A data set made with the other --right is another data set.
     with pytest.raises(UserError, match="--overwrite"):
         generate(dataclasses.replace(cfg, right="copy"), progress=False)
@@ -193,6 +209,17 @@ def test_a_set_recorded_before_right_existed_is_still_recognised(tmp_path):
     del record["config"]["right"]  # as written before the setting was added
     (out / "synth.json").write_text(json.dumps(record))
     assert generate(cfg, progress=False)["generated"] is False
+
+
+def test_a_set_made_before_object_masks_is_written_again_with_them(tmp_path):
+    out = tmp_path / "set"
+    cfg = tiny(out, train_per_class=1, val_per_class=1)
+    generate(cfg, progress=False)
+    made = files(out)
+    for png in (out / "annotations").glob("*.png"):
+        png.unlink()  # as synth wrote a set before it wrote masks
+    assert generate(cfg, progress=False)["generated"] is True
+    assert files(out) == made  # the same files, and the masks back
 
 
 def test_class_subset(tmp_path):

@@ -167,6 +167,11 @@ def test_the_set_on_disk(parts_set):
         union = [*boxes[:, :2].min(0).tolist(), *boxes[:, 2:].max(0).tolist()]
         assert read_box(parts_set / "annotations" / f"{path.stem}.xml") == union
         assert union == list(tight_box(labels > 0))
+        # The object's mask beside its XML: all its parts' pixels, as object 1.
+        objects = cv2.imread(
+            str(parts_set / "annotations" / f"{path.stem}.png"), cv2.IMREAD_UNCHANGED
+        )
+        assert np.array_equal(objects, (labels > 0).astype(np.uint8))
     assert json.loads((parts_set / "synth.json").read_text())["config"]["parts"] == 3
 
 

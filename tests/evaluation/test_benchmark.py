@@ -11,8 +11,11 @@ from casm_deploy.errors import UserError
 from casm_deploy.evaluation import benchmark as evaluate
 from casm_deploy.evaluation.benchmark import score_batch
 from casm_deploy.evaluation.methods import Method, label_map
+from casm_deploy.evaluation.pxap import PxAPMeter
 
 KEYS = {"LE", "OM", "F1", "F1a", "mask_mean", "mask_std", "mask_entropy", "mask_tv", "n_images"}
+KEYS |= {"MaxBoxAccV2", "MaxBoxAcc@0.3", "MaxBoxAcc@0.5", "MaxBoxAcc@0.7"}
+MASK_KEYS = KEYS | {"PxAP"}  # data with object masks beside its XMLs (as data synth writes)
 
 
 def test_scores_of_constructed_masks():
@@ -21,13 +24,22 @@ def test_scores_of_constructed_masks():
     masks[0, 0, 2:6, 2:6] = 1.0
     masks[1, 0, 0:2, 6:8] = 1.0
     logits = torch.tensor([[5.0, 0.0], [5.0, 0.0]])  # both predicted class 0
-    method = Method("m", None, labels=[0, 1])
-    score_batch(method, masks, logits, torch.tensor([0, 1]), [[[2, 2, 6, 6]], [[2, 2, 6, 6]]])
+    objects = np.zeros((2, 8, 8), bool)
+    objects[:, 2:6, 2:6] = True  # each object fills its box
+    method = Method("m", None, labels=[0, 1], pxap=PxAPMeter())
+    boxes = [[[2, 2, 6, 6]], [[2, 2, 6, 6]]]
+    score_batch(method, masks, logits, torch.tensor([0, 1]), boxes, object_masks=list(objects))
     result = method.result()
     assert result["LE"] == 0.5 and result["OM"] == 0.5  # image 2 also misclassified
     assert result["F1"] == pytest.approx(0.5, abs=1e-5)
     assert result["mask_mean"] == pytest.approx((16 / 64 + 4 / 64) / 2)
     assert result["n_images"] == 2
+    # At every threshold image 1's one box is its object's (IoU 1), image 2's is off it.
+    assert result["MaxBoxAccV2"] == 0.5 and result["MaxBoxAcc@0.7"] == 0.5
+    # Pooled pixels: at >= 1 image 1's 16 object pixels and image 2's 4 background ones
+    # (precision 0.8, recall 16 / 32); at >= 0 all 128, 32 of them object (precision 0.25).
+    assert result["PxAP"] == pytest.approx(0.8 * 0.5 + 0.25 * 0.5)
+    assert set(result) == MASK_KEYS
 
 
 def test_unknown_classes_are_left_out_of_om_only():
@@ -62,7 +74,9 @@ def centred_data(tmp_path_factory):
     return root
 
 
-def test_centred_objects_give_the_centre_baseline_le_zero(centred_data, tmp_path, make_checkpoint):
+def test_centred_objects_give_the_centre_baseline_le_zero(
+    centred_data, tmp_path, make_checkpoint, capsys
+):
     model = make_checkpoint(tmp_path / "run" / "checkpoint.pt", centred_data, image_size=64)
     out = tmp_path / "scores.json"
     cfg = EvalConfig(
@@ -78,7 +92,13 @@ def test_centred_objects_give_the_centre_baseline_le_zero(centred_data, tmp_path
     # In the 64 px frame the object is [12, 12, 52, 52]: IoU 0.76 with the centre box
     # [9, 9, 55, 55], 0.39 with the full frame.
     assert result["scores"]["full"]["LE"] == 1.0
+    # The centre box at its one threshold: IoU 0.76, right at 0.3, 0.5 and 0.7. The full mask
+    # is constant: it normalises to zeros and gives no box.
+    assert result["scores"]["center"]["MaxBoxAccV2"] == 1.0
+    assert result["scores"]["full"]["MaxBoxAccV2"] == 0.0
+    # No object masks beside the XMLs: no PxAP (not 0), and the table says so.
     assert set(json.loads(out.read_text())) == KEYS
+    assert "PxAP: not measured" in " ".join(capsys.readouterr().out.split())
     assert set(json.loads((tmp_path / "scores.center.json").read_text())) == KEYS
     assert json.loads((tmp_path / "scores.config.json").read_text())["baselines"] == [
         "center",
@@ -101,7 +121,8 @@ def test_eval_on_synthetic_data_with_classifiers_and_gradcam(tiny_data, tmp_path
     result = evaluate.run(cfg)
     for scores in result["scores"].values():
         assert scores["n_images"] == 12
-        assert all(0 <= scores[k] <= 1 for k in KEYS - {"n_images"})
+        assert set(scores) == MASK_KEYS  # data synth writes the object masks: PxAP too
+        assert all(0 <= scores[k] <= 1 for k in MASK_KEYS - {"n_images"})
     accuracy = result["classifiers"]["casm"]["judge"]
     assert set(accuracy) == {"clean", "masked_in", "masked_out", "inpainted"}
     assert all(0 <= v <= 1 for v in accuracy.values())
@@ -192,15 +213,15 @@ def test_copies_scores_both_copies(tmp_path, make_checkpoint):
     result = evaluate.run(cfg)
     copy_keys = {"copy_share_lighter", "copy_touch_both"}
     written = json.loads(out.read_text())
-    assert set(written) == KEYS | copy_keys
+    assert set(written) == MASK_KEYS | copy_keys
     assert 0 <= written["copy_share_lighter"] <= 0.5 and 0 <= written["copy_touch_both"] <= 1
     full = result["scores"]["full"]  # a mask of ones covers both copies alike
     assert full["copy_share_lighter"] == pytest.approx(0.5, abs=0.05)
     assert full["copy_touch_both"] == 1.0
-    assert set(json.loads((tmp_path / "scores.full.json").read_text())) == KEYS | copy_keys
+    assert set(json.loads((tmp_path / "scores.full.json").read_text())) == MASK_KEYS | copy_keys
     # Without --copies the keys stay out.
     plain = evaluate.run(dataclasses.replace(cfg, copies=False, json=""))
-    assert set(plain["scores"]["m"]) == KEYS
+    assert set(plain["scores"]["m"]) == MASK_KEYS
 
 
 def test_copies_on_single_copy_data_is_a_user_error(tiny_data, tmp_path, make_checkpoint):
@@ -244,7 +265,7 @@ def test_a_new_test_set_without_classes_txt_or_train(
         "m: OM is not defined for these 4 images: the model does not know their classes" in printed
     )
     written = json.loads(out.read_text())
-    assert set(written) == KEYS | {"OM_note"} and written["OM"] is None
+    assert set(written) == MASK_KEYS | {"OM_note"} and written["OM"] is None
     assert written["n_images"] == 4 and 0 <= written["LE"] <= 1 and 0 <= written["F1"] <= 1
     assert scores["center"]["OM"] is None and "not defined" in scores["center"]["OM_note"]
 
@@ -256,4 +277,22 @@ def test_a_new_test_set_without_classes_txt_or_train(
     )
     # Every class known (the usual case): no note, the documented keys only.
     known = evaluate.run(dataclasses.replace(cfg, data=str(tiny_data)))["scores"]["m"]
-    assert set(known) == KEYS and known["OM"] is not None
+    assert set(known) == MASK_KEYS and known["OM"] is not None
+
+
+def test_every_image_needs_its_object_mask_once_the_annotations_have_masks(
+    tiny_data, tmp_path, make_checkpoint
+):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    missing = sorted((data / "annotations").glob("*.png"))[0]
+    missing.unlink()
+    model = make_checkpoint(tmp_path / "m" / "checkpoint.pt", data)
+    with pytest.raises(UserError, match=rf"{missing.name}: object mask not found"):
+        evaluate.run(EvalConfig(models=(model,), data=str(data), workers=0))
+    for png in (data / "annotations").glob("*.png"):
+        png.unlink()  # none at all: scored without PxAP
+    scores = evaluate.run(EvalConfig(models=(model,), data=str(data), workers=0))["scores"]
+    assert set(scores["m"]) == KEYS

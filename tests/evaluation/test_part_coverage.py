@@ -22,6 +22,7 @@ from casm_deploy.evaluation.methods import Method
 from casm_deploy.evaluation.metrics import binarize_at_mean
 
 KEYS = {"LE", "OM", "F1", "F1a", "mask_mean", "mask_std", "mask_entropy", "mask_tv", "n_images"}
+KEYS |= {"MaxBoxAccV2", "MaxBoxAcc@0.3", "MaxBoxAcc@0.5", "MaxBoxAcc@0.7"}
 PART_KEYS = {"part_coverage", "parts_all_touched", "part_share_least", "n_part_images"}
 
 
@@ -214,14 +215,16 @@ def test_eval_scores_part_coverage_when_data_has_parts(
     # Table columns, all of them whole in the 120 columns of a log.
     assert {"entropy", "parts", "all", "least", "part", "images"} <= set(printed.split())
     written = json.loads(out.read_text())
-    assert set(written) == KEYS | PART_KEYS
+    assert set(written) == KEYS | PART_KEYS | {"PxAP"}  # tiny_data has object masks
     assert written["n_part_images"] == 12 == written["n_images"]
     assert 0 <= written["part_coverage"] <= 1 and 0 <= written["parts_all_touched"] <= 1
     assert 0 <= written["part_share_least"] <= 0.5
     full = result["scores"]["full"]  # a mask of ones touches both halves, about equally
     assert full["part_coverage"] == 1.0 and full["parts_all_touched"] == 1.0
     assert full["part_share_least"] == pytest.approx(0.5, abs=0.06)
-    assert set(json.loads((tmp_path / "scores.full.json").read_text())) == KEYS | PART_KEYS
+    assert set(json.loads((tmp_path / "scores.full.json").read_text())) == (
+        KEYS | PART_KEYS | {"PxAP"}
+    )
     stretched = evaluate.run(dataclasses.replace(cfg, resize="stretch", json=""))["scores"]
     assert stretched["full"]["part_coverage"] == 1.0
 

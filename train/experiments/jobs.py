@@ -36,6 +36,7 @@ class Scale:
     width: int = 16  # ResNet-18 at a quarter of torchvision's width: four times the runs
     seeds: tuple[int, ...] = (0, 1)
     classifier_seeds: tuple[int, ...] = (10, 11, 12, 13, 14)  # the many-classifiers test
+    other_arch_seeds: tuple[int, ...] = (20, 21)  # its classifiers of other architectures
 
     def path(self, *parts: str) -> str:
         return str(Path(self.runs, *parts))
@@ -49,7 +50,7 @@ SCALES = {
     # smoke: 14 images a class, the fewest that give every data set one batch of 64.
     "smoke": Scale(
         "smoke", "runs/exp-smoke", "data/exp-smoke", 14, 4, 1, 1, 1.0, width=8,
-        classifier_seeds=(10, 11),
+        classifier_seeds=(10, 11), other_arch_seeds=(20,),
     ),
 }  # fmt: skip
 

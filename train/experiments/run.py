@@ -22,6 +22,7 @@ from pathlib import Path
 
 import classifiers
 import gradcam
+import mappings
 import parts
 import table2
 import torch
@@ -39,6 +40,7 @@ EXPERIMENTS = {
     "4. Many classifiers and the leak control (Fig. 3 analogue)": classifiers,
     "5. Grad-CAM at every stage, and at 128 px": gradcam,
     "6. Objects made of parts, and CASM against the baselines over three seeds": parts,
+    "7. Mappings of their own: smaller encoders that need no classifier": mappings,
 }
 
 
