@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/method_cost.py
 	$(BIN)/python benchmarks/image_memory.py
 	$(BIN)/python benchmarks/parts_check.py
+	$(BIN)/python benchmarks/frontier.py
 	$(BIN)/python benchmarks/report.py
 
 # make experiments: the paper's experiments on the embedded data (train/experiments/, about two

@@ -147,6 +147,42 @@ class Explainers:
         return run
 
 
+def tune_maskopt(
+    explainers: Explainers,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    boxes: list,
+    grid: list[dict],
+) -> tuple[dict, list[dict]]:
+    """The mask optimisation setting of `grid` with the best LE on these (tuning) images, and
+    each setting's figures."""
+    tried = []
+    for setting in grid:
+        began = time.perf_counter()
+        result = optimize_masks(
+            explainers.masker,
+            images,
+            explainers.classes(labels),
+            steps=explainers.steps,
+            **setting,
+        )
+        spent = time.perf_counter() - began
+        # The class's softmax score left on the deleted images: the objective less its penalties.
+        penalties = setting["area"] * result.low_res.flatten(1).mean(1)
+        penalties += setting["tv"] * total_variation(result.low_res, 3.0)
+        tried.append(
+            {
+                **setting,
+                "tune_LE": localization_error(hits(result.masks, boxes)),
+                "score_after": round(float((result.objective - penalties).mean()), 4),
+                "mask_mean": round(float(result.masks.mean()), 4),
+            }
+        )
+        print(f"mask optimisation {tried[-1]} ({spent:.0f} s)")
+    chosen = min(tried, key=lambda g: g["tune_LE"])  # the first of equals: the grid's order
+    return {k: chosen[k] for k in ("fill", "area", "tv")}, tried
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="runs/demo/checkpoint.pt")
@@ -198,27 +234,9 @@ def main() -> None:
     seconds["encoder"] = best_seconds(explainers.encoder, images, labels, args.batch, args.repeats)
 
     # Mask optimisation: fill and weights picked on the tuning images, scored on the others.
-    grid = []
-    for setting in parse_grid(args.grid):
-        began = time.perf_counter()
-        result = optimize_masks(
-            masker, tune_images, explainers.classes(tune_labels), steps=args.steps, **setting
-        )
-        spent = time.perf_counter() - began
-        # The class's softmax score left on the deleted images: the objective less its penalties.
-        penalties = setting["area"] * result.low_res.flatten(1).mean(1)
-        penalties += setting["tv"] * total_variation(result.low_res, 3.0)
-        grid.append(
-            {
-                **setting,
-                "tune_LE": localization_error(hits(result.masks, tune_boxes)),
-                "score_after": round(float((result.objective - penalties).mean()), 4),
-                "mask_mean": round(float(result.masks.mean()), 4),
-            }
-        )
-        print(f"mask optimisation {grid[-1]} ({spent:.0f} s)")
-    chosen = min(grid, key=lambda g: g["tune_LE"])  # the first of equals: the grid's order
-    setting = {k: chosen[k] for k in ("fill", "area", "tv")}
+    setting, grid = tune_maskopt(
+        explainers, tune_images, tune_labels, tune_boxes, parse_grid(args.grid)
+    )
     methods["maskopt"] = explainers.maskopt(setting)
     masks, seconds["maskopt"] = run_timed(methods["maskopt"], opt_images, opt_labels, args.batch)
     hit["maskopt"] = hits(masks, opt_boxes)

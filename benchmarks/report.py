@@ -278,6 +278,37 @@ def parts_check(result: dict) -> str:
     return table(["part removed", "val accuracy"], rows) + "\n" + verdict + "\n"
 
 
+def _times(ratio: float | None) -> str:
+    return "not measured" if ratio is None else f"{ratio}x"
+
+
+def frontier(result: dict) -> str:
+    """Quality against cost per image, one row per method, on the same images."""
+    kinds = {"casm-shared": "CASM, shared encoder", "gradcam": "Grad-CAM", "maskopt": "mask opt."}
+    rows = [
+        [
+            r["method"],
+            kinds.get(r["kind"], "mapping of its own"),
+            fixed(r["LE"]),
+            fixed(r["MaxBoxAccV2"]),
+            sig3(r["ms_per_image"]),
+            sig3(r.get("ms_per_image_ort_fp32")),
+            sig3(r.get("ms_per_image_ort_int8")),
+        ]
+        for r in result["rows"]
+    ]
+    header = ["method", "masks from", "LE", "MaxBoxAccV2", "ms, eager", "ms, ORT fp32"]
+    table_text = table([*header, "ms, ORT int8"], rows)
+    verdicts = [
+        f"- {name}: {_times(t['cheaper_than_gradcam_eager'])} cheaper than Grad-CAM eager, "
+        f"{_times(t['cheaper_than_gradcam_ort_int8'])} with ORT int8; "
+        f"LE {t['LE_above_casm']:+.3f} "
+        f"against the shared CASM; targets {'all met' if t['met'] else 'not all met'}"
+        for name, t in result["targets"].items()
+    ]
+    return table_text + "\n" + "\n".join(verdicts) + "\n"
+
+
 # JSON file(s) -> {marker name: renderer}; a renderer gets the files' contents in this order.
 RENDERERS = {
     ("train_step.json", "train_step_bf16.json"): {"train_step": train_step},
@@ -291,6 +322,7 @@ RENDERERS = {
     ("method_cost.json",): {"method_cost": method_cost, "method_cost-tuning": method_cost_tuning},
     ("image_memory.json",): {"image_memory": image_memory},
     ("parts_check.json",): {"parts_check": parts_check},
+    ("frontier.json",): {"frontier": frontier},
 }
 
 
