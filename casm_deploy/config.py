@@ -452,9 +452,10 @@ Resize = Literal["center-crop", "stretch"]  # stretch: the reference's --break-r
 class EvalConfig:
     """`casm-deploy eval`: the paper's localisation benchmark and the many-classifiers test."""
 
-    models: tuple[str, ...] = opt(  # checkpoints to score, and `data` beside them
+    models: tuple[str, ...] = opt(  # checkpoints or exported files to score, and `data`
         (),
-        f"MODEL... [DATA]: checkpoints, then optionally the data folder (default {DEFAULT_DATA}).",
+        "MODEL... [DATA]: checkpoints or exported files (masker.onnx / masker.ts, run on the "
+        f"CPU), then optionally the data folder (default {DEFAULT_DATA}).",
         argument=True,
         name="paths",
         required=True,
@@ -506,7 +507,8 @@ class EvalConfig:
         "data synth writes them); with --copies also copy_share_lighter, "
         "copy_touch_both; when DATA has a parts/ folder (data synth --parts) also part_coverage, "
         "parts_all_touched, part_share_least, n_part_images; OM_note when some images are of "
-        "classes the model does not know, which OM leaves out); other methods beside it.",
+        "classes the model does not know, which OM leaves out, or a masks-only model predicts "
+        "none); other methods beside it.",
     )
     copies: bool = opt(
         False,

@@ -65,6 +65,8 @@ def test_a_backbone_trains_exports_infers_and_is_scored(arch, tiny_data, tmp_pat
     rows = [json.loads(line) for line in (out / "boxes.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all("box" in row for row in rows)
     scores = tmp_path / "eval.json"
-    invoke("eval", checkpoint, tiny_data, "--json", scores)
+    invoke("eval", checkpoint, export / "masks" / "masker.onnx", tiny_data, "--json", scores)
     result = json.loads(scores.read_text())
     assert 0 <= result["LE"] <= 1
+    masks_only = json.loads((tmp_path / "eval.masks.onnx.json").read_text())
+    assert 0 <= masks_only["LE"] <= 1 and masks_only["OM"] is None

@@ -137,7 +137,8 @@ def quantize_int8(
     is quantised; the decoder, which only computes the mask, stays in float32 (`mask_head`):
     quantising it doubled the mean mask error on the demo model for little speed. Activation
     ranges are percentiles: outliers of a few calibration images would otherwise stretch the
-    int8 grid.
+    int8 grid (min / max where an activation's values are too close for a histogram; the
+    metadata's `calibration` says which).
 
     The batches are calibrated one at a time (ONNX Runtime's `CalibStridedMinMax`, which every
     calibrator honours), each merged into the histograms: in one pass the calibrator holds every
@@ -146,31 +147,43 @@ def quantize_int8(
     goes into the calibrator (a progress bar).
     """
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as tmp, _quiet_print():
         # (print: the histogram calibrator prints its progress)
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))  # shape inference, fusions
-        quantize_static(
-            str(prepared),
-            str(path),
-            _calibration_reader(batches, on_batch),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=mask_head(onnx.load(str(prepared))),
-            calibrate_method=CalibrationMethod.Percentile,
-            extra_options={"CalibStridedMinMax": 1},  # one batch of activations at a time
-        )
+        keep = mask_head(onnx.load(str(prepared)), scoped=onnx.load(str(fp32_path)))
+        metadata["calibration"] = "percentile"
+        try:
+            _quantize(prepared, path, _calibration_reader(batches, on_batch), keep, "Percentile")
+        except ValueError as error:
+            # an activation of (almost) one value, e.g. a squeeze-excitation gate stuck at 0.5,
+            # leaves numpy no room for the histogram's 2048 bins: calibrate on min / max instead
+            if "Too many bins" not in str(error):
+                raise
+            metadata["calibration"] = f"minmax (the percentile histogram failed: {error})"
+            _quantize(prepared, path, _calibration_reader(batches, None), keep, "MinMax")
     write_onnx_metadata(path, metadata)
+
+
+def _quantize(source: Path, path: Path, reader: Any, keep: list[str], method: str) -> None:
+    """ONNX Runtime's static QDQ quantisation of `source` (the nodes `keep` left in float32),
+    activation ranges by the calibration `method` (a `CalibrationMethod` name)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(
+        str(source),
+        str(path),
+        reader,
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=keep,
+        calibrate_method=CalibrationMethod[method],
+        extra_options={"CalibStridedMinMax": 1},  # one batch of activations at a time
+    )
 
 
 @contextlib.contextmanager
@@ -186,16 +199,19 @@ def _quiet_print() -> Iterator[None]:
         console.file = previous  # type: ignore[assignment]  # None: follow sys.stdout again
 
 
-def mask_head(model: Any) -> list[str]:
+def mask_head(model: Any, scoped: Any = None) -> list[str]:
     """Names of the ONNX nodes int8 leaves in float32: those that compute `masks` only (the
     decoder, and a mapping's own encoder), not `logits`. A masks-only graph has no `logits`:
-    there they are the nodes the exporter scoped under the `decoder` module.
+    there they are the nodes the exporter scoped under the `decoder` module, read from
+    `scoped`, the graph as exported (default `model`): ONNX Runtime's pre-processing drops the
+    scopes of a graph it rewrites (MobileNetV3's HardSwish), but keeps the decoder's node names.
 
     Raises:
         UserError: a masks-only graph without the exporter's module scopes.
     """
     if OUTPUTS[1] not in {output.name for output in model.graph.output}:
-        return decoder_nodes(model)
+        names = {node.name for node in model.graph.node}
+        return [name for name in decoder_nodes(scoped or model) if name in names]
     producers = {name: node for node in model.graph.node for name in node.output}
 
     def ancestors(tensor: str) -> set[str]:
@@ -215,7 +231,7 @@ SCOPES = "pkg.torch.onnx.name_scopes"  # the dynamo exporter's module path of a 
 
 def decoder_nodes(model: Any) -> list[str]:
     """Names of the nodes of the top-level `decoder` module, from the dynamo exporter's name
-    scopes (['', 'decoder', ...]), which ONNX Runtime's pre-processing keeps.
+    scopes (['', 'decoder', ...]).
 
     Raises:
         UserError: no node is scoped under `decoder`.

@@ -99,7 +99,8 @@ def run(cfg: EvalConfig) -> dict:
                              copy_share_lighter, copy_touch_both; when DATA has a parts/
                              folder also part_coverage, parts_all_touched, part_share_least,
                              n_part_images; OM_note when some images are of classes the
-                             model does not know (OM leaves them out)}},
+                             model does not know (OM leaves them out), or a masks-only
+                             model predicts none (no OM)}},
          "classifiers": {mask model: {classifier: {clean, masked_in, masked_out, inpainted}}},
          "leak": {mask model: `leak.mask_only_accuracy`'s dict} with `cfg.leak_control`}
     """
@@ -124,7 +125,7 @@ def run(cfg: EvalConfig) -> dict:
 
     scores = {m.name: m.result() for m in methods}
     for method in methods:
-        if method.is_model and method.unknown_images:
+        if method.is_model and method.om_note():
             console.print(f"{method.name}: {method.om_note()}")
     accuracy = classifier_accuracy(counts) if classifiers else {}
     leak = leak_control(cfg, methods, wnids, size) if cfg.leak_control else {}
@@ -182,9 +183,10 @@ def score_split(
             part_maps = truth.part_maps(samples)
             object_masks = truth.object_masks(samples)
             outputs = [method.masks(images) for method in methods]
-            first_logits = outputs[0][1]  # the first method is always a model
+            first_logits = outputs[0][1]  # the first method is always a model (None: masks-only)
             for method, (masks, logits) in zip(methods, outputs, strict=True):
-                logits = first_logits if logits is None else logits
+                if not method.is_model:  # a baseline: OM by the first model's classifier
+                    logits = first_logits
                 score_batch(method, masks, logits, labels, gt_boxes, part_maps, object_masks)
                 if method.name in counts and classifiers:
                     count_classifications(counts[method.name], classifiers, images, masks, labels)
@@ -226,8 +228,12 @@ def score_batch(
     `object_masks`: the pixels of each image's objects in the model frame, for `method.pxap`.
     """
     known = [method.labels[label] for label in labels.tolist()]  # -1: a class it does not know
-    predicted = logits.argmax(1).tolist()
-    correct = [None if k < 0 else guess == k for k, guess in zip(known, predicted, strict=True)]
+    if logits is None:  # a masks-only model, with no model before it to lend its classifier
+        method.unpredicted = True
+        correct = [None] * len(known)
+    else:
+        predicted = logits.argmax(1).tolist()
+        correct = [None if k < 0 else g == k for k, g in zip(known, predicted, strict=True)]
     method.unknown_images += sum(k < 0 for k in known)
     masks_np = score_masks(masks, gt_boxes, correct, method.meter, method.stats)
     for mask, gt in zip(masks_np, gt_boxes, strict=True):

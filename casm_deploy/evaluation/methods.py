@@ -1,8 +1,9 @@
 """The methods `eval` scores: each model of the checkpoints, then the baselines.
 
-A Method is a way to get masks for a batch (a trained mapping, the centre or full box, or
-Grad-CAM on the first model's classifier) with the label map of the classifier whose top-1
-decides OM, and the meters `benchmark.score_batch` adds each batch to.
+A Method is a way to get masks for a batch (a trained mapping, from its checkpoint or its
+exported file, the centre or full box, or Grad-CAM on the first model's classifier) with the
+label map of the classifier whose top-1 decides OM, and the meters `benchmark.score_batch` adds
+each batch to.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from casm_deploy.config import EvalConfig
 from casm_deploy.errors import UserError
 from casm_deploy.evaluation import boxacc
 from casm_deploy.evaluation.boxacc import BoxAccMeter
+from casm_deploy.evaluation.exported import ExportedMasker, is_exported
 from casm_deploy.evaluation.gradcam import gradcam
 from casm_deploy.evaluation.metrics import LocalizationMeter, MaskStats, center_box
 from casm_deploy.evaluation.pxap import PxAPMeter
@@ -49,10 +51,13 @@ class Method:
     part_share_sum: float = 0.0
     part_images: int = 0  # images with at least one part in the frame
     unknown_images: int = 0  # images of classes the classifier does not know: no OM for them
+    unpredicted: bool = False  # no classifier at all (a masks-only export first): no OM
 
     def om_note(self) -> str:
         """Why OM leaves images out ("" when it counts them all): it needs the model's classes."""
         n, unknown = self.meter.n_images, self.unknown_images
+        if self.unpredicted:
+            return "OM is not defined: no classifier (a masks-only export predicts no class)"
         if not unknown:
             return ""
         if unknown == n:
@@ -79,7 +84,7 @@ class Method:
                 "part_share_least": self.part_share_sum / n if n else None,
                 "n_part_images": n,
             }
-        note = {"OM_note": self.om_note()} if self.unknown_images else {}
+        note = {"OM_note": self.om_note()} if self.om_note() else {}
         boxes = self.boxacc.result()
         return {
             **{k: v for k, v in self.meter.result().items() if k != "n_images"},
@@ -138,17 +143,26 @@ def select_classes(data_wnids: list[str], model_wnids: list[str], which: str) ->
 def build_methods(
     cfg: EvalConfig, data_wnids: list[str], parts: bool = False, masks: bool = False
 ) -> tuple[list[Method], int, list[str]]:
-    """The models of `cfg.models`, then the baselines on the first model's classifier.
+    """The models of `cfg.models` (checkpoints or exported files), then the baselines on the
+    first model's classifier.
 
     Also returns the data classes to score (`cfg.classes` against the first model's classes).
     `parts`: every method also scores part coverage; `masks`: PxAP too.
+
+    Raises:
+        UserError: Grad-CAM is asked for and the first model is an exported file.
     """
     if not cfg.models:
         raise UserError("eval needs at least one model (a checkpoint)")
     unknown = sorted(set(cfg.baselines) - set(BASELINES))
     if unknown:
         raise UserError(f"unknown --baseline {', '.join(unknown)}; use {', '.join(BASELINES)}")
-    models = load_maskers(cfg.models)
+    models = load_maskers(cfg.models, exported=True)
+    if "gradcam" in cfg.baselines and isinstance(models[0].masker, ExportedMasker):
+        raise UserError(
+            f"--baseline gradcam reads the gradients of the first model's classifier: give its "
+            f"checkpoint first, not the exported {models[0].path}"
+        )
     size = models[0].spec["image_size"]
     data_wnids = select_classes(data_wnids, models[0].spec["wnids"], cfg.classes)
     for m in models:
@@ -192,25 +206,35 @@ class NamedMasker:
 
     name: str
     path: str
-    masker: SaliencyModel
+    masker: SaliencyModel | ExportedMasker
     spec: dict[str, Any]
 
 
 def display_name(path: str | Path) -> str:
-    """`runs/<name>/checkpoint.pt` -> `<name>`; any other file -> its stem."""
+    """`runs/<name>/checkpoint.pt` -> `<name>`; `export/<name>/masker.onnx` -> `<name>.onnx`
+    (and .ts); any other file -> its stem."""
     path = Path(path)
-    return path.parent.name if path.stem == "checkpoint" and path.parent.name else path.stem
+    if not path.parent.name or path.stem not in ("checkpoint", "masker"):
+        return path.stem
+    return path.parent.name + (path.suffix if path.stem == "masker" else "")
 
 
-def load_maskers(paths: tuple[str, ...] | list[str], wanted: str = "") -> list[NamedMasker]:
+def load_maskers(
+    paths: tuple[str, ...] | list[str], wanted: str = "", exported: bool = False
+) -> list[NamedMasker]:
     """Load models to compare side by side: unique names (`run`, `run#2`), one image size.
+    `exported`: also take exported files (`export`'s .onnx / .ts; only checkpoints otherwise).
 
     Raises:
         UserError: a file cannot be loaded, or the models were trained at different sizes.
     """
     models: list[NamedMasker] = []
     for path in paths:
-        masker, spec = load_masker(path, wanted)
+        if exported and is_exported(path):
+            masker: SaliencyModel | ExportedMasker = ExportedMasker(path)
+            spec = masker.spec()
+        else:
+            masker, spec = load_masker(path, wanted)
         name, base, copy = display_name(path), display_name(path), 1
         while name in {m.name for m in models}:
             copy += 1

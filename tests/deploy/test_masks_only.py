@@ -198,6 +198,53 @@ def test_int8_quantises_the_mappings_encoder_and_keeps_its_decoder(tiny_data, tm
     assert kinds == {(True, False), (False, True)}
 
 
+def test_int8_of_a_mobilenet_mapping_keeps_its_decoder_and_survives_a_stuck_gate(
+    tiny_data, tmp_path
+):
+    """MobileNetV3's HardSwish, which ONNX Runtime's pre-processing rewrites, dropping the
+    exporter's module scopes: the decoder is still found (by the names the scopes gave in the
+    exported graph). Its squeeze-excitation gates are planted at 0.5 +- 1e-6, too narrow for
+    the percentile histogram: the calibration falls back to min / max and says so."""
+    import onnx
+    import onnxruntime as ort
+
+    from casm_deploy.deploy.precision import decoder_nodes, quantize_int8
+
+    info = read_classes(tiny_data)
+    checkpoint = save_untrained(
+        tmp_path / "mnv3.pt", info.wnids, info.names, width=8, image_size=SIZE,
+        mapping=("mobilenet_v3_small", 16), seed=1,
+    )  # fmt: skip
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"] = {"data": str(tiny_data)}
+    for name, tensor in state["mapping_encoder"].items():
+        if ".fc2." in name:  # the gate is hardsigmoid(fc2(...)) = 0.5 + fc2(...) / 6
+            tensor.copy_(torch.randn_like(tensor) * 1e-6 if name.endswith("weight") else 0)
+    torch.save(state, checkpoint)
+    args = ["export", str(checkpoint), "--out", str(tmp_path / "fp32"), "--masks-only"]
+    result = runner.invoke(app, [*args, "--onnx", "--no-torchscript"])
+    assert result.exit_code == 0, result.output
+    fp32 = tmp_path / "fp32" / "masker.onnx"
+    decoder = set(decoder_nodes(onnx.load(str(fp32))))
+    batches = [np.random.default_rng(0).random((4, 3, SIZE, SIZE), dtype=np.float32)]
+    metadata = read_metadata(fp32)
+    quantize_int8(fp32, tmp_path / "int8.onnx", batches, metadata)
+    assert metadata["calibration"].startswith("minmax (the percentile histogram failed")
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    dequantised = {
+        o for node in graph.node if node.op_type == "DequantizeLinear" for o in node.output
+    }
+    kinds = {
+        (node.name in decoder, node.input[1] in dequantised)
+        for node in graph.node
+        if node.op_type == "Conv"
+    }
+    assert kinds == {(True, False), (False, True)}
+    session = ort.InferenceSession(str(tmp_path / "int8.onnx"), providers=["CPUExecutionProvider"])
+    (masks,) = session.run(None, {"images": batches[0]})
+    assert masks.shape == (4, 1, SIZE, SIZE) and np.isfinite(masks).all()
+
+
 def _scope(node) -> list[str]:
     """The module path the ONNX exporter recorded for a node: ['', 'decoder', ...]."""
     import ast
