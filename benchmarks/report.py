@@ -309,6 +309,21 @@ def frontier(result: dict) -> str:
     return table_text + "\n" + "\n".join(verdicts) + "\n"
 
 
+def infer_split(result: dict) -> str:
+    rows = [
+        [
+            r["config"],
+            f"{r['wall_s']:.1f}",
+            f"{r['wall_vs_one']:.2f}",
+            f"{r['images_per_second']:.0f}",
+            f"{r['rate_vs_one']:.2f}",
+        ]
+        for r in result["rows"]
+    ]
+    header = ["processes", "job wall s", "wall / one process", "images/s", "images/s / one"]
+    return table(header, rows)
+
+
 # JSON file(s) -> {marker name: renderer}; a renderer gets the files' contents in this order.
 RENDERERS = {
     ("train_step.json", "train_step_bf16.json"): {"train_step": train_step},
@@ -323,6 +338,7 @@ RENDERERS = {
     ("image_memory.json",): {"image_memory": image_memory},
     ("parts_check.json",): {"parts_check": parts_check},
     ("frontier.json",): {"frontier": frontier},
+    ("infer_split.json",): {"infer-split": infer_split},
 }
 
 

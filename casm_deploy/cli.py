@@ -1,8 +1,7 @@
 """The `casm-deploy` command line: it parses arguments into a config and calls the job's `run`.
 
-The top of the flow. Each command's options are made from its config class (config.py): a
-field's default, help, --help group and conversion are declared there once, and `_command`
-turns them into Typer parameters and the parsed values back into the config.
+The top of the flow. Each command's options are made from its config class (config.py) by
+commands.command, which also turns the parsed values back into the config.
 
 Heavy imports (torch, cv2) happen inside the commands, so `casm-deploy --help` is instant.
 A user mistake (`UserError`) prints one line and exits with status 2, never a traceback.
@@ -10,24 +9,21 @@ A user mistake (`UserError`) prints one line and exits with status 2, never a tr
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from casm_deploy.commands import command
 from casm_deploy.config import (
     EvalConfig,
     ExportConfig,
     InferConfig,
+    MergeConfig,
     SynthConfig,
     TrainConfig,
     VisualizeConfig,
 )
-from casm_deploy.errors import UserError
-from casm_deploy.options import choices_of, field_types, make_config
 from casm_deploy.version import __version__
 
 # Help texts are Rich markup ("rich" mode): Rich reads [lowercase...] as a tag and drops it, so
@@ -85,127 +81,7 @@ def _root(
     pass
 
 
-def _call(job: Callable[[], Any]) -> Any:
-    try:
-        return job()
-    except UserError as error:  # config.py's ConfigError included: a value a config refused
-        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
-    except ValueError as error:  # a value a job's own code refused
-        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        typer.secho("interrupted", err=True)
-        raise typer.Exit(130) from None
-
-
-def _options(cls: type) -> list[dataclasses.Field]:
-    """The fields of `cls` that are command-line parameters (those with a help text), in the
-    order --help shows them: by the class's PANELS (ungrouped first), a recipe first in its
-    panel (it applies before the others), then as declared."""
-    rank = {panel: i for i, panel in enumerate(getattr(cls, "PANELS", ()))}
-    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("help")]
-    return sorted(
-        fields, key=lambda f: (rank.get(f.metadata["panel"], -1), not f.metadata["recipes"])
-    )
-
-
-def _cli_type(f: dataclasses.Field, kind: Any) -> Any:
-    """What the command line parses for field `f` of type `kind`, before `_value` converts it."""
-    m = f.metadata
-    many = kind == tuple[str, ...]
-    if m["path"]:
-        return list[Path] if many else Path
-    if many:  # comma-separated, and repeatable where the field says so
-        return list[str] if m["repeat"] else str
-    if m["parse"] is not None:
-        return str
-    choices = choices_of(kind)
-    return type(choices[0]) if choices else kind  # a Literal's values are checked by the config
-
-
-def _cli_default(f: dataclasses.Field, cli_type: Any) -> Any:
-    if f.metadata["required"]:
-        return inspect.Parameter.empty
-    if cli_type is Path:
-        return Path(f.default)
-    if cli_type == list[str]:
-        return list(f.default)
-    if cli_type is str and isinstance(f.default, tuple):
-        return ",".join(f.default)
-    return str(f.default) if cli_type is str else f.default
-
-
-def _parameter(f: dataclasses.Field, kind: Any) -> inspect.Parameter:
-    """The Typer parameter of field `f`, from its metadata (options.opt)."""
-    m = f.metadata
-    cli_type = _cli_type(f, kind)
-    shared = dict(help=m["help"], show_default=m["show_default"], metavar=m["metavar"])
-    if m["argument"]:
-        info = typer.Argument(hidden=m["hidden"], **shared)
-    else:
-        flags = m["flag"]
-        if cli_type is bool and not m["negatable"] and not flags:
-            flags = ("--" + f.name.replace("_", "-"),)  # named once: no --no- form
-        info = typer.Option(*flags, hidden=m["hidden"], rich_help_panel=m["panel"], **shared)
-    return inspect.Parameter(
-        m["name"] or f.name,
-        inspect.Parameter.KEYWORD_ONLY,
-        default=_cli_default(f, cli_type),
-        annotation=Annotated[cli_type, info],
-    )
-
-
-def _value(f: dataclasses.Field, kind: Any, given: Any) -> dict[str, Any]:
-    """The config values of what was given for field `f` of type `kind`: its `parse` (a value,
-    or a dict of several fields' values), a path as text, a comma list as a tuple."""
-    parse = f.metadata["parse"]
-    if parse is not None:
-        value = parse(given)
-        return value if isinstance(value, dict) else {f.name: value}
-    if kind == tuple[str, ...]:
-        items = [given] if isinstance(given, str) else given
-        return {f.name: tuple(v.strip() for item in items for v in item.split(",") if v.strip())}
-    return {f.name: str(given) if isinstance(given, Path) else given}
-
-
-def _config(cls: type, ctx: typer.Context, values: dict[str, Any]) -> Any:
-    """The config of the options given on the command line; the others keep their defaults (or
-    their recipe's values: make_config)."""
-    kinds, given = field_types(cls), {}
-    for f in _options(cls):
-        name = f.metadata["name"] or f.name
-        # By the source's name: Typer ships its own copy of click's ParameterSource.
-        if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT":
-            given.update(_value(f, kinds[f.name], values[name]))
-    return make_config(cls, **given)
-
-
-def _command(group: typer.Typer, cls: type, name: str = "", epilog: str = "") -> Callable:
-    """Register `body(cfg)` as a command of `group` whose parameters are the fields of `cls`;
-    it runs, under `_call`, on the config built from the parsed values."""
-
-    def register(body: Callable[[Any], None]) -> Callable[..., None]:
-        def command(ctx: typer.Context, **values: Any) -> None:
-            _call(lambda: body(_config(cls, ctx, values)))
-
-        kinds = field_types(cls)
-        context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
-        params = [context, *(_parameter(f, kinds[f.name]) for f in _options(cls))]
-        command.__signature__ = inspect.Signature(params, return_annotation=None)
-        command.__annotations__ = {p.name: p.annotation for p in params}
-        command.__name__ = body.__name__
-        # Rich keeps the newlines of a help text: join the lines of each docstring paragraph,
-        # wrapped for the source, so that they do not break mid-sentence in the terminal.
-        paragraphs = inspect.cleandoc(body.__doc__ or "").split("\n\n")
-        command.__doc__ = "\n\n".join(" ".join(p.split()) for p in paragraphs)
-        group.command(name or None, epilog=epilog)(command)
-        return command
-
-    return register
-
-
-@_command(
+@command(
     data_app,
     SynthConfig,
     "synth",
@@ -228,7 +104,7 @@ def synth(cfg: SynthConfig) -> None:
     generate(cfg)
 
 
-@_command(
+@command(
     app,
     TrainConfig,
     epilog="""
@@ -258,7 +134,7 @@ def train(cfg: TrainConfig) -> None:
     job.run(cfg)
 
 
-@_command(
+@command(
     app,
     EvalConfig,
     "eval",
@@ -286,7 +162,7 @@ def evaluate(cfg: EvalConfig) -> None:
     job.run(cfg)
 
 
-@_command(
+@command(
     app,
     VisualizeConfig,
     epilog="""
@@ -307,7 +183,7 @@ def visualize(cfg: VisualizeConfig) -> None:
         typer.echo(f"{kind}: {path}")
 
 
-@_command(
+@command(
     app,
     ExportConfig,
     epilog="""
@@ -343,7 +219,7 @@ def export(cfg: ExportConfig) -> None:
         raise typer.Exit(EXIT_PARITY_FAILED)
 
 
-@_command(
+@command(
     app,
     InferConfig,
     epilog="""
@@ -357,7 +233,9 @@ Examples:
   # the same, doing again the files recorded as errors
   casm-deploy infer photos --out out/photos --overlay --retry-errors
   # on a GPU, with an fp16 export and JPEGs decoded there
-  casm-deploy infer photos --model export/fp16/masker.onnx --device cuda""",
+  casm-deploy infer photos --model export/fp16/masker.onnx --device cuda
+  # share 3 of 8 of the files (a SLURM array task, a Kubernetes indexed job)
+  casm-deploy infer photos --out out/photos --shard 3/8""",
 )
 def infer(cfg: InferConfig) -> None:
     """Masks, boxes and labels for every image file under FOLDER.
@@ -369,6 +247,11 @@ def infer(cfg: InferConfig) -> None:
     x1, y1 in original pixels) and OUT/summary.json.
 
     Run the same command again after an interruption to do only the files not yet recorded.
+
+    Several processes: under torchrun (`torchrun --nproc-per-node 8 -m casm_deploy infer ...`)
+    each rank does its share of the files on its own GPU, cuda:LOCAL_RANK; `--shard K/N` does
+    share K of N in a process started any other way. Each writes OUT/parts/; the last to
+    finish writes one boxes.jsonl and summary.json from them (README: Inference on many GPUs).
 
     Exit status: 0 every file ok; 3 some files could not be read or written (see boxes.jsonl);
     2 bad usage (missing folder or model, a folder without image files, OUT holding another
@@ -385,6 +268,33 @@ def infer(cfg: InferConfig) -> None:
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         raise typer.Exit(EXIT_OUT_UNWRITABLE) from None
     if summary["error"]:
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+@command(
+    app,
+    MergeConfig,
+    epilog="""
+Example:
+  # after the shards of `casm-deploy infer photos --out out/photos --shard K/8`
+  casm-deploy merge out/photos""",
+)
+def merge(cfg: MergeConfig) -> None:
+    """Join the parts of a sharded infer run into OUT/boxes.jsonl and OUT/summary.json.
+
+    The last shard to finish does this itself; run it when that shard could not (it was
+    killed after its share) or to check a job. It refuses while a shard still runs on OUT, and
+    merges only when every image file of the run's folder is recorded: otherwise it names the
+    shards whose files are missing (exit 1) and changes nothing.
+    """
+    from casm_deploy.deploy import infer as job
+
+    try:
+        summary = job.merge_out(cfg)
+    except job.MissingShards as error:
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    if summary.get("error"):
         raise typer.Exit(EXIT_SOME_FAILED)
 
 

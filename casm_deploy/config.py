@@ -9,6 +9,7 @@ fields. This module imports no torch, so `casm-deploy --help` stays instant.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
@@ -713,10 +714,30 @@ class InferConfig:
         "Bounds each decoding thread's memory.",
     )
 
+    shard: str = opt(
+        "",
+        "Do share K of N of the files (K from 0; a stable hash of each path), as rank K of a "
+        "torchrun job of N would: one process of a SLURM array, a Kubernetes indexed job or a "
+        "shell loop. Each writes OUT/parts/; the last to finish merges them into boxes.jsonl "
+        "and summary.json (casm-deploy merge OUT by hand).",
+        metavar="K/N",
+    )
+
     def __post_init__(self) -> None:
         check_fields(self)
         if not self.max_megapixels > 0:
             raise ConfigError(f"--max-megapixels must be positive, not {self.max_megapixels}")
+        match = re.fullmatch(r"(\d+)/(\d+)", self.shard)
+        if self.shard and not (match and int(match[1]) < int(match[2])):
+            raise ConfigError(f"--shard {self.shard!r}: give K/N with 0 <= K < N, e.g. 0/4")
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """`casm-deploy merge`: join the parts of a sharded infer run (torchrun or --shard)."""
+
+    out: str = opt("out", "The infer output folder (infer's --out).", argument=True, path=True)
+    coco: str = opt("", "Also write COCO-style detections here (default: the shards' --coco).")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -747,6 +768,7 @@ __all__ = [
     "EvalConfig",
     "ExportConfig",
     "InferConfig",
+    "MergeConfig",
     "MAX_VISUALIZE_IMAGES",
     "PRECISIONS",
     "PRESETS",

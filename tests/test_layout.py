@@ -27,6 +27,7 @@ LEVELS = [
     ["checkpoint"],
     ["training"],
     ["deploy", "evaluation"],
+    ["commands"],  # the Typer commands made from the configs
     ["cli", "__main__", ""],  # "": the package itself (casm_deploy/__init__.py)
 ]
 MAX_MODULE_LINES = 400

@@ -1,4 +1,4 @@
-"""OUT: the lock, the record, and writing inside it only.
+"""OUT: its files, the record, and writing inside it only (its locks: locks.py).
 
 Every file infer writes or truncates in OUT is opened without following a link (O_NOFOLLOW)
 and must be a regular file (fstat), so nothing outside OUT is ever opened for writing. Writes
@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import shutil
-import socket
 import stat
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +27,8 @@ from casm_deploy.errors import UserError
 
 RECORD = "boxes.jsonl"
 IDENTITY = "infer.json"  # what produced OUT: a rerun must match it to resume
-LOCK = ".lock"  # held by the run writing OUT; stays behind, empty of meaning, after it
+LOCK = ".lock"  # held by the runs writing OUT (locks.py); stays behind, meaningless, after them
+PARTS = "parts"  # a sharded run's records, one per shard, until they are merged (shards.py)
 SUMMARY = "summary.json"
 OWN_FILES = (RECORD, SUMMARY, IDENTITY, LOCK)
 # Errors of the disk itself, not of one file: the run stops instead of recording them.
@@ -165,6 +163,10 @@ def check_outputs(out: Path, coco: str) -> None:
             if path.is_symlink() or (os.path.lexists(path) and not path.is_file()):
                 kind = "a symbolic link" if path.is_symlink() else "not a regular file"
                 raise UserError(f"{path}: {kind}; remove it (infer does not write through it)")
+        parts = out / PARTS
+        if parts.is_symlink() or (os.path.lexists(parts) and not parts.is_dir()):
+            kind = "a symbolic link" if parts.is_symlink() else "not a folder"
+            raise UserError(f"{parts}: {kind}; remove it (infer does not write through it)")
     if not coco:
         return
     path = Path(coco)
@@ -192,65 +194,6 @@ def name_limits(folder: Path) -> tuple[int, int]:
     except (OSError, ValueError):
         path_max = 4096
     return _name_max(folder) - len(PARTIAL) - 1, path_max
-
-
-# --- the lock -------------------------------------------------------------------------------
-
-
-class Lock:
-    """OUT/.lock, held (flock, exclusive) by the one run writing OUT, with its pid, host and
-    start time. The kernel releases it when the process ends, even by kill -9.
-
-    Raises:
-        UserError: another run holds it (named), or .lock is a link or not a file.
-        OutUnwritable: OUT's disk takes no writes.
-    """
-
-    def __init__(self, out: Path):
-        path = out / LOCK
-        try:
-            self.fd = open_regular(path, os.O_RDWR | os.O_CREAT)
-        except (OutputError, OSError) as error:
-            raise as_user_error(error, path) from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(os.pread(self.fd, 4096, 0))
-            os.close(self.fd)
-            raise UserError(
-                f"--out {out}: in use by another infer run ({holder}); wait for it to end "
-                "or choose another --out"
-            ) from None
-        except OSError as error:  # a file system without locks: exactly-once is not sure there
-            os.close(self.fd)
-            raise UserError(f"{path}: cannot lock ({error.strerror or error})") from None
-        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
-        try:
-            os.ftruncate(self.fd, 0)
-            os.lseek(self.fd, 0, os.SEEK_SET)
-            write_all(self.fd, (json.dumps(holder) + "\n").encode())
-            os.fsync(self.fd)
-        except OSError as error:
-            self.close()
-            raise as_user_error(error, path) from None
-
-    def close(self) -> None:
-        os.close(self.fd)  # releases the lock
-
-    def __enter__(self) -> Lock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _holder(data: bytes) -> str:
-    try:
-        holder = json.loads(data)
-        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
-    except (ValueError, KeyError, TypeError):
-        return "its pid is not written yet"
 
 
 # --- the record -----------------------------------------------------------------------------

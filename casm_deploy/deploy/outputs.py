@@ -21,7 +21,8 @@ from casm_deploy.common.files import PARTIAL
 from casm_deploy.config import InferConfig, config_to_dict
 from casm_deploy.data.decode import read_overlay
 from casm_deploy.data.imagefiles import MAX_PIXELS, Entry, ImageError
-from casm_deploy.deploy.api import Masker, float_masks, resize_mask
+from casm_deploy.deploy.api import float_masks, resize_mask
+from casm_deploy.deploy.model_info import ModelInfo
 from casm_deploy.deploy.outfolder import (
     RECORD,
     SUMMARY,
@@ -196,18 +197,12 @@ def draw_label(image: np.ndarray, text: str, corner: tuple[int, int], thickness:
 # --- the results ------------------------------------------------------------------------------
 
 
-def write_summary(
-    out: Path, cfg: InferConfig, masker: Masker, counts: dict[str, int], seconds: float
+def run_summary(
+    info: ModelInfo, cfg: InferConfig, counts: dict[str, int], seconds: float
 ) -> dict[str, Any]:
-    """OUT/summary.json: counts over the whole record (every run into OUT), speed of this one."""
-    totals = {"ok": 0, "error": 0}
-    for row in rows(out / RECORD):
-        totals[row["status"]] += 1
-    info = masker.info
+    """One run's part of summary.json: its counts and speed, the model and where it ran."""
     done = counts["ok"] + counts["error"]
-    summary = {
-        **totals,
-        "files": totals["ok"] + totals["error"],
+    return {
         "this_run": {**counts, "seconds": round(seconds, 3)},
         "images_per_second": round(done / seconds, 2) if done and seconds > 0 else None,
         "backend": info.backend,
@@ -221,6 +216,15 @@ def write_summary(
         "package_version": __version__,
         "config": config_to_dict(cfg),
     }
+
+
+def write_summary(out: Path, run: dict[str, Any]) -> dict[str, Any]:
+    """OUT/summary.json: counts over the whole record (every run into OUT), then `run`
+    (`run_summary`: this run, or a merged sharded job with its `shards`)."""
+    totals = {"ok": 0, "error": 0}
+    for row in rows(out / RECORD):
+        totals[row["status"]] += 1
+    summary = {**totals, "files": totals["ok"] + totals["error"], **run}
     write_own(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 
@@ -232,14 +236,14 @@ MASKS_ONLY_NOTE = (
 )
 
 
-def write_coco(record: Path, path: Path, masker: Masker) -> None:
+def write_coco(record: Path, path: Path, info: ModelInfo) -> None:
     """COCO-style detections: `images`, `categories` (ids = class index + 1) and one
     `annotations` entry with a `score` per image with a box (the results list of COCO's API).
 
     A masks-only model predicts no class and no confidence: its boxes are of one category,
     SALIENT, with no `score`, and `info.description` says so.
     """
-    masks_only = masker.info.masks_only
+    masks_only = info.masks_only
     images, annotations = [], []
     for image_id, row in enumerate(rows(record), start=1):
         if row["status"] != "ok":
@@ -265,7 +269,6 @@ def write_coco(record: Path, path: Path, masker: Masker) -> None:
             if not masks_only:
                 annotation["score"] = row["score"]
             annotations.append(annotation)
-    info = masker.info
     coco: dict[str, Any] = {"images": images, "annotations": annotations}
     if masks_only:
         coco = {"info": {"description": MASKS_ONLY_NOTE}, **coco, "categories": [SALIENT]}

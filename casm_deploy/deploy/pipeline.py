@@ -1,6 +1,6 @@
 """infer's pipeline: batches of image files decoded ahead, run by the model, written behind.
 
-infer.run_locked -> batched(scan) -> decode_ahead (read_image in the pool's threads; JPEGs
+process: batched(entries) -> decode_ahead (read_image in the pool's threads; JPEGs
 to DALI or nvJPEG in one call per batch, JpegStage) -> launch (submit to the model) ->
 collect (boxes and labels, the files written by outputs.Writer in the pool) -> append_records
 (boxes.jsonl, once a batch's files are on disk).
@@ -9,6 +9,7 @@ collect (boxes and labels, the files written by outputs.Writer in the pool) -> a
 from __future__ import annotations
 
 import json
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,16 +20,78 @@ from typing import Any
 
 import numpy as np
 
+from casm_deploy.common.cpus import usable_cpus
+from casm_deploy.common.ui import console, progress
 from casm_deploy.config import InferConfig
 from casm_deploy.data.decode import TorchvisionJpegs, decode, read_image, torchvision_decodes
 from casm_deploy.data.imagefiles import MAX_PIXELS, Encoded, Entry, ImageError, read_file
 from casm_deploy.deploy.api import Masker
 from casm_deploy.deploy.device_io import Pending
 from casm_deploy.deploy.outfolder import OutputError, Record, is_fatal, unwritable
-from casm_deploy.deploy.outputs import Writer
+from casm_deploy.deploy.outputs import Writer, max_pixels
 from casm_deploy.errors import UserError
 
 AHEAD = 2  # batches decoded ahead of the model, and batches being written behind it
+
+
+def process(
+    cfg: InferConfig,
+    out: Path,
+    masker: Masker,
+    record_path: Path,
+    entries: Iterable[Entry],
+    todo: int,
+    bar: bool = True,
+) -> tuple[dict[str, int], float]:
+    """Run `entries` (`todo` of them) through decoding, the model and the writers into OUT,
+    appending each finished batch's rows to `record_path`. `bar`: draw the progress bar.
+
+    Returns:
+        The counts of ok and error rows appended, and the seconds it took.
+    """
+    info = masker.info
+    writer = Writer(out, cfg)
+    workers = cfg.workers or usable_cpus()
+    jpeg = jpeg_stage(cfg, info.device, masker.image_size, workers)
+    decoder = "OpenCV" if jpeg is None else f"OpenCV, and for JPEGs {jpeg.decoder.name}"
+    console.print(f"decoding: {decoder} with {workers} threads")
+    # On CUDA: one batch on the device while the next is submitted; 8-bit masks come back
+    # (the PNG's levels: 4x fewer bytes) unless npy files want float32.
+    depth = 1 if info.device == "cuda" else 0
+    uint8_masks = info.device == "cuda" and cfg.masks != "npy"
+    counts = {"ok": 0, "error": 0}
+    started = time.perf_counter()
+    try:
+        with (
+            ThreadPoolExecutor(workers, thread_name_prefix="infer") as pool,
+            Record(record_path) as record,
+            progress(disable=not bar) as bars,
+        ):
+            task = bars.add_task("infer", total=todo, info="")
+            pending: deque[list[tuple[dict[str, Any], Future | None]]] = deque()
+            on_device: deque[Launched] = deque()
+            batches = batched(entries, cfg.batch)
+            for batch in decode_ahead(pool, batches, masker.image_size, max_pixels(cfg), jpeg):
+                on_device.append(launch(batch, masker, uint8_masks))
+                if len(on_device) > depth:
+                    pending.append(collect(on_device.popleft(), masker, writer, pool))
+                while len(pending) > AHEAD or (pending and all_done(pending[0])):
+                    finished = append_records(record, pending.popleft(), counts)
+                    bars.update(task, advance=finished, info=_rate(counts, started))
+            while on_device:
+                pending.append(collect(on_device.popleft(), masker, writer, pool))
+            while pending:
+                finished = append_records(record, pending.popleft(), counts)
+                bars.update(task, advance=finished, info=_rate(counts, started))
+    finally:
+        if jpeg is not None:
+            jpeg.close()
+    return counts, time.perf_counter() - started
+
+
+def _rate(counts: dict[str, int], started: float) -> str:
+    seconds = max(time.perf_counter() - started, 1e-9)
+    return f"{(counts['ok'] + counts['error']) / seconds:.0f} img/s, {counts['error']} errors"
 
 
 def batched(entries: Iterable[Entry], size: int) -> Iterator[list[Entry]]:

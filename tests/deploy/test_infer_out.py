@@ -21,7 +21,8 @@ from casm_deploy.cli import EXIT_OUT_UNWRITABLE, EXIT_SOME_FAILED, app
 from casm_deploy.config import InferConfig
 from casm_deploy.data.imagefiles import Entry
 from casm_deploy.deploy import infer, outfolder, outputs
-from casm_deploy.deploy.outfolder import Lock, read_record, write_atomic
+from casm_deploy.deploy.locks import Lock
+from casm_deploy.deploy.outfolder import read_record, write_atomic
 
 runner = CliRunner()
 real_write = os.write
