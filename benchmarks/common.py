@@ -49,3 +49,12 @@ def write_json(path: str | Path, result: dict) -> None:
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, path)
     print(f"wrote {path}")
+
+
+def linked(entries: list, folder: Path) -> Path:
+    """A folder of links to exactly these files (infer reads a folder)."""
+    for entry in entries:
+        link = folder / entry.rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(entry.path.resolve())
+    return folder

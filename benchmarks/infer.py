@@ -24,7 +24,7 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
-from common import command, machine, write_json
+from common import command, linked, machine, write_json
 
 from casm_deploy.config import InferConfig, SynthConfig
 from casm_deploy.data.decode import decode, read_image
@@ -94,15 +94,6 @@ def export_224(folder: Path) -> Path:
     info = read_classes(BIG_DATA)
     checkpoint = save_untrained(folder / "checkpoint.pt", info.wnids, info.names)
     export_masker(checkpoint, folder, ("torchscript", "onnx"))
-    return folder
-
-
-def linked(entries: list, folder: Path) -> Path:
-    """A folder of links to exactly these files (infer reads a folder)."""
-    for entry in entries:
-        link = folder / entry.rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(entry.path.resolve())
     return folder
 
 

@@ -31,7 +31,7 @@ import time
 from itertools import islice
 from pathlib import Path
 
-from common import command, machine, write_json
+from common import command, linked, machine, write_json
 
 from casm_deploy.common.cpus import cpu_model, usable_cpus
 from casm_deploy.data.imagefiles import scan
@@ -67,15 +67,6 @@ def timed(config: str, folder: Path, out: Path, args: argparse.Namespace) -> dic
     if summary["files"] != args.images or summary["error"]:
         raise SystemExit(f"{config}: {summary['files']} files, {summary['error']} errors")
     return {"wall_s": round(wall, 3), "images_per_second": summary["images_per_second"]}
-
-
-def linked(entries: list, folder: Path) -> Path:
-    """A folder of links to exactly these files (infer reads a folder)."""
-    for entry in entries:
-        link = folder / entry.rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(entry.path.resolve())
-    return folder
 
 
 def main() -> None:

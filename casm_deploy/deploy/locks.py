@@ -56,7 +56,10 @@ def folder_lock(folder: Path, exclusive: bool = True) -> Iterator[None]:
     OUT is checked and set up, so that processes starting together see it one at a time."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except OSError as error:  # a file system without locks: exactly-once is not sure there
+            raise UserError(f"{folder}: cannot lock ({error.strerror or error})") from None
         yield
     finally:
         os.close(fd)

@@ -254,8 +254,9 @@ def merge(out: Path, coco: str = "") -> dict[str, Any] | None:
 
 
 def job_summary(markers: list[dict[str, Any]]) -> dict[str, Any]:
-    """summary.json's run fields for the shards' job: `this_run` counts every shard's files
-    over the job's wall time (the first start to the last finish), and `shards` lists each."""
+    """summary.json's run fields for the shards' job: `this_run` counts the files of each
+    shard's last run over the job's wall time (its first batch to its last), and `shards`
+    lists each."""
     last = max(markers, key=lambda m: m["finished"])
     counts = {s: sum(m["run"]["this_run"][s] for m in markers) for s in ("ok", "error")}
     seconds = max(m["finished"] for m in markers) - min(m["started"] for m in markers)
