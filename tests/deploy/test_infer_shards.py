@@ -207,3 +207,27 @@ def test_a_shard_of_another_run_is_refused(make_checkpoint, model, whole, tiny_d
     other = make_checkpoint(tmp_path / "other.pt", tiny_data, seed=1)
     output = invoke(*command(whole["images"], out, other, "--shard", "1/2"), code=2)
     assert "holds results of another run (changed: model_sha256" in output
+
+
+@pytest.mark.gpu
+def test_a_torchrun_rank_runs_on_its_local_gpu(monkeypatch):
+    """Under torchrun, `--device auto` and `cuda` are cuda:LOCAL_RANK; a rank beyond the node's
+    GPUs is a one-line error."""
+    import torch
+
+    from casm_deploy.deploy.shards import shard_for, use_rank_device
+    from casm_deploy.errors import UserError
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    cfg = InferConfig(dir="x", device="cuda")
+    shard = shard_for(cfg)
+    assert shard is not None and shard.torchrun and str(shard) == "0/2"
+    use_rank_device(cfg, shard)
+    assert torch.cuda.current_device() == 0
+    monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))
+    with pytest.raises(UserError, match="LOCAL_RANK"):
+        use_rank_device(cfg, shard)
