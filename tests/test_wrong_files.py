@@ -118,15 +118,19 @@ def test_train_weights_of_an_exported_model_says_what_it_takes(files, tiny_data,
     assert "--weights takes a torchvision state dict or a casm-deploy checkpoint" in line
 
 
-def test_eval_and_visualize_of_an_exported_model_say_what_it_is(files, tiny_data, tmp_path):
-    commands = {
-        "eval": ["--workers", "0"],
-        "visualize": ["--out", str(tmp_path / "v")],
-    }
-    for command, options in commands.items():
-        for kind, label in (("ts", "TorchScript"), ("onnx", "ONNX")):
-            path = files[kind]
-            result = runner.invoke(app, [command, str(path), str(tiny_data), *options])
+def test_visualize_and_eval_classifiers_of_an_exported_model_say_what_it_is(
+    files, tiny_data, tmp_path
+):
+    """eval scores exported files (tests/evaluation/test_eval_exported.py), but a classifier
+    that judges masked images, and visualize's models, must be checkpoints."""
+    for kind, label in (("ts", "TorchScript"), ("onnx", "ONNX")):
+        path = files[kind]
+        commands = {
+            "eval": [str(files["checkpoint"]), "--classifiers", str(path), "--workers", "0"],
+            "visualize": [str(path), "--out", str(tmp_path / "v")],
+        }
+        for command, options in commands.items():
+            result = runner.invoke(app, [command, *options[:1], str(tiny_data), *options[1:]])
             line = _one_line_error(result, path)
             assert f"this is an exported model ({label})" in line
             assert "a training checkpoint, runs/<name>/checkpoint.pt" in line
