@@ -70,11 +70,13 @@ def shard_for(cfg: InferConfig) -> Shard | None:
     Raises:
         UserError: --shard under torchrun, or an option that would touch other shards' files.
     """
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and cfg.shard:
+    from casm_deploy.training.distributed import distributed_from_env
+
+    env = distributed_from_env()
+    if env.world > 1 and cfg.shard:
         raise UserError("--shard under torchrun: torchrun's ranks are the shards; drop --shard")
-    if world > 1:
-        shard = Shard(rank, world, torchrun=True)
+    if env.world > 1:
+        shard = Shard(env.rank, env.world, torchrun=True)
     elif cfg.shard:
         index, count = (int(v) for v in cfg.shard.split("/"))  # checked by InferConfig
         shard = Shard(index, count)
@@ -100,11 +102,12 @@ def use_rank_device(cfg: InferConfig, shard: Shard) -> None:
     import torch
 
     from casm_deploy.common.devices import resolve_device
+    from casm_deploy.training.distributed import distributed_from_env
 
     if not shard.torchrun:
         return
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    env = distributed_from_env()
+    local_rank, local_world = env.local_rank, env.local_world
     device = resolve_device(cfg.device, local_rank)
     if device.type == "cuda":
         if device.index is not None and device.index >= torch.cuda.device_count():
