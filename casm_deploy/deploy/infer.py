@@ -230,9 +230,10 @@ def merge_out(cfg: MergeConfig) -> dict[str, Any]:
 def check_complete(root: Path, out: Path) -> None:
     """Raise MissingShards when a file under `root` is in neither boxes.jsonl nor a part."""
     done = read_record(out / RECORD).done
-    parts = parts_of(out, "jsonl") + parts_of(out, "json")
-    for path, _, _ in parts_of(out, "jsonl"):
+    records = parts_of(out, "jsonl")
+    for path, _, _ in records:
         done |= read_record(path).done
+    parts = records + parts_of(out, "json")
     count = max(parts, key=lambda p: p[0].stat().st_mtime)[2] if parts else 1
     left: dict[int, int] = {}
     for entry in unrecorded(root, out, done):
