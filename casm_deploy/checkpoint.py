@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from casm_deploy.common.files import atomic_file
+from casm_deploy.common.files import atomic_file, make_folders
 from casm_deploy.data.draw import synthetic_labels
 from casm_deploy.errors import UserError
 from casm_deploy.models.backbones import ARCHS
@@ -40,7 +40,7 @@ VERSION = 1
 def save_atomic(payload: Any, path: str | Path) -> None:
     """`torch.save` through `files.atomic_file`: a crash leaves the old file or the new."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(path.parent)
     with atomic_file(path) as f:
         torch.save(payload, f)
 

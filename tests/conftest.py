@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from casm_deploy.common.files import remove_tree
 from casm_deploy.config import SynthConfig
 
 
@@ -15,6 +16,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def deep_tmp_path(tmp_path):
+    """tmp_path, emptied after the test without recursion: pytest removes old temporary
+    folders with shutil.rmtree, which overflows Python's stack on a tree 1,000 folders deep."""
+    yield tmp_path
+    for path in tmp_path.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            remove_tree(path)
 
 
 @pytest.fixture(scope="session")

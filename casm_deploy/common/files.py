@@ -1,15 +1,21 @@
-"""Writing a file so that a reader sees the old one or the whole new one, never half of it.
+"""Writing a file so that a reader sees the old one or the whole new one, never half of it;
+making and removing folders at any depth.
 
 Checkpoints, metrics logs, synth.json and every file infer writes in OUT go through
 `atomic_file`: a temporary beside the target (opened without following a link), fsync'd,
 renamed over the target, and the folder fsync'd so the rename survives a crash too.
+
+Folders are made by `make_folders` and removed by `remove_tree`, never by
+`Path.mkdir(parents=True)`, `os.makedirs` or `shutil.rmtree`: each of those recurses once per
+folder level (rmtree until Python 3.12), so a file 1,000 folders deep in a user's tree, whose
+mask infer writes at the same depth, would overflow Python's stack.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -64,6 +70,47 @@ def sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def make_folders(folder: str | Path) -> None:
+    """`folder` and its missing parents, made one at a time from the nearest existing one down
+    (no recursion: any depth the file system allows).
+
+    Raises:
+        NotADirectoryError: a component is a file (or a link to one, or a dangling link).
+        OSError: anything else the file system refuses (a path too long, no permission).
+    """
+    folder = Path(folder)
+    missing = []
+    while not folder.is_dir():  # a link to a folder is a folder, as for mkdir -p
+        if os.path.lexists(folder):
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder))
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)
+        except FileExistsError:  # made meanwhile by another process: fine if a folder
+            if not path.is_dir():
+                raise
+
+
+def remove_tree(folder: str | Path) -> None:
+    """Delete `folder` and everything under it, deepest first, without recursion; a link is
+    removed, never followed."""
+    stack = [(Path(folder), False)]
+    while stack:
+        path, emptied = stack.pop()
+        if emptied:
+            os.rmdir(path)
+            continue
+        stack.append((path, True))  # removed once everything pushed after it is gone
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((Path(entry.path), False))
+                else:
+                    os.unlink(entry.path)
+
+
 def remove_owned(folder: Path, names: Iterable[str]) -> None:
     """Delete from `folder` only the entries a command writes there (`names`), so that
     `--overwrite` never touches anything else in a folder the user named: a link among them is
@@ -71,6 +118,6 @@ def remove_owned(folder: Path, names: Iterable[str]) -> None:
     for name in names:
         path = folder / name
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+            remove_tree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from casm_deploy.common.files import remove_owned, write_atomic
+from casm_deploy.common.files import make_folders, remove_owned, write_atomic
 from casm_deploy.config import SynthConfig, config_to_dict
 from casm_deploy.data.draw import SHAPES, background, draw_distractors, render, tight_box, wnid_for
 from casm_deploy.data.imagenet import has_object_masks
@@ -283,14 +283,14 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
         remove_owned(out, OWNED)
 
     indices = [SHAPES.index(name) for name in cfg.classes]
-    out.mkdir(parents=True, exist_ok=True)
+    make_folders(out)
     (out / MARKER).write_text("generation in progress\n")
     (out / "annotations").mkdir()
     if cfg.parts:
         (out / "parts").mkdir()
     for k in indices:
-        (out / "train" / wnid_for(k)).mkdir(parents=True)
-        (out / "val" / wnid_for(k)).mkdir(parents=True)
+        make_folders(out / "train" / wnid_for(k))
+        make_folders(out / "val" / wnid_for(k))
     lines = "".join(f"{wnid_for(k)} {SHAPES[k]}\n" for k in indices)
     (out / "classes.txt").write_text(lines)
 

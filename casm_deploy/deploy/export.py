@@ -33,6 +33,7 @@ from casm_deploy.checkpoint import (
     training_data_kind,
 )
 from casm_deploy.common.devices import resolve_device
+from casm_deploy.common.files import make_folders
 from casm_deploy.common.paths import check_folder
 from casm_deploy.common.ui import console, progress
 from casm_deploy.config import ExportConfig, config_to_dict
@@ -172,7 +173,7 @@ def onnx_opset(cfg: ExportConfig) -> int:
 
 def clear_out(out: Path) -> Path:
     """OUT, made, without the files of an earlier export."""
-    out.mkdir(parents=True, exist_ok=True)
+    make_folders(out)
     # never leave a file of an earlier export beside this one, nor its export.json (whose
     # digests would then refuse the new files)
     for name in (*FILES.values(), "export.json"):

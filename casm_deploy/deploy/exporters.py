@@ -29,6 +29,7 @@ from casm_deploy.artifact import (
     write_onnx_metadata,
 )
 from casm_deploy.checkpoint import load_checkpoint, masker_from_checkpoint, training_data_kind
+from casm_deploy.common.files import make_folders
 from casm_deploy.errors import UserError
 from casm_deploy.models.mapping import SaliencyModel
 
@@ -109,7 +110,7 @@ def export_masker(
     meta = {**base_metadata(state, sha256_file(checkpoint), kind, masks_only), "precision": "fp32"}
     size = int(state["model"]["image_size"])
     example = torch.rand(2, 3, size, size)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folders(folder)
     written = {fmt: folder / FILES[fmt] for fmt in formats}
     for fmt, path in written.items():
         if fmt == "onnx":
@@ -144,7 +145,7 @@ def write_triton(
     """A Triton model repository: ROOT/NAME/config.pbtxt and ROOT/NAME/1/model.onnx (one output,
     `masks`, for a masks-only model)."""
     model_dir = root / name
-    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    make_folders(model_dir / "1")
     shutil.copyfile(onnx_path, model_dir / "1" / "model.onnx")
     size, classes = int(spec["image_size"]), int(spec["num_classes"])
     what = "mapping alone (--masks-only: no classifier)" if masks_only else "masker"

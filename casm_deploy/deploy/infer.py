@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from casm_deploy.common.files import remove_owned
+from casm_deploy.common.files import make_folders, remove_owned
 from casm_deploy.common.ui import console
 from casm_deploy.config import InferConfig, MergeConfig
 from casm_deploy.data.decode import quiet_decoders
@@ -90,7 +90,7 @@ def run(cfg: InferConfig) -> dict[str, Any]:
         use_rank_device(cfg, shard)
     masker = Masker.load(cfg.model, cfg.backend, cfg.device, cfg.batch, cfg.expect_sha256)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        make_folders(out)
     except OSError as error:
         raise as_user_error(error, out) from None
     with quiet_decoders():

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from casm_deploy.common.files import PARTIAL
+from casm_deploy.common.files import PARTIAL, make_folders
 from casm_deploy.config import InferConfig, config_to_dict
 from casm_deploy.data.decode import read_overlay
 from casm_deploy.data.imagefiles import MAX_PIXELS, Entry, ImageError
@@ -61,7 +61,8 @@ class Writer:
 
         Raises:
             OutputError: the path would leave OUT (`..`, an absolute path, or a symbolic link
-                on the way that points outside).
+                on the way that points outside), or a file stands where a folder must be.
+            OSError: the file system refused a folder (a full disk, a path too long).
         """
         parts = Path(rel).parts
         if Path(rel).is_absolute() or ".." in parts:
@@ -78,7 +79,11 @@ class Writer:
             existing = existing.parent
         if not existing.resolve().is_relative_to(self.real_out):
             raise OutputError(f"output folder {existing} leads outside {self.out} (a link)")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            make_folders(path.parent)  # any depth: a file 1,000 folders deep is just a file
+        except NotADirectoryError as error:
+            where = Path(error.filename).relative_to(self.out).as_posix()
+            raise OutputError(f"cannot make its output folder: {where} is not a folder") from None
         if path.parent.resolve().is_relative_to(self.real_out):
             self.checked.add(path.parent)
         return path
@@ -278,7 +283,7 @@ def write_coco(record: Path, path: Path, info: ModelInfo) -> None:
             for k in range(info.num_classes)
         ]
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(path.parent)
     except OSError as error:
         raise as_user_error(error, path) from None
     write_own(path, (json.dumps(coco) + "\n").encode())

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from casm_deploy.artifact import INPUT, OUTPUTS, first_line, output_names, read_metadata
+from casm_deploy.common.files import make_folders
 from casm_deploy.deploy.device_io import (
     DeviceIO,
     Image,
@@ -222,7 +223,7 @@ class OnnxBackend:
         """Make TensorRT's engine cache folder; without one, run with the caches off."""
         cache = options["trt_engine_cache_path"]
         try:
-            Path(cache).mkdir(parents=True, exist_ok=True)
+            make_folders(Path(cache))
         except OSError as error:
             self.notices.append(f"no TensorRT engine cache ({cache}: {error.strerror})")
             for key in ("trt_engine_cache_enable", "trt_timing_cache_enable"):

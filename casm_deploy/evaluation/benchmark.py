@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from casm_deploy.common.files import make_folders
 from casm_deploy.common.paths import check_file
 from casm_deploy.common.ui import console, progress
 from casm_deploy.config import EvalConfig, config_to_dict
@@ -377,7 +378,7 @@ def write_json(
     methods go to `<stem>.<method>.json` beside it, the classifier accuracies to
     `<stem>.classifiers.json`, the leak control to `<stem>.leak.json`, and the resolved config
     to `<stem>.config.json`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(path.parent)
     path.write_text(json.dumps(scores[first], indent=2) + "\n")
     for name, result in scores.items():
         if name != first:

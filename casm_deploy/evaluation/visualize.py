@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from casm_deploy.common.files import make_folders
 from casm_deploy.common.paths import check_folder
 from casm_deploy.common.ui import console
 from casm_deploy.config import VisualizeConfig, config_to_dict
@@ -74,7 +75,7 @@ def run(cfg: VisualizeConfig) -> dict[str, str]:
     rows, heatmaps = apply_models(models, images, records, plain)
 
     out = Path(cfg.out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    make_folders(out / "images")
     grid = draw_grid(
         [to_uint8(r) for model_rows in rows for r in model_rows],
         [m.name for m in models],

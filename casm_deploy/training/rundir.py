@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from casm_deploy.checkpoint import RUN_CHECKPOINT
-from casm_deploy.common.files import write_atomic
+from casm_deploy.common.files import make_folders, write_atomic
 from casm_deploy.common.ui import console
 from casm_deploy.config import TrainConfig, config_from_dict
 from casm_deploy.errors import UserError
@@ -52,7 +52,7 @@ def lock_run_dir(run_dir: Path):
         import fcntl
     except ImportError:  # Windows has no fcntl
         return None
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_folders(run_dir)
     handle = (run_dir / ".lock").open("a")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -124,7 +124,7 @@ def remove_temporaries(run_dir: Path, locked: bool) -> None:
 
 def start_log(run_dir: Path, config: dict, baseline: dict) -> None:
     """A new run's folder: its `config.json`, and a log holding the centre-box baseline."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_folders(run_dir)
     log_path = run_dir / LOG
     log_path.unlink(missing_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")

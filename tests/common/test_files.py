@@ -4,7 +4,14 @@ import os
 
 import pytest
 
-from casm_deploy.common.files import atomic_file, remove_owned, temporary_of, write_atomic
+from casm_deploy.common.files import (
+    atomic_file,
+    make_folders,
+    remove_owned,
+    remove_tree,
+    temporary_of,
+    write_atomic,
+)
 
 
 def test_a_write_replaces_the_file_whole_and_leaves_no_temporary(tmp_path):
@@ -48,3 +55,32 @@ def test_remove_owned_deletes_only_the_named_entries(tmp_path):
     remove_owned(tmp_path, ("masks", "boxes.jsonl", "overlays", "summary.json"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     assert (target / "precious").read_text() == "x"
+
+
+def test_folders_1000_deep_are_made_and_removed_without_recursion(tmp_path):
+    deep = tmp_path / "top" / "/".join(["d"] * 1000)
+    make_folders(deep)  # Path.mkdir(parents=True) raised RecursionError here
+    assert deep.is_dir()
+    make_folders(deep)  # already there: nothing to do
+    (deep / "x.png").write_bytes(b"")
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "precious").write_text("x")
+    os.symlink(target, deep.parent / "link")  # removed, not followed
+    remove_tree(tmp_path / "top")  # shutil.rmtree recursed on Python 3.11
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+    assert (target / "precious").read_text() == "x"
+
+
+def test_a_file_in_the_way_of_a_folder_is_named(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "b").write_text("in the way")
+    with pytest.raises(NotADirectoryError) as caught:
+        make_folders(tmp_path / "a" / "b" / "c" / "d")
+    assert caught.value.filename == str(tmp_path / "a" / "b")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    with pytest.raises(NotADirectoryError):
+        make_folders(tmp_path / "dangling" / "c")
+    os.symlink(tmp_path / "a", tmp_path / "to-a")  # a link to a folder is a folder (mkdir -p)
+    make_folders(tmp_path / "to-a" / "e")
+    assert (tmp_path / "a" / "e").is_dir()

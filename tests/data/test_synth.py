@@ -10,7 +10,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from casm_deploy.cli import app
 from casm_deploy.config import SynthConfig
 from casm_deploy.data.draw import SHAPES, render, tight_box, wnid_for
 from casm_deploy.data.synth import generate, make_sample
@@ -296,3 +298,15 @@ def test_aspect_ratios_vary():
     assert min(ratios) < 0.9 and max(ratios) > 1.1
     assert all(0.6 < r < 1.6 for r in ratios)
     assert all(80 <= min(h, w) <= 128 for h, w in shapes)
+
+
+def test_a_data_set_1000_folders_deep_is_made_and_replaced(deep_tmp_path):
+    """Issue 27: the output folder is made without recursion, and --overwrite removes the old
+    set without it (shutil.rmtree recursed on Python 3.11)."""
+    out = deep_tmp_path / "/".join(["d"] * 1000)
+    args = ["data", "synth", str(out), "--num-classes", "2", "--train-per-class", "1"]
+    args += ["--val-per-class", "1", "--min-side", "40", "--max-side", "48", "--workers", "1"]
+    for extra in ([], ["--overwrite", "--seed", "1"]):
+        result = CliRunner().invoke(app, [*args, *extra])
+        assert result.exit_code == 0, result.output
+        assert len(list((out / "val").glob("*/*.JPEG"))) == 2

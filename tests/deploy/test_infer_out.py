@@ -343,6 +343,61 @@ def test_names_too_long_for_the_file_system_are_shortened(model, tmp_path):
     assert again.exit_code == 0 and by_path(out) == rows  # nothing redone, nothing added
 
 
+def _deep_folder(root: Path, depth: int) -> Path:
+    """root/d/d/.../d, `depth` folders, made one at a time (os.makedirs would recurse)."""
+    folder = root
+    for _ in range(depth):
+        folder = folder / "d"
+        folder.mkdir()
+    return folder
+
+
+def test_a_file_1000_folders_deep_is_one_row_and_stops_nothing(model, deep_tmp_path):
+    """Issue 27: its mask's and overlay's folders are made without recursion (Path.mkdir's
+    parents=True overflowed the stack); a rerun, --overwrite and merge's clean-up go as deep."""
+    tmp_path = deep_tmp_path
+    images, out = make_images(tmp_path / "images", 4), tmp_path / "out"
+    deep = _deep_folder(images, 1000) / "deep.png"
+    cv2.imwrite(str(deep), np.zeros((20, 30, 3), np.uint8))
+    rel = deep.relative_to(images).as_posix()
+    for extra in ([], [], ["--overwrite"]):  # a first run, a resumed one, then afresh
+        result = runner.invoke(app, infer_args(images, out, model, "--overlay", *extra))
+        assert result.exit_code == 0, result.output[-2000:]
+        rows = records(out)
+        assert len(rows) == 5 and all(r["status"] == "ok" for r in rows)
+        assert sum(r["path"] == rel for r in rows) == 1
+    assert (out / "masks" / (rel + ".png")).is_file()
+    assert (out / "overlays" / (rel + ".jpg")).is_file()
+    # two shards, the last merging, then merge again: a no-op (batches differ: compare statuses)
+    sharded = tmp_path / "sharded"
+    for k in range(2):
+        result = runner.invoke(
+            app, infer_args(images, sharded, model, "--overlay", "--shard", f"{k}/2")
+        )
+        assert result.exit_code == 0, result.output[-2000:]
+    assert runner.invoke(app, ["merge", str(sharded)]).exit_code == 0
+    statuses = {path: row["status"] for path, row in by_path(sharded).items()}
+    assert statuses == {path: row["status"] for path, row in by_path(out).items()}
+
+
+def test_a_file_where_a_mask_folder_must_be_is_that_image_s_error_row(model, tmp_path):
+    images, out = make_images(tmp_path / "images", 3), tmp_path / "out"
+    assert runner.invoke(app, infer_args(images, out, model)).exit_code == 0
+    deep = _deep_folder(images, 300) / "deep.png"  # a new file, whose folder is taken
+    cv2.imwrite(str(deep), np.zeros((20, 30, 3), np.uint8))
+    blocked = out / "masks" / "d" / "d" / "d"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("in the way")
+    result = runner.invoke(app, infer_args(images, out, model))
+    assert result.exit_code == EXIT_SOME_FAILED, result.output
+    rows = by_path(out)
+    row = rows.pop(deep.relative_to(images).as_posix())
+    assert row["status"] == "error"
+    assert row["error"] == "cannot make its output folder: masks/d/d/d is not a folder"
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows.values())
+    assert blocked.read_text() == "in the way"
+
+
 # --- memory: 8-bit masks at the original size (item 9) ------------------------------------
 
 
