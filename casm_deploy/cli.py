@@ -21,6 +21,7 @@ from casm_deploy.config import (
     InferConfig,
     MergeConfig,
     SynthConfig,
+    TinyImagenetConfig,
     TrainConfig,
     VisualizeConfig,
 )
@@ -50,10 +51,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(
-    help="Data sets: generate the embedded ImageNet-layout benchmark.",
+    help="Data sets: generate the embedded ImageNet-layout benchmark, or convert Tiny ImageNet.",
     epilog="""
-Example:
-  casm-deploy data synth""",
+Examples:
+  casm-deploy data synth
+  casm-deploy data tiny-imagenet tiny-imagenet-200.zip""",
 )
 app.add_typer(data_app, name="data")
 
@@ -102,6 +104,36 @@ def synth(cfg: SynthConfig) -> None:
     from casm_deploy.data.synth import generate
 
     generate(cfg)
+
+
+@command(
+    data_app,
+    TinyImagenetConfig,
+    "tiny-imagenet",
+    epilog="""
+Examples:
+  # all 200 classes of the official archive into data/tiny-imagenet
+  casm-deploy data tiny-imagenet tiny-imagenet-200.zip
+  # the first 10 classes (sorted wnids), from the extracted folder
+  casm-deploy data tiny-imagenet tiny-imagenet-200 data/tiny10 --classes 10
+  # the classes listed in a file, one wnid a line
+  casm-deploy data tiny-imagenet tiny-imagenet-200.zip data/mine \\
+      --wnids wnids.txt""",
+)
+def tiny_imagenet(cfg: TinyImagenetConfig) -> None:
+    """Convert Tiny ImageNet (tiny-imagenet-200.zip, or the folder it was extracted to) into
+    the ImageNet layout: train/ and val/ by class, classes.txt, and ILSVRC XML boxes of every
+    image in annotations/.
+
+    The archive is read member by member, never extracted: members that cannot be trusted
+    (absolute or `..` names, links, archive bombs, files that are not JPEGs) are skipped with
+    a warning. Tiny ImageNet's boxes have inclusive right and bottom edges; they are written
+    exclusive, as every box of this package. Running the same command again does nothing.
+    Then train, eval and infer read OUT as any ImageNet-layout folder.
+    """
+    from casm_deploy.data.tinyimagenet import convert
+
+    convert(cfg)
 
 
 @command(

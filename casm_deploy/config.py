@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal, get_args
 from casm_deploy.options import ConfigError, check_fields, opt
 
 DEFAULT_DATA = "data/synth"
+DEFAULT_TINY_IMAGENET = "data/tiny-imagenet"
 # visualize: grid.png is one column of cells per image (8,480 px wide at 64 images of 64 px),
 # and all the images go through each model in one batch; 64 keeps both small.
 MAX_VISUALIZE_IMAGES = 64
@@ -102,6 +103,35 @@ class SynthConfig:
             raise ConfigError("--right clutter needs --copies 2 (it replaces the right-hand copy)")
         if self.parts and self.copies != 1:
             raise ConfigError("--parts needs --copies 1 (its part annotations describe one object)")
+
+
+@dataclass(frozen=True)
+class TinyImagenetConfig:
+    """`casm-deploy data tiny-imagenet`: Tiny ImageNet's archive to the ImageNet layout."""
+
+    src: str = opt(
+        "",
+        "The official tiny-imagenet-200.zip, or the folder it was extracted to.",
+        argument=True,
+        required=True,
+        path=True,
+    )
+    out: str = opt(DEFAULT_TINY_IMAGENET, "Output folder.", argument=True, path=True)
+    classes: int = opt(
+        0, "Only the first N classes of wnids.txt, in sorted order (0: all).", at_least=0
+    )
+    wnids: str = opt("", "Only the classes of this file (one wnid a line).", metavar="FILE")
+    overwrite: bool = opt(
+        False,
+        "Replace an existing conversion, or write into a folder of other files (only what a "
+        "conversion writes is replaced).",
+        negatable=False,
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.classes and self.wnids:
+            raise ConfigError("--classes and --wnids choose the classes both: give one of them")
 
 
 @dataclass(frozen=True)
@@ -251,6 +281,12 @@ class TrainConfig:
         "centre crop).",
         panel=_INPUT,
     )
+    # torchvision's 0.08 suits ImageNet's large photos; on 64 px photos it removes too much
+    crop_scale: float = opt(
+        0.08,
+        "Smallest share of the image area a random-resized-crop window takes (torchvision: 0.08).",
+        panel=_INPUT,
+    )
     # black is 0 in [0, 1]; the reference's training masks the normalised image (mean)
     fill: Literal["black", "mean"] = opt(
         "black",
@@ -368,6 +404,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if not 0 < self.crop_scale <= 1:
+            raise ConfigError(f"--crop-scale must be in (0, 1], not {self.crop_scale}")
         if not 0 < self.epoch_fraction <= 1:
             raise ConfigError(f"--epoch-fraction must be in (0, 1], not {self.epoch_fraction}")
         if not self.grad_clip > 0:

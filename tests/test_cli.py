@@ -173,6 +173,7 @@ def test_the_options_are_the_config_fields_and_their_defaults(monkeypatch, tmp_p
     import dataclasses
 
     import casm_deploy.data.synth
+    import casm_deploy.data.tinyimagenet
     import casm_deploy.deploy.export
     import casm_deploy.deploy.infer
     import casm_deploy.evaluation.benchmark
@@ -182,6 +183,7 @@ def test_the_options_are_the_config_fields_and_their_defaults(monkeypatch, tmp_p
         ExportConfig,
         InferConfig,
         SynthConfig,
+        TinyImagenetConfig,
         VisualizeConfig,
     )
 
@@ -193,6 +195,7 @@ def test_the_options_are_the_config_fields_and_their_defaults(monkeypatch, tmp_p
 
     for module, name in (
         (casm_deploy.data.synth, "generate"),
+        (casm_deploy.data.tinyimagenet, "convert"),
         (casm_deploy.evaluation.benchmark, "run"),
         (casm_deploy.deploy.export, "run"),
         (casm_deploy.deploy.infer, "run"),
@@ -201,6 +204,7 @@ def test_the_options_are_the_config_fields_and_their_defaults(monkeypatch, tmp_p
     monkeypatch.setattr(casm_deploy.evaluation.visualize, "run", lambda cfg: job(cfg) and {})
     cases = [
         (["data", "synth"], SynthConfig()),
+        (["data", "tiny-imagenet", "t.zip"], TinyImagenetConfig(src="t.zip")),
         (["eval", "m.pt"], EvalConfig(models=("m.pt",))),
         (["visualize", "m.pt"], VisualizeConfig(models=("m.pt",))),
         (["export", "c.pt"], ExportConfig(checkpoint="c.pt")),

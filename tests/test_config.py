@@ -9,6 +9,7 @@ from casm_deploy.config import (
     ExportConfig,
     InferConfig,
     SynthConfig,
+    TinyImagenetConfig,
     TrainConfig,
     VisualizeConfig,
     config_from_dict,
@@ -17,7 +18,15 @@ from casm_deploy.config import (
 from casm_deploy.errors import UserError
 from casm_deploy.options import ConfigError, choices_of, field_types, make_config
 
-CONFIGS = [SynthConfig, TrainConfig, EvalConfig, VisualizeConfig, ExportConfig, InferConfig]
+CONFIGS = [
+    SynthConfig,
+    TinyImagenetConfig,
+    TrainConfig,
+    EvalConfig,
+    VisualizeConfig,
+    ExportConfig,
+    InferConfig,
+]
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ CLI = get_command(app)
 COMMANDS = [
     ("data",),
     ("data", "synth"),
+    ("data", "tiny-imagenet"),
     ("train",),
     ("eval",),
     ("visualize",),

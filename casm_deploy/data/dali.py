@@ -96,6 +96,7 @@ class DALILoader:
         fraction: the share of the training set each epoch sees.
         policy: "center-crop", "stretch" (validation only) or "random-resized-crop" (training;
             its validation images take the centre crop).
+        crop_scale: the smallest area share of random-resized-crop's windows.
         shard_id: this process's shard (global rank).
         num_shards: the number of shards (world size).
         device: "cpu", "auto", "cuda" or "cuda:N": where to decode and augment.
@@ -113,6 +114,7 @@ class DALILoader:
         seed: int = 0,
         fraction: float = 1.0,
         policy: str = "center-crop",
+        crop_scale: float = RRC_SCALE[0],
         shard_id: int = 0,
         num_shards: int = 1,
         device: str = "cpu",
@@ -124,6 +126,7 @@ class DALILoader:
             raise UserError(f"DALI loader dtype {dtype}: use torch.float32 or torch.float16")
         self.samples, self.size, self.batch_size, self.train = samples, size, batch_size, train
         self.workers, self.seed, self.fraction = max(1, workers), seed, fraction
+        self.crop_scale = crop_scale
         rrc = train and policy == "random-resized-crop"
         self.policy = policy if rrc else validation_policy(policy)
         if train and self.policy == "stretch":  # the training pipeline always crops and flips
@@ -240,7 +243,7 @@ class DALILoader:
                 images = fn.random_resized_crop(
                     images,
                     size=(size, size),
-                    random_area=list(RRC_SCALE),
+                    random_area=[self.crop_scale, 1.0],
                     random_aspect_ratio=list(RRC_RATIO),
                     antialias=True,
                 )

@@ -169,11 +169,31 @@ def read_file(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> Encoded:
         while done < size and (n := file.readinto(memoryview(buffer)[done:])):
             done += n
     del buffer[done:]  # a file cut short while being read: the checks below see it
-    if is_jpeg(buffer) and not _jpeg_ends(buffer):
-        raise ImageError("truncated JPEG (no end-of-image marker after the image data)")
-    if buffer.startswith(PNG_SIGNATURE) and not _png_ends(buffer):
-        raise ImageError("truncated PNG (no IEND chunk)")
+    _check_whole(buffer)
     return Encoded(np.frombuffer(buffer, np.uint8), width, height, orientation, mode)
+
+
+def check_bytes(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Encoded:
+    """An image already in memory (a member of an archive), checked as `read_file` checks a
+    file's bytes: an image a reader of this package would refuse is refused here.
+
+    Raises:
+        ImageError: as `read_encoded`.
+    """
+    import io
+
+    width, height, orientation, mode = _header(io.BytesIO(data))
+    if width * height > max_pixels:
+        raise ImageError(f"too large: {width}x{height} pixels (limit {max_pixels})")
+    _check_whole(data)
+    return Encoded(np.frombuffer(data, np.uint8), width, height, orientation, mode)
+
+
+def _check_whole(data: bytes | bytearray) -> None:
+    if is_jpeg(data) and not _jpeg_ends(data):
+        raise ImageError("truncated JPEG (no end-of-image marker after the image data)")
+    if data.startswith(PNG_SIGNATURE) and not _png_ends(data):
+        raise ImageError("truncated PNG (no IEND chunk)")
 
 
 def _open_regular(path: str | Path, limit: int) -> int:
@@ -227,7 +247,7 @@ def is_jpeg(data) -> bool:
     return bytes(data[:2]) == b"\xff\xd8"
 
 
-def _jpeg_ends(data: bytearray) -> bool:
+def _jpeg_ends(data: bytes | bytearray) -> bool:
     """Whether an end-of-image marker follows the first scan's data.
 
     The marker segments are walked to the first start of scan (an EXIF thumbnail's own EOI
@@ -256,7 +276,7 @@ def _jpeg_ends(data: bytearray) -> bool:
     return False
 
 
-def _png_ends(data: bytearray) -> bool:
+def _png_ends(data: bytes | bytearray) -> bool:
     """Whether the chunks (4-byte length, type, data, CRC) reach IEND inside the file."""
     at, end = len(PNG_SIGNATURE), len(data)
     while at + 12 <= end:

@@ -14,7 +14,7 @@ from casm_deploy.data import dali  # dali.dali_available, looked up at each call
 from casm_deploy.data.dali import DALILoader
 from casm_deploy.data.imagenet import list_images
 from casm_deploy.data.torch_loader import ImageDataset, TorchLoader
-from casm_deploy.data.transforms import TRAIN_RESIZES
+from casm_deploy.data.transforms import RRC_SCALE, TRAIN_RESIZES
 from casm_deploy.errors import UserError
 
 LOADERS = ("torch", "dali", "auto")  # auto: DALI when it imports, else torch
@@ -32,6 +32,7 @@ def build_loader(
     seed: int = 0,
     fraction: float = 1.0,
     policy: str = "center-crop",
+    crop_scale: float = RRC_SCALE[0],
     loader: str = "torch",
     limit: int = 0,
     shard_id: int = 0,
@@ -46,8 +47,10 @@ def build_loader(
     `limit` keeps the first N images of the split (0: all of them). `shard_id` / `num_shards`
     (global rank / world size) give each process its block of every epoch; `device` is where
     the batches go (cpu, auto, cuda, cuda:N): DALI decodes there, the torch loader decodes on
-    the CPU and sends its batches there. `skip_bad`: a file that does not decode is skipped
-    (the torch loader's `bad_files` lists them) instead of stopping the pass with a UserError.
+    the CPU and sends its batches there. `crop_scale`: the smallest area share of the
+    random-resized-crop policy's windows (torchvision's 0.08 by default). `skip_bad`: a file
+    that does not decode is skipped (the torch loader's `bad_files` lists them) instead of
+    stopping the pass with a UserError.
 
     Raises:
         UserError: an unknown loader, "dali" where DALI does not import, or "dali" for training
@@ -64,12 +67,15 @@ def build_loader(
     shards = {"shard_id": shard_id, "num_shards": num_shards}
     if loader == "dali":
         options = {"workers": workers, "seed": seed, "fraction": fraction, "policy": policy}
+        options["crop_scale"] = crop_scale
         return DALILoader(
             samples, image_size, batch_size, train=train, device=device, **options, **shards
         )
     if device == "auto":
         device = resolve_device("auto").type
-    dataset = ImageDataset(samples, image_size, train=train, seed=seed, policy=policy)
+    dataset = ImageDataset(
+        samples, image_size, train=train, seed=seed, policy=policy, crop_scale=crop_scale
+    )
     options = {"workers": workers, "fraction": fraction, "device": device, "skip_bad": skip_bad}
     return TorchLoader(dataset, batch_size, shuffle=train, drop_last=train, **options, **shards)
 

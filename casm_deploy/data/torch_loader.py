@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from casm_deploy.data.decode import decode_image
 from casm_deploy.data.order import epoch_order, shard_bounds
 from casm_deploy.data.transforms import (
+    RRC_SCALE,
     TRAIN_RESIZES,
     center_crop,
     random_resized_crop,
@@ -33,10 +34,11 @@ class ImageDataset(Dataset):
     """Decoded, resized uint8 (S, S, 3) images with their labels and indices.
 
     Training: shorter side to S, random S x S crop, random horizontal flip; with the
-    `random-resized-crop` policy, a RandomResizedCrop(S) and the flip. Validation: shorter side
-    to S and the centre crop. With the `stretch` policy, the whole image goes to S x S in
-    training too, with no crop and no flip. The randomness of a sample depends only on
-    (seed, epoch, index), so runs are reproducible whatever the number of workers, and resumable.
+    `random-resized-crop` policy, a RandomResizedCrop(S, scale=(crop_scale, 1)) and the flip.
+    Validation: shorter side to S and the centre crop. With the `stretch` policy, the whole
+    image goes to S x S in training too, with no crop and no flip. The randomness of a sample
+    depends only on (seed, epoch, index), so runs are reproducible whatever the number of
+    workers, and resumable.
     """
 
     def __init__(
@@ -46,8 +48,10 @@ class ImageDataset(Dataset):
         train: bool,
         seed: int = 0,
         policy: str = "center-crop",
+        crop_scale: float = RRC_SCALE[0],
     ):
         self.samples, self.size, self.train, self.seed = samples, size, train, seed
+        self.crop_scale = (crop_scale, 1.0)  # random-resized-crop's area shares
         if policy not in TRAIN_RESIZES:
             raise UserError(f"unknown resize policy {policy!r}: use {', '.join(TRAIN_RESIZES)}")
         self.policy = policy if train else validation_policy(policy)
@@ -67,7 +71,7 @@ class ImageDataset(Dataset):
             return center_crop(resize_shorter(image, self.size), self.size), label, index
         rng = np.random.default_rng([self.seed, self.epoch, index])
         if self.policy == "random-resized-crop":
-            image = random_resized_crop(image, self.size, rng)
+            image = random_resized_crop(image, self.size, rng, self.crop_scale)
         else:
             image = resize_shorter(image, self.size)
             h, w = image.shape[:2]

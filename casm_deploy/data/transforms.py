@@ -78,17 +78,18 @@ def transform_labels(labels: np.ndarray, size: int, policy: str = "center-crop")
 
 
 def random_resized_crop_box(
-    height: int, width: int, rng: np.random.Generator
+    height: int, width: int, rng: np.random.Generator, scale: tuple[float, float] = RRC_SCALE
 ) -> tuple[int, int, int, int]:
     """`(top, left, h, w)` of a RandomResizedCrop window, as torchvision's `get_params` draws it.
 
-    Ten tries at a random area share (RRC_SCALE) and log-uniform aspect ratio (RRC_RATIO) that
-    fits; failing those, the largest centred window whose ratio is within RRC_RATIO.
+    Ten tries at a random area share (`scale`, torchvision's RRC_SCALE by default) and
+    log-uniform aspect ratio (RRC_RATIO) that fits; failing those, the largest centred window
+    whose ratio is within RRC_RATIO.
     """
     area = height * width
     log_ratio = np.log(RRC_RATIO)
     for _ in range(10):
-        target = area * rng.uniform(*RRC_SCALE)
+        target = area * rng.uniform(*scale)
         ratio = np.exp(rng.uniform(*log_ratio))
         w, h = round(np.sqrt(target * ratio)), round(np.sqrt(target / ratio))
         if 0 < w <= width and 0 < h <= height:
@@ -103,11 +104,13 @@ def random_resized_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A RandomResizedCrop(size) of `image`: a random window, resized to size x size."""
+def random_resized_crop(
+    image: np.ndarray, size: int, rng: np.random.Generator, scale: tuple[float, float] = RRC_SCALE
+) -> np.ndarray:
+    """A RandomResizedCrop(size, scale) of `image`: a random window, resized to size x size."""
     import cv2
 
-    top, left, h, w = random_resized_crop_box(*image.shape[:2], rng)
+    top, left, h, w = random_resized_crop_box(*image.shape[:2], rng, scale)
     window = image[top : top + h, left : left + w]
     interpolation = cv2.INTER_AREA if min(h, w) > size else cv2.INTER_LINEAR
     return cv2.resize(window, (size, size), interpolation=interpolation)

@@ -73,6 +73,7 @@ def build_loaders(
         loader=cfg.loader,
         # validation: data.validation_policy of it, which the boxes below follow too
         policy=cfg.resize,
+        crop_scale=cfg.crop_scale,
         device=str(device),  # where the batches go (DALI decodes there): this rank's device
     )
     # Each rank trains on its own disjoint block of every epoch; validation is rank 0's alone.

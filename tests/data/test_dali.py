@@ -8,7 +8,7 @@ from casm_deploy.data.decode import decode_image
 from casm_deploy.data.imagenet import read_classes
 from casm_deploy.data.loader import build_loader
 from casm_deploy.data.torch_loader import TorchLoader
-from casm_deploy.data.transforms import resize_shorter
+from casm_deploy.data.transforms import resize_shorter, stretch
 from casm_deploy.errors import UserError
 
 TOLERANCE = 2 / 255  # mean |difference| allowed between two JPEG decoders and resize filters
@@ -165,3 +165,19 @@ def test_random_resized_crop_training_pipeline(tiny_data):
     assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
     assert images.min() >= 0 and images.max() <= 1 and images.std() > 0.01
     assert len(set(indices.tolist())) == 8
+
+
+@pytest.mark.usefixtures("dali")
+def test_crop_scale_reaches_the_dali_pipeline(tiny_data):
+    """--crop-scale 1: every random-resized-crop window is the whole image (its ratio within
+    3/4 to 4/3), so each training image is the image stretched to S x S, or its flip."""
+    wnids = read_classes(tiny_data).wnids
+    options = dict(train=True, loader="dali", policy="random-resized-crop", workers=1)
+    for scale, close in ((1.0, True), (0.08, False)):
+        loader = build_loader(tiny_data, "train", wnids, 32, 8, crop_scale=scale, **options)
+        images, _, indices = next(iter(loader))
+        errors = []
+        for image, index in zip(images.permute(0, 2, 3, 1).numpy(), indices.tolist(), strict=True):
+            whole = stretch(decode_image(loader.samples[index][0]), 32) / 255
+            errors.append(min(np.abs(image - whole).mean(), np.abs(image - whole[:, ::-1]).mean()))
+        assert (max(errors) <= 4 * TOLERANCE) == close, (scale, errors)

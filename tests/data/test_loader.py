@@ -114,6 +114,26 @@ def test_random_resized_crop_policy_trains_on_windows_and_validates_on_the_centr
     assert transform_box(box, 80, 60, 32, "random-resized-crop") == transform_box(box, 80, 60, 32)
 
 
+def test_crop_scale_sets_the_smallest_window(tmp_path):
+    """--crop-scale: windows of at least that share of the area; at 1 a square image is kept
+    whole (only the flip is left)."""
+    rng = np.random.default_rng(0)
+    shares = []
+    for _ in range(300):
+        top, left, h, w = random_resized_crop_box(375, 500, rng, scale=(0.5, 1.0))
+        shares.append(h * w / (375 * 500))
+    assert 0.48 < min(shares) < 0.6
+    path = tmp_path / "square.png"
+    Image.fromarray(scene(48, 48)).save(path)
+    whole = ImageDataset(
+        [(path, 0)] * 8, 48, train=True, policy="random-resized-crop", crop_scale=1
+    )
+    image = decode_image(path)
+    for k in range(8):
+        got = whole[k][0]
+        assert np.array_equal(got, image) or np.array_equal(got, image[:, ::-1])
+
+
 # --- The loaders' decoder: the same reading and decoding as infer's ----------------------------
 
 
