@@ -198,13 +198,16 @@ def evaluate(cfg: EvalConfig) -> None:
     app,
     VisualizeConfig,
     epilog="""
-Example:
-  # the Fig. 2 grid of two models: runs/demo/figures/grid.png and an HTML page
+Examples:
+  # two models: runs/demo/figures/grid.png (Fig. 2), masks.png, index.html
   casm-deploy visualize runs/demo/checkpoint.pt runs/demo-f/checkpoint.pt \\
-      --out runs/demo/figures""",
+      --out runs/demo/figures
+  # and Grad-CAM of the first model's classifier (stage 3) as a third method
+  casm-deploy visualize runs/demo/checkpoint.pt runs/demo-f/checkpoint.pt \\
+      --gradcam-stage 3 --out runs/demo/figures""",
 )
 def visualize(cfg: VisualizeConfig) -> None:
-    """Draw the paper's Fig. 2 grid and an HTML gallery with predicted and true boxes.
+    """Draw the paper's Fig. 2 grid, the masks with their boxes and an HTML gallery.
 
     DATA may also be any folder of images (no ImageNet layout): then predicted boxes and
     labels only, with no ground truth and no IoU.

@@ -564,7 +564,8 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class VisualizeConfig:
-    """`casm-deploy visualize`: a Fig. 2 grid and an HTML gallery with boxes and IoU."""
+    """`casm-deploy visualize`: a Fig. 2 grid, the masks with their boxes (masks.png) and an HTML
+    gallery with boxes and IoU."""
 
     models: tuple[str, ...] = opt(
         (),
@@ -589,6 +590,12 @@ class VisualizeConfig:
         f"How many validation images, or images of a plain folder (1 to {MAX_VISUALIZE_IMAGES}).",
     )
     seed: int = opt(0, "Which images (a seeded choice).")
+    # Grad-CAM of the first model's classifier, shown as one more method after the models
+    gradcam_stage: Literal[0, 1, 2, 3, 4] = opt(
+        0,
+        "Also show Grad-CAM of the first model's classifier (a checkpoint) at this encoder "
+        "stage, 1-4 (as eval --gradcam-stage); 0: none.",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -1,4 +1,5 @@
-"""The pictures of `visualize`: the Fig. 2 grid, boxes over an image, heatmaps, PNG files.
+"""The pictures of `visualize`: the Fig. 2 grid, the masks with their boxes, boxes over an
+image, heatmaps, PNG files.
 
 Arrays in, arrays (or files) out: `visualize.run` gives them the images and masks of the
 models, and puts the gallery's images in its HTML page. All pixels are uint8 RGB.
@@ -25,6 +26,7 @@ TEXT = (235, 235, 235)
 PRED_COLOR = (255, 64, 64)  # RGB: predicted box
 GT_COLOR = (64, 255, 64)  # RGB: ground-truth boxes
 FONT_SCALE = 0.4
+DIM_FLOOR = 0.25  # masks.png: a pixel of mask 0 keeps this share of its brightness
 
 
 def cell_size(image_size: int) -> int:
@@ -36,6 +38,12 @@ def grid_shape(num_images: int, num_models: int, image_size: int) -> tuple[int, 
     """(height, width) of `grid.png` in pixels."""
     step = cell_size(image_size) + PAD
     return HEADER_HEIGHT + num_models * len(ROW_NAMES) * step, LABEL_WIDTH + num_images * step
+
+
+def masks_shape(num_images: int, num_methods: int, image_size: int) -> tuple[int, int]:
+    """(height, width) of `masks.png`: the original row, then one row per method."""
+    step = cell_size(image_size) + PAD
+    return HEADER_HEIGHT + (1 + num_methods) * step, LABEL_WIDTH + num_images * step
 
 
 def draw_grid(
@@ -57,11 +65,7 @@ def draw_grid(
     """
     cell = cell_size(image_size)
     step = cell + PAD
-    height, width = grid_shape(len(column_names), len(model_names), image_size)
-    grid = np.empty((height, width, 3), np.uint8)
-    grid[:] = BACKGROUND
-    for col, name in enumerate(column_names):
-        _put_text(grid, name, LABEL_WIDTH + col * step + 2, HEADER_HEIGHT - 7, cell - 4)
+    grid = _canvas(grid_shape(len(column_names), len(model_names), image_size), column_names, cell)
     for r, row in enumerate(rows):
         top = HEADER_HEIGHT + r * step
         model, kind = divmod(r, len(ROW_NAMES))
@@ -74,6 +78,53 @@ def draw_grid(
             left = LABEL_WIDTH + col * step
             grid[top : top + cell, left : left + cell] = _upscale(image, cell)
     return grid
+
+
+def draw_masks(
+    images: np.ndarray,
+    masks: list[np.ndarray],
+    boxes: list[list[list[int] | None]],
+    gt_boxes: list[list[list[int]]],
+    method_names: list[str],
+    column_names: list[str],
+) -> np.ndarray:
+    """`masks.png`: columns are images; the first row each photo with its ground-truth boxes
+    (green), then one row per method: the photo dimmed where the method's mask is low, the
+    true boxes and the method's predicted box (red), as `draw_boxes` draws them.
+
+    Dimmed (`image * (DIM_FLOOR + (1 - DIM_FLOOR) * mask)`) rather than a JET heatmap blended
+    over it: JET's own reds and greens would hide the red and green boxes, and the dimmed
+    photo keeps its colours where the mask is high, so the object reads as the method sees it.
+
+    Args:
+        images: (N,S,S,3) uint8 RGB.
+        masks: per method, (N,S,S) continuous masks in [0, 1].
+        boxes: per method, its predicted box (or None) per image.
+        gt_boxes: per image, its ground-truth boxes (none for a plain folder).
+        method_names: one per method.
+        column_names: one per image.
+
+    Returns:
+        (H,W,3) uint8 RGB, of `masks_shape(N, len(method_names), S)`.
+    """
+    size = images.shape[1]
+    cell = cell_size(size)
+    step, scale = cell + PAD, cell // size
+    figure = _canvas(masks_shape(len(images), len(method_names), size), column_names, cell)
+    if any(gt_boxes):  # the boxes' legend
+        _put_text(figure, "true", 4, HEADER_HEIGHT - 7, 40, GT_COLOR)
+    _put_text(figure, "predicted", 40, HEADER_HEIGHT - 7, LABEL_WIDTH - 44, PRED_COLOR)
+    rows = [(ROW_NAMES[0], images, [None] * len(images))]
+    for name, mask, predicted in zip(method_names, masks, boxes, strict=True):
+        shown = images * (DIM_FLOOR + (1 - DIM_FLOOR) * np.clip(mask, 0, 1)[..., None])
+        rows.append((name, np.round(shown).astype(np.uint8), predicted))
+    for r, (name, shown, predicted) in enumerate(rows):
+        top = HEADER_HEIGHT + r * step
+        _put_text(figure, name, 4, top + cell // 2 + 4, LABEL_WIDTH - 8)
+        for col, (image, pred, gts) in enumerate(zip(shown, predicted, gt_boxes, strict=True)):
+            left = LABEL_WIDTH + col * step
+            figure[top : top + cell, left : left + cell] = draw_boxes(image, pred, gts, scale)
+    return figure
 
 
 def draw_boxes(
@@ -110,11 +161,22 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def write_png(path: Path, image_rgb: np.ndarray) -> None:
+def write_png(path: Path, image_rgb: np.ndarray, compression: int | None = None) -> None:
+    """Write a PNG; `compression` 0-9 (9: smallest file, slowest), None: OpenCV's default."""
     import cv2
 
-    if not cv2.imwrite(str(path), cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)):
+    params = [] if compression is None else [cv2.IMWRITE_PNG_COMPRESSION, compression]
+    if not cv2.imwrite(str(path), cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), params):
         raise UserError(f"{path}: cannot write image")
+
+
+def _canvas(shape: tuple[int, int], column_names: list[str], cell: int) -> np.ndarray:
+    """A figure of (height, width) `shape` on the background, each column's name on top."""
+    canvas = np.empty((*shape, 3), np.uint8)
+    canvas[:] = BACKGROUND
+    for col, name in enumerate(column_names):
+        _put_text(canvas, name, LABEL_WIDTH + col * (cell + PAD) + 2, HEADER_HEIGHT - 7, cell - 4)
+    return canvas
 
 
 def _upscale(image: np.ndarray, side: int) -> np.ndarray:
@@ -123,7 +185,9 @@ def _upscale(image: np.ndarray, side: int) -> np.ndarray:
     return cv2.resize(image, (side, side), interpolation=cv2.INTER_NEAREST)
 
 
-def _put_text(canvas: np.ndarray, text: str, x: int, y: int, max_width: int) -> None:
+def _put_text(
+    canvas: np.ndarray, text: str, x: int, y: int, max_width: int, color: tuple = TEXT
+) -> None:
     """Draw `text` with its baseline at (x, y), shortened with '..' to fit `max_width`."""
     import cv2
 
@@ -133,4 +197,4 @@ def _put_text(canvas: np.ndarray, text: str, x: int, y: int, max_width: int) -> 
     while shown and cv2.getTextSize(shown, font, FONT_SCALE, 1)[0][0] > max_width:
         text = text[:-1]
         shown = text + ".."
-    cv2.putText(canvas, shown, (x, y), font, FONT_SCALE, TEXT, 1, cv2.LINE_AA)
+    cv2.putText(canvas, shown, (x, y), font, FONT_SCALE, color, 1, cv2.LINE_AA)

@@ -1,8 +1,10 @@
 """`casm-deploy visualize`: look at what trained mappings do on a few validation images.
 
-Writes a Fig. 2-style grid (original, masked-in, masked-out, inpainted masked-out per model), an
-HTML gallery with predicted and ground-truth boxes, heatmaps and the scorer's IoU, and a JSON
-record of both. Reads checkpoints (`load_masker`) and the data set (`data/`); CPU only. The
+Writes a Fig. 2-style grid (original, masked-in, masked-out, inpainted masked-out per model), a
+figure of each model's masks with its predicted and the ground-truth boxes (masks.png), an HTML
+gallery with those boxes, heatmaps and the scorer's IoU, and a JSON record of them. Reads
+checkpoints (`load_masker`) and the data set (`data/`); CPU only. With --gradcam-stage, Grad-CAM
+of the first model's classifier is one more method after the models (`load_methods`). The
 pictures themselves are drawn by `figures.py`.
 
 DATA may also be any folder of images (not an ImageNet layout: no classes.txt, train/ or val/):
@@ -13,6 +15,7 @@ and labels only (no ground truth, no IoU).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html
 import json
 from pathlib import Path
@@ -32,36 +35,43 @@ from casm_deploy.data.torch_loader import ImageDataset
 from casm_deploy.data.transforms import check_policy
 from casm_deploy.errors import UserError
 from casm_deploy.evaluation import masking
+from casm_deploy.evaluation.exported import is_exported
 from casm_deploy.evaluation.figures import (
     GT_COLOR,
     PRED_COLOR,
     cell_size,
     draw_boxes,
     draw_grid,
+    draw_masks,
     heatmap,
     to_uint8,
     write_png,
 )
+from casm_deploy.evaluation.gradcam import gradcam
 from casm_deploy.evaluation.methods import NamedMasker, load_maskers
 from casm_deploy.evaluation.metrics import localization_scores, masks_to_boxes
 
+# What run writes in OUT (visualize.json lists them under "files").
+FILES = {"grid": "grid.png", "masks": "masks.png", "html": "index.html", "json": "visualize.json"}
+
 
 def run(cfg: VisualizeConfig) -> dict[str, str]:
-    """Draw the grid, the HTML gallery and the JSON record for `cfg.models` on `cfg.data`.
+    """Draw the grid, the masks figure, the HTML gallery and the JSON record for `cfg.models`
+    (and Grad-CAM, `cfg.gradcam_stage`) on `cfg.data`.
 
     Returns:
-        {"grid": path, "html": path, "json": path}.
+        {"grid": path, "masks": path, "html": path, "json": path}.
 
     Raises:
-        UserError: no model, an unreadable checkpoint, models of different image sizes, an
-            unknown resize policy, a data set / annotation problem, or a plain folder
-            without a readable image file.
+        UserError: no model, an unreadable checkpoint, models of different image sizes,
+            Grad-CAM without a checkpoint first, an unknown resize policy, a data set /
+            annotation problem, or a plain folder without a readable image file.
     """
     if not cfg.models:
         raise UserError("visualize needs at least one model checkpoint")
     check_policy(cfg.resize)
     check_folder(Path(cfg.out), "--out")
-    models = load_maskers(cfg.models)
+    models = load_methods(cfg)
     size = models[0].spec["image_size"]
 
     plain = is_plain_folder(Path(cfg.data))
@@ -73,20 +83,10 @@ def run(cfg: VisualizeConfig) -> dict[str, str]:
         pixels, records = dataset_samples(cfg, annotations, size)
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255)  # (N,3,S,S)
     rows, heatmaps = apply_models(models, images, records, plain)
-
     out = Path(cfg.out)
+    paths = {name: out / file for name, file in FILES.items()}
     make_folders(out / "images")
-    grid = draw_grid(
-        [to_uint8(r) for model_rows in rows for r in model_rows],
-        [m.name for m in models],
-        [r["name"] or Path(r["path"]).name for r in records],  # a plain folder: file names
-        size,
-    )
-    paths = {"grid": out / "grid.png", "html": out / "index.html", "json": out / "visualize.json"}
-    write_png(paths["grid"], grid)
-    paths["html"].write_text(
-        _gallery(out, pixels, [h.numpy() for h in heatmaps], records, models, size)
-    )
+    _draw_figures(paths, pixels, rows, [h.numpy() for h in heatmaps], records, models)
     resolved = dataclasses.replace(cfg, annotations=str(annotations))
     if plain:
         console.print(
@@ -96,10 +96,59 @@ def run(cfg: VisualizeConfig) -> dict[str, str]:
             markup=False,
             highlight=False,
         )
-    paths["json"].write_text(
-        json.dumps({"config": config_to_dict(resolved), "images": records}, indent=2) + "\n"
-    )
+    record = {"config": config_to_dict(resolved), "files": FILES, "images": records}
+    paths["json"].write_text(json.dumps(record, indent=2) + "\n")
     return {key: str(path) for key, path in paths.items()}
+
+
+def load_methods(cfg: VisualizeConfig) -> list[NamedMasker]:
+    """The models of `cfg.models`, then (`cfg.gradcam_stage`) Grad-CAM of the first one's
+    classifier as one more model: called on images it gives (masks, logits) as a masker does,
+    and its classes are that classifier's, so the grid, the boxes, the gallery and the record
+    treat it as they treat the models.
+
+    Raises:
+        UserError: as `load_maskers`, or Grad-CAM is asked for and the first model is an
+            exported file (checked before any file is read).
+    """
+    first = cfg.models[0]
+    if cfg.gradcam_stage and is_exported(first):
+        raise UserError(
+            f"--gradcam-stage reads the gradients of the first model's classifier: give its "
+            f"checkpoint first (runs/<name>/checkpoint.pt), not the exported {first} (an "
+            "export, full or masks-only, has no gradients to read)"
+        )
+    models = load_maskers(cfg.models)
+    if cfg.gradcam_stage:
+        stage, classifier = cfg.gradcam_stage, models[0]
+        explain = functools.partial(gradcam, classifier.masker, stage=stage)
+        models.append(
+            NamedMasker(f"Grad-CAM (stage {stage})", classifier.path, explain, classifier.spec)
+        )
+    return models
+
+
+def _draw_figures(
+    paths: dict[str, Path],
+    pixels: np.ndarray,
+    rows: list[list[torch.Tensor]],
+    heatmaps: list[np.ndarray],
+    records: list[dict[str, Any]],
+    models: list[NamedMasker],
+) -> None:
+    """Write grid.png, masks.png and the HTML gallery (its images under `images/`): `rows` are
+    the 4 grid rows of each model, `heatmaps` its (N,S,S) masks."""
+    size = pixels.shape[1]
+    names = [m.name for m in models]
+    columns = [r["name"] or Path(r["path"]).name for r in records]  # a plain folder: file names
+    grid = draw_grid([to_uint8(r) for model_rows in rows for r in model_rows], names, columns, size)
+    write_png(paths["grid"], grid)
+    boxes = [[r["models"][j]["box"] for r in records] for j in range(len(models))]
+    gts = [r["boxes"] for r in records]
+    figure = draw_masks(pixels, heatmaps, boxes, gts, names, columns)
+    write_png(paths["masks"], figure, compression=9)  # meant for a README: the smallest file
+    page = _gallery(paths["html"].parent, pixels, heatmaps, records, models, size)
+    paths["html"].write_text(page)
 
 
 def is_plain_folder(data: Path) -> bool:
@@ -224,39 +273,19 @@ def add_results(
     predicted class's probability."""
     boxes = masks_to_boxes(masks)
     predicted = logits.argmax(dim=1).tolist()
-    names = model.spec.get("names") or model.spec["wnids"]
-    if plain:
-        probabilities = logits.softmax(dim=1)
-        for record, mask, box, k, p in zip(
-            records, masks, boxes, predicted, probabilities, strict=True
-        ):
-            record["models"].append(
-                {
-                    "model": model.name,
-                    "checkpoint": model.path,
-                    "box": box,
-                    "predicted_class": model.spec["wnids"][k],
-                    "predicted_name": names[k],
-                    "score": round(float(p[k]), 6),
-                    "mask_mean": float(mask.mean()),
-                }
-            )
-        return
-    for record, mask, box, k in zip(records, masks, boxes, predicted, strict=True):
-        scores = localization_scores(mask, box, record["boxes"])
-        record["models"].append(
-            {
-                "model": model.name,
-                "checkpoint": model.path,
-                "box": box,
-                "iou": scores["iou"],
-                "hit": scores["hit"],
-                "predicted_class": model.spec["wnids"][k],
-                "predicted_name": names[k],
-                "correct": model.spec["wnids"][k] == record["class"],
-                "mask_mean": float(mask.mean()),
-            }
-        )
+    chances = logits.softmax(dim=1)
+    wnids = model.spec["wnids"]
+    names = model.spec.get("names") or wnids
+    for record, mask, box, k, p in zip(records, masks, boxes, predicted, chances, strict=True):
+        result = {"model": model.name, "checkpoint": model.path, "box": box}
+        if plain:
+            result.update(predicted_class=wnids[k], predicted_name=names[k])
+            result.update(score=round(float(p[k]), 6))
+        else:
+            scores = localization_scores(mask, box, record["boxes"])
+            result.update(iou=scores["iou"], hit=scores["hit"], predicted_class=wnids[k])
+            result.update(predicted_name=names[k], correct=wnids[k] == record["class"])
+        record["models"].append({**result, "mask_mean": float(mask.mean())})
 
 
 def _gallery(
@@ -354,7 +383,8 @@ body {{ font-family: sans-serif; background: #f4f4f4; margin: 1em; }}
 <p>Models: {model_list}</p>
 <p class=legend>Boxes: <span style="color:rgb{PRED_COLOR}">red = predicted</span>
 (mask binarised at its mean, largest component, tight box)
-{legend} Full grid: <a href="grid.png">grid.png</a>.</p>
+{legend} Full grid: <a href="grid.png">grid.png</a>; masks and boxes:
+<a href="masks.png">masks.png</a>.</p>
 {chr(10).join(cards)}
 </body></html>
 """

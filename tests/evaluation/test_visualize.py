@@ -162,3 +162,165 @@ def test_a_plain_folder_without_images_is_a_user_error(tiny_data, tmp_path, make
     cfg = VisualizeConfig(models=(model,), data=str(empty), out=str(tmp_path / "out"))
     with pytest.raises(UserError, match="no image files"):
         visualize.run(cfg)
+
+
+# --- Grad-CAM beside the mappings, and masks.png ----------------------------------------------
+
+GRADCAM = "Grad-CAM (stage 2)"  # stage 2 is 4x4 at 32 px: a map with room for a box
+
+
+def _images(pixels):
+    import torch
+
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255)
+
+
+def test_gradcam_is_one_more_method_in_every_output(tiny_data, tmp_path, make_checkpoint):
+    import cv2
+
+    from casm_deploy.checkpoint import load_masker
+    from casm_deploy.evaluation.gradcam import gradcam
+    from casm_deploy.evaluation.metrics import masks_to_boxes
+
+    first = make_checkpoint(tmp_path / "run-a" / "checkpoint.pt", tiny_data)
+    second = make_checkpoint(tmp_path / "run-b" / "checkpoint.pt", tiny_data, seed=1)
+    cfg = VisualizeConfig(
+        models=(first, second), data=str(tiny_data), out=str(tmp_path / "v"), num_images=4,
+        gradcam_stage=2,
+    )  # fmt: skip
+    written = visualize.run(cfg)
+    assert list(written) == ["grid", "masks", "html", "json"]
+
+    cell, step = figures.cell_size(32), figures.cell_size(32) + figures.PAD
+    grid = cv2.imread(written["grid"])
+    assert grid.shape[:2] == figures.grid_shape(4, 3, 32)  # two models and Grad-CAM's block
+    assert grid.shape[0] - figures.grid_shape(4, 2, 32)[0] == len(figures.ROW_NAMES) * step
+    masks = cv2.imread(written["masks"])
+    assert masks.shape[:2] == figures.masks_shape(4, 3, 32)
+    assert masks.shape[:2] == (
+        figures.HEADER_HEIGHT + (1 + 2 + 1) * step,
+        figures.LABEL_WIDTH + 4 * step,
+    )
+    assert cell >= 128
+
+    page = Path(written["html"]).read_text()
+    assert 'href="masks.png"' in page and 'href="grid.png"' in page and GRADCAM in page
+    parser = _ImageSources()
+    parser.feed(page)
+    assert len(parser.sources) == 4 * 3 * 2  # per image and method: boxes + heatmap
+    assert all((Path(written["html"]).parent / src).is_file() for src in parser.sources)
+
+    record = json.loads(Path(written["json"]).read_text())
+    assert record["files"]["masks"] == "masks.png" and record["files"]["grid"] == "grid.png"
+    assert record["config"]["gradcam_stage"] == 2
+    images = record["images"]
+    explained = [image["models"][-1] for image in images]
+    for image, result in zip(images, explained, strict=True):
+        assert [m["model"] for m in image["models"]] == ["run-a", "run-b", GRADCAM]
+        assert result["checkpoint"] == first  # the classifier it explains
+        assert result["box"] is not None and len(result["box"]) == 4
+        assert 0.0 <= result["iou"] <= 1.0 and result["hit"] == (result["iou"] > 0.5)
+        assert 0.0 <= result["mask_mean"] <= 1.0
+
+    # the same boxes and classes as Grad-CAM itself gives on the same images
+    masker, spec = load_masker(first)
+    pixels, _ = visualize.dataset_samples(cfg, tiny_data / "annotations", 32)
+    cams, logits = gradcam(masker, _images(pixels), stage=2)
+    assert [r["box"] for r in explained] == [list(b) for b in masks_to_boxes(cams)]
+    assert [r["predicted_class"] for r in explained] == [
+        spec["wnids"][k] for k in logits.argmax(1).tolist()
+    ]
+
+
+def test_gradcam_on_a_plain_folder_gives_predicted_boxes(tiny_data, tmp_path, make_checkpoint):
+    import cv2
+
+    model = make_checkpoint(tmp_path / "run-a" / "checkpoint.pt", tiny_data)
+    photos = _photos(tmp_path / "photos")
+    cfg = VisualizeConfig(
+        models=(model,), data=str(photos), out=str(tmp_path / "v"), num_images=4, gradcam_stage=3
+    )
+    written = visualize.run(cfg)
+    assert cv2.imread(written["grid"]).shape[:2] == figures.grid_shape(4, 2, 32)
+    assert cv2.imread(written["masks"]).shape[:2] == figures.masks_shape(4, 2, 32)
+    for image in json.loads(Path(written["json"]).read_text())["images"]:
+        assert image["boxes"] == []
+        model_result, result = image["models"]
+        assert result["model"] == "Grad-CAM (stage 3)" and "iou" not in result
+        assert 0.0 <= result["score"] <= 1.0
+        assert result["predicted_class"] == model_result["predicted_class"]  # one classifier
+
+
+def test_gradcam_after_an_exported_model_is_a_one_line_error(tiny_data, tmp_path, make_exports):
+    from typer.testing import CliRunner
+
+    from casm_deploy.cli import app
+
+    onnx = make_exports(tmp_path / "export", tiny_data, formats=("onnx",))["onnx"]
+    out = tmp_path / "v"
+    args = ["visualize", str(onnx), str(tiny_data), "--gradcam-stage", "3", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --gradcam-stage"), result.output
+    assert str(onnx) in lines[0] and "checkpoint first" in lines[0]
+    assert not out.exists()
+
+
+def test_gradcam_stage_is_checked_by_the_option(tmp_path):
+    from typer.testing import CliRunner
+
+    from casm_deploy.cli import app
+
+    with pytest.raises(ValueError, match="--gradcam-stage must be one of 0, 1, 2, 3, 4, not 5"):
+        VisualizeConfig(gradcam_stage=5)
+    args = ["visualize", str(tmp_path / "m.pt"), "--gradcam-stage", "5"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "v")])
+    assert result.exit_code == 2
+    assert "--gradcam-stage must be one of 0, 1, 2, 3, 4, not 5" in result.output
+    assert VisualizeConfig().gradcam_stage == 0  # none by default
+
+
+def test_masks_figure_dims_low_mask_and_draws_the_boxes():
+    import numpy as np
+
+    size, n = 32, 2
+    images = np.full((n, size, size, 3), 200, np.uint8)
+    mask = np.zeros((n, size, size), np.float32)
+    mask[:, :, size // 2 :] = 1.0  # the right half is salient
+    pred, gt = [2, 2, 10, 10], [20, 20, 30, 30]
+    figure = figures.draw_masks(images, [mask], [[pred, None]], [[gt], []], ["casm"], ["a", "b"])
+    assert figure.shape[:2] == figures.masks_shape(n, 1, size)
+    cell, scale = figures.cell_size(size), figures.cell_size(size) // size
+    step = cell + figures.PAD
+
+    def cell_of(row, col):
+        top, left = figures.HEADER_HEIGHT + row * step, figures.LABEL_WIDTH + col * step
+        return figure[top : top + cell, left : left + cell]
+
+    original, method = cell_of(0, 1), cell_of(1, 1)
+    assert (original == 200).all()  # image b: no boxes, shown as it is
+    assert (method[:, : cell // 2] == 50).all()  # 200 * DIM_FLOOR where the mask is 0
+    assert (method[:, cell // 2 :] == 200).all()  # whole where the mask is 1
+    boxed = cell_of(1, 0)  # image a: its true box in green, the predicted one in red
+    assert tuple(boxed[pred[1] * scale, pred[0] * scale + 4]) == figures.PRED_COLOR
+    assert tuple(boxed[gt[3] * scale - 1, gt[0] * scale + 4]) == figures.GT_COLOR  # exclusive
+    assert tuple(cell_of(0, 0)[gt[1] * scale, gt[0] * scale + 4]) == figures.GT_COLOR
+
+
+def test_masks_figure_of_12_images_and_4_rows_is_small(tmp_path):
+    """README-sized: 12 images of 64 px, the original and 3 methods, under 1 MB even for
+    incompressible pixels (written with PNG compression 9, as visualize writes it)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 64, 64, 3), dtype=np.uint8)
+    masks = [rng.random((12, 64, 64)).astype(np.float32) for _ in range(3)]
+    boxes = [[[8, 8, 40, 40]] * 12 for _ in range(3)]
+    figure = figures.draw_masks(
+        images, masks, boxes, [[[4, 4, 50, 60]]] * 12, ["a", "b", "c"], ["x"] * 12
+    )
+    assert figure.shape[:2] == figures.masks_shape(12, 3, 64) == (542, 1720)
+    path = tmp_path / "masks.png"
+    figures.write_png(path, figure, compression=9)
+    assert path.stat().st_size < 1_000_000
