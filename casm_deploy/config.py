@@ -155,11 +155,20 @@ PRESETS: dict[str, Preset] = {
 
 
 # Recipes: a set of TrainConfig values at once. "default" is the dataclass's own defaults (the
-# embedded data on a 2-core CPU); "imagenet" is the reference code's (kondiz/casme train.py and
+# embedded data on a 2-core CPU); "tiny-imagenet" is this project's for real photos at 64 px
+# from scratch on 2 CPU cores (`data tiny-imagenet`), chosen by the sweep of train/RESULTS.md
+# section 8; "imagenet" is the reference code's (kondiz/casme train.py and
 # train_utils.set_args) for a torchvision ResNet-50 pre-trained on ImageNet, which `--weights`
 # must name (a local state-dict file). train/README.md says where each value comes from.
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
+    "tiny-imagenet": {
+        "resize": "random-resized-crop",  # a flip alone over-fits 500 photos a class
+        "crop_scale": 0.35,
+        "pretrain_epochs": 20,
+        "fill": "mean",
+        "lambda_r": 2.0,  # 1.5 and below: every mask grows to the whole photo
+    },
     "imagenet": {
         "arch": "resnet50",
         "width": 64,
@@ -392,12 +401,13 @@ class TrainConfig:
     # divides step numbers
     smf: int | None = opt(None, "Override the preset's snapshot period.", panel=_METHOD, at_least=1)
     # The recipe the other fields started from (RECIPES); options given beside it override it.
-    recipe: Literal["default", "imagenet"] = opt(  # the keys of RECIPES
+    recipe: Literal["default", "tiny-imagenet", "imagenet"] = opt(  # the keys of RECIPES
         "default",
-        f"{' or '.join(RECIPES)}: a set of values at once; the options given beside it override "
-        "it. default: this project's recipe for the embedded data on a CPU; imagenet: the "
-        "reference code's ImageNet training of a pre-trained ResNet-50 at 224 px (needs "
-        "--weights; train/README.md lists its values).",
+        f"{', '.join(RECIPES)}: a set of values at once; the options given beside it override "
+        "it. default: this project's recipe for the embedded data on a CPU; tiny-imagenet: for "
+        "real photos at 64 px on a CPU (data tiny-imagenet); imagenet: the reference code's "
+        "ImageNet training of a pre-trained ResNet-50 at 224 px (needs --weights; "
+        "train/README.md lists its values).",
         panel=_METHOD,
         recipes=RECIPES,
     )

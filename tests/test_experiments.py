@@ -25,12 +25,13 @@ def all_jobs(scale):
 @pytest.fixture
 def dry_cli(monkeypatch):
     """`casm-deploy` with the work replaced by a record of the config each command built."""
-    from casm_deploy.data import synth
+    from casm_deploy.data import synth, tinyimagenet
     from casm_deploy.evaluation import benchmark as evaluate
     from casm_deploy.training import train
 
     configs = []
-    for module, name in ((synth, "generate"), (train, "run"), (evaluate, "run")):
+    patched = ((synth, "generate"), (tinyimagenet, "convert"), (train, "run"), (evaluate, "run"))
+    for module, name in patched:
         monkeypatch.setattr(module, name, lambda cfg, *a, **k: configs.append(cfg))
 
     def invoke(args):
@@ -49,6 +50,7 @@ def test_every_job_is_a_valid_call_with_known_dependencies(scale, dry_cli, tmp_p
     assert len(names) == len(set(names))
     monkeypatch.chdir(tmp_path)  # the data folders exist when the evals run: make them
     datasets = {j.args[2] for j in jobs if j.args[:2] == ["data", "synth"]}
+    datasets |= {j.args[3] for j in jobs if j.args[:2] == ["data", "tiny-imagenet"]}
     for folder in datasets:
         Path(folder).mkdir(parents=True)
     for job in jobs:

@@ -25,6 +25,7 @@ import gradcam
 import mappings
 import parts
 import table2
+import tiny_imagenet
 import torch
 import two_copies
 import unseen
@@ -41,6 +42,9 @@ EXPERIMENTS = {
     "5. Grad-CAM at every stage, and at 128 px": gradcam,
     "6. Objects made of parts, and CASM against the baselines over three seeds": parts,
     "7. Mappings of their own: smaller encoders that need no classifier": mappings,
+    "8. Real photos: Tiny ImageNet over three seeds, unseen classes and many classifiers": (
+        tiny_imagenet
+    ),
 }
 
 
