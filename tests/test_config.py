@@ -89,8 +89,18 @@ def test_imagenet_recipe_is_the_reference_training():
     assert make_config(TrainConfig) == TrainConfig()  # the default recipe: the defaults
     with pytest.raises(ValueError, match="--weights"):
         make_config(TrainConfig, recipe="imagenet")
-    with pytest.raises(ValueError, match="--recipe must be default or imagenet, not 'cifar'"):
+    with pytest.raises(ValueError, match="must be default, tiny-imagenet or imagenet, not 'cifar'"):
         make_config(TrainConfig, recipe="cifar")
+
+
+def test_tiny_imagenet_recipe_and_a_casm_run_from_its_classifier():
+    cfg = make_config(TrainConfig, recipe="tiny-imagenet")
+    assert (cfg.resize, cfg.crop_scale, cfg.pretrain_epochs) == ("random-resized-crop", 0.35, 20)
+    assert (cfg.fill, cfg.resolved_lambda_r, cfg.arch, cfg.width) == ("mean", 2.0, "resnet18", 32)
+    casm = make_config(TrainConfig, recipe="tiny-imagenet", weights="c.pt", pretrain_epochs=0)
+    assert (casm.pretrain_epochs, casm.crop_scale, casm.weights) == (0, 0.35, "c.pt")
+    with pytest.raises(ValueError, match="--crop-scale"):
+        TrainConfig(crop_scale=0)
 
 
 def test_new_training_options_are_checked():
