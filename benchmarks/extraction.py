@@ -34,7 +34,7 @@ from casm_deploy.common.ui import console
 from casm_deploy.config import ExportConfig
 from casm_deploy.data.decode import read_image
 from casm_deploy.data.imagenet import list_images
-from casm_deploy.deploy.api import Masker
+from casm_deploy.deploy.runtime.masker import Masker
 
 PRECISIONS = ("fp16", "int8")  # exported here; fp32 comes from the demo's export
 PROFILE_BATCH = 32
@@ -94,7 +94,8 @@ def op_profile(path: Path, images: np.ndarray, runs: int) -> dict[str, dict]:
     """Where ONNX Runtime's time goes: the share of node time per operator type over `runs`
     calls on `images`, and the operator counts of the graph it optimised for this CPU.
 
-    The session is built as `deploy.runtime_onnx.OnnxBackend` builds it, with profiling on.
+    The session is built as `deploy.runtime.onnxruntime_backend.OnnxBackend` builds it, with
+    profiling on.
     """
     import onnx
     import onnxruntime as ort
@@ -127,7 +128,7 @@ def op_profile(path: Path, images: np.ndarray, runs: int) -> dict[str, dict]:
 
 def export_precision(checkpoint: Path, precision: str, out: Path, parity_images: int) -> dict:
     """ONNX at `precision` through `export.run` (parity against eager fp32 included)."""
-    from casm_deploy.deploy.export import run
+    from casm_deploy.deploy.export.job import run
 
     cfg = ExportConfig(
         checkpoint=str(checkpoint), out=str(out), torchscript=False, onnx=True,

@@ -130,7 +130,7 @@ def ort_seconds(path: Path, images: torch.Tensor, batch: int, repeats: int) -> f
 def export_onnx(checkpoint: Path, out: Path, precision: str, data: str) -> tuple[Path, bool]:
     """`casm-deploy export CHECKPOINT --onnx --masks-only --precision P`: the file, and whether
     it passed the parity check against the eager mapping."""
-    from casm_deploy.deploy.export import run
+    from casm_deploy.deploy.export.job import run
 
     config = make_config(
         ExportConfig,

@@ -15,7 +15,7 @@ are not installed on the lent machines), or `error`:
 - training: CASM (preset L100, its pool drawn from) of a ResNet-50 at 224 px, batch 128, in
   fp32 (PyTorch's TF32 settings, and TF32 off), bf16 and fp16 AMP, each channels-last and
   contiguous: images/s of `casm.step` alone on a device batch and of the real epoch loop
-  (`engine.casm_one_epoch` over the torch loader), peak GPU memory, the host syncs per step, the
+  (`train.casm_one_epoch` over the torch loader), peak GPU memory, the host syncs per step, the
   pool's draws and, for fp16, the gradient scaler's final scale and skipped updates. Host
   syncs are counted with CUDA's sync debug mode over a few steps. Contiguous means weights and
   batches: the loader's batches are channels-last, and cuDNN runs a convolution channels-last
@@ -479,10 +479,10 @@ def train_config(ctx: Context, amp: str, channels_last: bool, tf32_is_off: bool)
     """One configuration: casm.step alone, then the epoch loop, on one fresh CASM."""
     from casm_deploy.common.ui import progress
     from casm_deploy.config import TrainConfig
-    from casm_deploy.deploy.parity_run import ieee_fp32
+    from casm_deploy.deploy.export.parity import ieee_fp32
     from casm_deploy.models.mapping import build_masker
     from casm_deploy.training.casm import CASM
-    from casm_deploy.training.engine import casm_one_epoch
+    from casm_deploy.training.train import casm_one_epoch
 
     s, device = ctx.sizes, ctx.device
     if amp == "fp16" and not ctx.cuda:
@@ -774,7 +774,7 @@ def exported(ctx: Context, precision: str) -> dict:
     if precision in ctx.exports:
         return ctx.exports[precision]
     from casm_deploy.config import ExportConfig
-    from casm_deploy.deploy import export
+    from casm_deploy.deploy.export import job as export
 
     onnx = precision == "fp32" and (onnxruntime_state()[0] or not ctx.cuda)
     cfg = ExportConfig(
@@ -794,7 +794,7 @@ def exported(ctx: Context, precision: str) -> dict:
 def planted_masks(ctx: Context) -> dict:
     """What the planted mapping's masks look like on 16 validation images: area and boxes."""
     from casm_deploy.data.imagenet import list_images, read_annotation, read_classes
-    from casm_deploy.deploy.api import Masker
+    from casm_deploy.deploy.runtime.masker import Masker
     from casm_deploy.evaluation.metrics import box_iou
 
     data = need_data(ctx)
@@ -900,7 +900,7 @@ def extraction_variant(ctx: Context, kind: str, precision: str, images: np.ndarr
     path infer takes; eager AMP, which no backend offers, through `host_copies`)."""
     from casm_deploy.artifact import load_torchscript
     from casm_deploy.checkpoint import load_masker
-    from casm_deploy.deploy.api import Masker
+    from casm_deploy.deploy.runtime.masker import Masker
 
     device = ctx.device
     if kind == "onnx":
@@ -982,7 +982,7 @@ def extraction_section(ctx: Context, cap: Cap, figures: dict) -> None:
 def infer_run(ctx: Context, model: Path, masks: str, decoder: str, name: str) -> dict:
     from casm_deploy.common.ui import console
     from casm_deploy.config import InferConfig
-    from casm_deploy.deploy import infer
+    from casm_deploy.deploy.infer import job as infer
 
     folder = need_data(ctx) / "train"
     try:

@@ -29,9 +29,10 @@ from common import command, linked, machine, write_json
 from casm_deploy.config import InferConfig, SynthConfig
 from casm_deploy.data.decode import decode, read_image
 from casm_deploy.data.imagefiles import read_encoded, scan
-from casm_deploy.deploy import infer, outputs
-from casm_deploy.deploy.api import Masker
-from casm_deploy.deploy.exporters import FILES, export_masker
+from casm_deploy.deploy.export.exporters import FILES, export_masker
+from casm_deploy.deploy.infer import job as infer
+from casm_deploy.deploy.infer import outputs
+from casm_deploy.deploy.runtime.masker import Masker
 
 BIG_DATA = Path("data/bench-infer-500")  # gitignored, like every data/ folder
 

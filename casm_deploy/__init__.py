@@ -12,7 +12,7 @@ __all__ = ["Masker", "__version__"]
 def __getattr__(name: str):
     # `casm_deploy.Masker` loads on first use: importing the package stays instant (no torch).
     if name == "Masker":
-        from casm_deploy.deploy.api import Masker
+        from casm_deploy.deploy.runtime.masker import Masker
 
         return Masker
     raise AttributeError(f"module 'casm_deploy' has no attribute {name!r}")

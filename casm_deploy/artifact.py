@@ -1,7 +1,7 @@
 """The exported model file's contract: its tensor names, its metadata, its digest, its loading.
 
-checkpoint -> deploy/exporters (write_onnx_metadata, extra_files) -> masker.onnx / .ts / .pt2
--> deploy/runtimes, infer and the `casm_deploy.Masker` API (read_metadata, sha256_file,
+checkpoint -> deploy/export/exporters (write_onnx_metadata, extra_files) -> masker.onnx / .ts / .pt2
+-> deploy/runtime, infer and the `casm_deploy.Masker` API (read_metadata, sha256_file,
 load_torchscript). Every writer and reader of those files takes the names and the metadata's
 layout from here, so a file written by one release is read by the next.
 

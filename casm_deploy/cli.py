@@ -242,7 +242,7 @@ def export(cfg: ExportConfig) -> None:
     as skipped), 3 when one fails it or none could run here, 2 on bad input (a missing or
     unsafe checkpoint, no parity data).
     """
-    from casm_deploy.deploy import export as job
+    from casm_deploy.deploy.export import job
 
     report = job.run(cfg)["parity"]
     if not report["passed"]:
@@ -294,8 +294,8 @@ def infer(cfg: InferConfig) -> None:
     disk stopped taking writes (full, over quota, read-only, I/O error): what is recorded
     stays valid, and the same command resumes once there is room.
     """
-    from casm_deploy.deploy import infer as job
-    from casm_deploy.deploy.outfolder import OutUnwritable
+    from casm_deploy.deploy.infer import job
+    from casm_deploy.deploy.infer.outfolder import OutUnwritable
 
     try:
         summary = job.run(cfg)
@@ -322,7 +322,7 @@ def merge(cfg: MergeConfig) -> None:
     merges only when every image file of the run's folder is recorded: otherwise it names the
     shards whose files are missing (exit 1) and changes nothing.
     """
-    from casm_deploy.deploy import infer as job
+    from casm_deploy.deploy.infer import job
 
     try:
         summary = job.merge_out(cfg)

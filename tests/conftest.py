@@ -94,7 +94,7 @@ def make_exports(make_checkpoint):
     def write(folder, data, image_size: int = 32, formats=("torchscript", "onnx")) -> dict:
         from pathlib import Path
 
-        from casm_deploy.deploy.exporters import export_masker
+        from casm_deploy.deploy.export.exporters import export_masker
 
         checkpoint = Path(make_checkpoint(Path(folder) / "checkpoint.pt", data, image_size))
         return {"eager": checkpoint, **export_masker(checkpoint, folder, formats)}

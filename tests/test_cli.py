@@ -174,8 +174,8 @@ def test_the_options_are_the_config_fields_and_their_defaults(monkeypatch, tmp_p
 
     import casm_deploy.data.synth
     import casm_deploy.data.tinyimagenet
-    import casm_deploy.deploy.export
-    import casm_deploy.deploy.infer
+    import casm_deploy.deploy.export.job
+    import casm_deploy.deploy.infer.job
     import casm_deploy.evaluation.benchmark
     import casm_deploy.evaluation.visualize
     from casm_deploy.config import (
@@ -197,8 +197,8 @@ def test_the_options_are_the_config_fields_and_their_defaults(monkeypatch, tmp_p
         (casm_deploy.data.synth, "generate"),
         (casm_deploy.data.tinyimagenet, "convert"),
         (casm_deploy.evaluation.benchmark, "run"),
-        (casm_deploy.deploy.export, "run"),
-        (casm_deploy.deploy.infer, "run"),
+        (casm_deploy.deploy.export.job, "run"),
+        (casm_deploy.deploy.infer.job, "run"),
     ):
         monkeypatch.setattr(module, name, job)
     monkeypatch.setattr(casm_deploy.evaluation.visualize, "run", lambda cfg: job(cfg) and {})

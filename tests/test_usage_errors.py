@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 from casm_deploy.cli import app
 from casm_deploy.common.paths import check_file, check_folder
 from casm_deploy.config import MAX_VISUALIZE_IMAGES, VisualizeConfig
-from casm_deploy.deploy import export
+from casm_deploy.deploy.export import job as export
 from casm_deploy.errors import UserError
 from casm_deploy.evaluation import benchmark as evaluate
 from casm_deploy.evaluation import methods, visualize
-from casm_deploy.training import amp, rundir
+from casm_deploy.training import amp, train
 
 runner = CliRunner()
 
@@ -36,7 +36,7 @@ def no_work(monkeypatch):
 
     monkeypatch.setattr(export, "load_checkpoint", started)
     monkeypatch.setattr(visualize, "load_maskers", started)
-    monkeypatch.setattr(rundir, "lock_run_dir", started)
+    monkeypatch.setattr(train, "lock_run_dir", started)
     monkeypatch.setattr(evaluate, "read_classes", started)
 
 

@@ -22,9 +22,10 @@ from casm_deploy.checkpoint import (
 )
 from casm_deploy.cli import app
 from casm_deploy.config import TrainConfig
-from casm_deploy.deploy import export, parity, parity_run, precision
-from casm_deploy.deploy.api import Masker
-from casm_deploy.deploy.exporters import export_onnx, export_torchscript
+from casm_deploy.deploy.export import job as export
+from casm_deploy.deploy.export import parity, precision
+from casm_deploy.deploy.export.exporters import export_onnx, export_torchscript
+from casm_deploy.deploy.runtime.masker import Masker
 from casm_deploy.errors import UserError
 
 SIZE = 32
@@ -306,7 +307,7 @@ def test_int8_calibration_and_parity_report_progress(files, tmp_path):
     written = {"onnx": {"path": int8, "precision": "int8"}}
     seen = []
     source = {"real": len(images), "data": "x", "val": len(images), "train": 0, "random": 0}
-    parity_run.check_parity(masker, written, images, source, torch.device("cpu"), seen.append)
+    parity.check_parity(masker, written, images, source, torch.device("cpu"), seen.append)
     assert sum(seen) == len(images) * (1 + len(parity.BATCH_SIZES))
 
 

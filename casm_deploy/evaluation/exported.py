@@ -1,7 +1,7 @@
 """An exported model file (`export`'s masker.onnx / masker.ts) as a method `eval` scores.
 
 `eval` scores what a user deploys, not only the checkpoint it came from: the file runs in the
-runtime infer uses (`deploy.runtimes.open_model`, on the CPU), on the batches eval's loader
+runtime infer uses (`deploy.runtime.open.open_model`, on the CPU), on the batches eval's loader
 gives, and its masks go through the same scorer. A masks-only export has no classifier: it
 gives no logits, and eval has no OM for it.
 """
@@ -26,14 +26,14 @@ class ExportedMasker(nn.Module):
     """(B,3,S,S) images in [0, 1] -> masks (B,1,S,S) and logits (B,K), or None (masks-only),
     as a checkpoint's SaliencyModel gives them, computed by the exported file.
 
-    The images cross to the runtime as uint8 (its input contract, `runtimes.Backend`): eval's
+    The images cross to the runtime as uint8 (its input contract, `runtime.open.Backend`): eval's
     images are decoded 8-bit pixels, resized in float, so this rounds each pixel by at most
     half a level. It has no parameters: it runs on the CPU, where eval's batches are.
     """
 
     def __init__(self, path: str | Path):
         super().__init__()
-        from casm_deploy.deploy.runtimes import open_model
+        from casm_deploy.deploy.runtime.open import open_model
 
         self.backend = open_model(path, device="cpu")
 

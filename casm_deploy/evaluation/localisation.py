@@ -1,6 +1,6 @@
 """The localisation loop over a batch of masks: LE / OM / F1 and mask statistics.
 
-Training's validation (`training.engine.evaluate`) and eval's benchmark
+Training's validation (`training.train.evaluate`) and eval's benchmark
 (`benchmark.score_batch`) both score their batches here: each mask is binarised at its mean,
 its largest component boxed (`metrics.masks_to_boxes`) and scored against the image's own
 boxes, so the two print the same numbers for the same masks. `center_baseline` scores the

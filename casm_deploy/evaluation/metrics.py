@@ -301,7 +301,7 @@ class MaskStats:
 
     It keeps five running sums: images, per-image mean areas, their squares, entropies and
     total variations. `update` adds a batch of masks; `add_sums` adds sums computed elsewhere
-    (the training loop sums on the GPU, `engine.mask_stat_sums`, and reads them once per epoch).
+    (the training loop sums on the GPU, `mask_stat_sums`, and reads them once per epoch).
     `mask_std` is the population std of per-image mean areas over all images seen (the
     reference averages per-batch sample stds instead, which depends on the batch size).
     """
@@ -344,6 +344,28 @@ class MaskStats:
             "mask_entropy": entropy / n,
             "mask_tv": tv / n,
         }
+
+
+def mask_stat_sums(masks: Any) -> Any:
+    """`MaskStats.add_sums`'s five sums of a (B, 1, H, W) torch batch, where the masks are.
+
+    The same arithmetic as `MaskStats.update` (float64), in torch ops, so that the training
+    loop keeps its mask statistics on the GPU and never copies a mask batch to the host.
+    """
+    import torch
+
+    m = masks.detach()[:, 0].double()
+    areas = m.mean(dim=(1, 2))
+    inner = (m > 0) & (m < 1)
+    safe = torch.where(inner, m, torch.ones_like(m))  # log2(1) = 0: the others add nothing
+    entropies = (-safe * torch.log2(safe)).sum(dim=(1, 2)) / (m.shape[1] * m.shape[2])
+    tv = torch.zeros_like(areas)
+    if m.shape[2] > 1:
+        tv = tv + (m[:, :, 1:] - m[:, :, :-1]).pow(2).mean(dim=(1, 2))
+    if m.shape[1] > 1:
+        tv = tv + (m[:, 1:] - m[:, :-1]).pow(2).mean(dim=(1, 2))
+    count = torch.full((), len(m), dtype=torch.float64, device=m.device)  # a fill, not a copy
+    return torch.stack([count, areas.sum(), areas.pow(2).sum(), entropies.sum(), tv.sum()])
 
 
 class LocalizationMeter:

@@ -1,7 +1,7 @@
 """One CASM step (Algorithm 1): the classifier's steps, the mask, the masked-out pass and the
 mapping's step; `CASM` holds the phase's model, optimisers, gradient scaler and thinning pool.
 
-`engine.casm_one_epoch` runs it over an epoch; `state.TrainState` saves and restores it.
+`train.casm_one_epoch` runs it over an epoch; `train.TrainState` saves and restores it.
 """
 
 from __future__ import annotations

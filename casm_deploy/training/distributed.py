@@ -1,6 +1,6 @@
 """Multi-process training under torchrun: this process's place in the job, and the collectives.
 
-`train.run` joins the job (`init_distributed`); `casm.CASM` and `engine` average gradients and
+`train.run` joins the job (`init_distributed`); `casm.CASM` and `train` average gradients and
 BatchNorm statistics with these. Alone (world 1) every collective here is a no-op.
 
 The models are not wrapped in DistributedDataParallel: DDP reduces gradients in hooks that

@@ -64,7 +64,7 @@ def _rank_main(data: str, out: str) -> None:
     import torch.distributed as dist
 
     from casm_deploy.config import TrainConfig
-    from casm_deploy.training import loaders, train
+    from casm_deploy.training import train
     from casm_deploy.training.casm import CASM
 
     rank = int(os.environ["RANK"])
@@ -93,14 +93,14 @@ def _rank_main(data: str, out: str) -> None:
                 served.setdefault(key, []).extend(indices.tolist())
                 yield images, labels, indices
 
-    build_loader = loaders.build_loader
+    build_loader = train.build_loader
 
     def recording_build_loader(*args, **kwargs):
         loader = build_loader(*args, **kwargs)
         return RecordingLoader(loader) if kwargs["train"] else loader
 
     train.CASM = RecordingCASM  # where train.run builds it
-    loaders.build_loader = recording_build_loader
+    train.build_loader = recording_build_loader
     cfg = TrainConfig(
         data=data,
         out=out,

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from casm_deploy.deploy import parity
+from casm_deploy.deploy.export import parity
 
 pytestmark = pytest.mark.slow
 
@@ -244,7 +244,8 @@ def test_int8_onnx_is_written_loads_and_reports_its_own_bars(pipeline):
     clutter: a box comes from the binarisation of small fluctuations and jumps under any
     rounding, so box IoU > 0.9 holds on 30-85 % of the images (depending on the weights' seed),
     not 95 %; mean |Δmask| is 0.01-0.04 against its 0.03 bar, and int8 kernels differ between
-    CPUs. tests/deploy/test_export.py checks the int8 bars on a planted model whose masks are blobs.
+    CPUs. tests/deploy/export/test_export.py checks the int8 bars on a planted model whose
+    masks are blobs.
     Here: the file is int8, it runs at 224 px, and its report applies the int8 bars as stated
     and agrees with the exit status.
     """

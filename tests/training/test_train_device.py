@@ -17,14 +17,14 @@ from casm_deploy.data import torch_loader as data
 from casm_deploy.data.imagenet import read_classes
 from casm_deploy.data.loader import build_loader
 from casm_deploy.evaluation import metrics
+from casm_deploy.evaluation.metrics import mask_stat_sums
 from casm_deploy.models.mapping import build_masker
 from casm_deploy.training import casm as casm_module
-from casm_deploy.training import engine
+from casm_deploy.training import train
 from casm_deploy.training.casm import CASM, masked_out
 from casm_deploy.training.distributed import Distributed
-from casm_deploy.training.engine import casm_one_epoch, mask_stat_sums, pretrain_one_epoch
-from casm_deploy.training.loaders import loader_workers
 from casm_deploy.training.pool import pool_storage
+from casm_deploy.training.train import casm_one_epoch, loader_workers, pretrain_one_epoch
 
 # Every way a tensor's value reaches Python: each is a host sync when the tensor is on a GPU.
 READS = ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__")
@@ -77,7 +77,7 @@ def fp16_like_casm(monkeypatch, cfg: TrainConfig) -> CASM:
 def test_a_casm_epoch_reads_the_device_only_for_the_progress_bar(tiny_data, monkeypatch):
     """18 steps, the bar read every 5: 3 reads, and one at the end, whatever the step does
     (pool draws, snapshots, the scaler's inf checks, the clipping, the mask statistics)."""
-    monkeypatch.setattr(engine, "PROGRESS_EVERY", 5)
+    monkeypatch.setattr(train, "PROGRESS_EVERY", 5)
     monkeypatch.setattr(metrics.MaskStats, "update", None)  # the numpy path must not run
     loader = train_batches(tiny_data, batch_size=2)
     assert len(loader) == 18
@@ -92,7 +92,7 @@ def test_a_casm_epoch_reads_the_device_only_for_the_progress_bar(tiny_data, monk
 def test_the_sync_counter_sees_the_scaler_of_an_unfused_optimiser(tiny_data, monkeypatch):
     """The counter can fail: plain (unfused) optimisers make the scaler read `found_inf` on the
     host at every optimiser step, which is why the CASM steps take the fused ones."""
-    monkeypatch.setattr(engine, "PROGRESS_EVERY", 1000)
+    monkeypatch.setattr(train, "PROGRESS_EVERY", 1000)
     casm = fp16_like_casm(monkeypatch, TrainConfig(reproduce="L"))
     for opt in (casm.opt_classifier, casm.opt_decoder):
         assert opt.defaults["fused"] and opt._step_supports_amp_scaling
@@ -106,7 +106,7 @@ def test_the_sync_counter_sees_the_scaler_of_an_unfused_optimiser(tiny_data, mon
 
 
 def test_pretraining_reads_the_device_only_for_the_progress_bar(tiny_data, monkeypatch):
-    monkeypatch.setattr(engine, "PROGRESS_EVERY", 5)
+    monkeypatch.setattr(train, "PROGRESS_EVERY", 5)
     casm = fp16_like_casm(monkeypatch, TrainConfig())
     masker = casm.masker
     opt = torch.optim.Adam(masker.encoder.parameters(), lr=1e-3, fused=casm.fused)

@@ -17,7 +17,7 @@ from casm_deploy.config import TrainConfig, config_to_dict
 from casm_deploy.data.imagenet import read_classes
 from casm_deploy.data.loader import build_loader
 from casm_deploy.errors import UserError
-from casm_deploy.training import rundir, train
+from casm_deploy.training import train
 
 TINY = dict(
     width=8,
@@ -128,7 +128,7 @@ def test_dali_names_the_file_it_cannot_decode(bad_data):
 
 # The run folder: temporaries, lock, --resume -------------------------------------------------
 
-# Names as files.atomic_file makes them (checkpoint.save_atomic, rundir.trim_log), as earlier
+# Names as files.atomic_file makes them (checkpoint.save_atomic, train._trim_log), as earlier
 # versions made them (tempfile.mkstemp, metrics.tmp), and some that are not ours.
 TEMPORARIES = [".checkpoint.pt.partial", ".pool-12.pt.partial", ".metrics.jsonl.partial"]
 TEMPORARIES += [".checkpoint.pt.k2j4_x9a.tmp", ".pool-12.pt.abcd1234.tmp", "metrics.tmp"]
@@ -158,7 +158,7 @@ def test_stale_temporaries_are_removed_at_start_and_at_resume(tiny_data, tmp_pat
 
 
 def test_a_run_in_a_locked_folder_is_refused(tiny_data, tmp_path):
-    lock = rundir.lock_run_dir(tmp_path / "busy")  # as a run going on there holds it
+    lock = train.lock_run_dir(tmp_path / "busy")  # as a run going on there holds it
     assert lock is not None
     try:
         plant(tmp_path / "busy", TEMPORARIES)
@@ -168,15 +168,15 @@ def test_a_run_in_a_locked_folder_is_refused(tiny_data, tmp_path):
         assert all((tmp_path / "busy" / name).exists() for name in TEMPORARIES)  # its writes
     finally:
         lock.close()
-    assert rundir.lock_run_dir(tmp_path / "busy") is not None  # free again once closed
+    assert train.lock_run_dir(tmp_path / "busy") is not None  # free again once closed
 
 
 def test_without_a_lock_only_old_temporaries_are_removed(tmp_path):
     plant(tmp_path, TEMPORARIES)
     old = tmp_path / TEMPORARIES[0]
-    an_hour_and_more = time.time() - rundir.STALE_SECONDS - 60
+    an_hour_and_more = time.time() - train.STALE_SECONDS - 60
     os.utime(old, (an_hour_and_more, an_hour_and_more))
-    rundir.remove_temporaries(tmp_path, locked=False)
+    train.remove_temporaries(tmp_path, locked=False)
     assert not old.exists() and all((tmp_path / name).exists() for name in TEMPORARIES[1:])
 
 

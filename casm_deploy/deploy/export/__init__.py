@@ -1,0 +1,2 @@
+"""`casm-deploy export`: the command (job.py), the exporters, the precisions, and parity, which
+runs every written file through runtime/."""
