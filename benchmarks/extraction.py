@@ -83,7 +83,7 @@ def gemm_peak(n: int, repeats: int) -> float:
 def model_flops(checkpoint: Path) -> tuple[int, dict[str, int]]:
     """FLOPs of one image through the eager Masker (a multiply-add counts 2), total and by op."""
     masker, spec = load_masker(checkpoint)
-    size = int(spec["image_size"])
+    size = spec.image_size
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         masker(torch.rand(1, 3, size, size))
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts()["Global"].items()}

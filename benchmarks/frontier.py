@@ -176,7 +176,7 @@ def main() -> None:
     }
     shared, spec = load_masker(args.casm)
     shared = shared.to(memory_format=torch.channels_last)
-    size, wnids, data = int(spec["image_size"]), list(spec["wnids"]), Path(args.data)
+    size, wnids, data = spec.image_size, list(spec.wnids), Path(args.data)
     samples = list_images(data, "val", wnids)
     scored = spread(list(range(len(samples))), args.images)
     tune = spread([i for i in range(len(samples)) if i not in set(scored)], args.tune_images)

@@ -207,7 +207,7 @@ def main() -> None:
     masker, spec = load_masker(args.checkpoint)
     masker = masker.to(memory_format=torch.channels_last)  # as the eager backend runs it
     explainers = Explainers(masker, args.explain, args.steps)
-    size, wnids = int(spec["image_size"]), list(spec["wnids"])
+    size, wnids = spec.image_size, list(spec.wnids)
     data = Path(args.data)
     samples = list_images(data, "val", wnids)
     fast = spread(list(range(len(samples))), args.images)

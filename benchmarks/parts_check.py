@@ -121,8 +121,8 @@ def main() -> None:
         trained = time.perf_counter() - start
 
         # The classifier's outputs in the order of its own classes (its wnids).
-        classes = [SHAPES.index(spec["names"][j]) for j in range(len(spec["wnids"]))]
-        size = spec["image_size"]
+        classes = [SHAPES.index(spec.names[j]) for j in range(len(spec.wnids))]
+        size = spec.image_size
         clean = accuracy(masker, cfg, classes, size, None)
         dropped = {PART_KINDS[k]: accuracy(masker, cfg, classes, size, k) for k in range(cfg.parts)}
 

@@ -27,6 +27,8 @@ from casm_deploy.version import __version__
 if TYPE_CHECKING:
     import torch
 
+    from casm_deploy.models.spec import ModelSpec
+
 INPUT = "images"
 OUTPUTS = ("masks", "logits")  # a full model's; a masks-only model has the first alone
 FORMAT = "casm-deploy/masker"  # the metadata's `format`: what marks a casm-deploy export
@@ -47,49 +49,66 @@ def output_names(masks_only: bool) -> tuple[str, ...]:
     return OUTPUTS[:1] if masks_only else OUTPUTS
 
 
+# The metadata's keys in the order exports have always written them; a key not named here (a
+# newer field of the ModelSpec) follows them.
+METADATA_ORDER = (
+    "format",
+    "arch",
+    "width",
+    "mapping_arch",
+    "mapping_width",
+    "num_classes",
+    "upsample",
+    "image_size",
+    "masks_only",
+    "input",
+    "outputs",
+    "input_range",
+    "normalization",
+    "wnids",
+    "names",
+    "package_version",
+    "torch_version",
+    "training_config",
+    "training_data",
+    "checkpoint_sha256",
+)
+
+
 def base_metadata(
-    checkpoint: dict[str, Any],
+    spec: ModelSpec,
+    config: dict[str, Any],
     checkpoint_sha256: str,
-    training_data: str = "",
     masks_only: bool = False,
 ) -> dict[str, str]:
     """The metadata every artefact carries (strings: ONNX `metadata_props` hold strings).
 
     Structured values are JSON. Each exporter adds `precision` and `exporter` (and ONNX `opset`).
-    `training_data` is "synthetic" for a model of `data synth`'s shapes (infer warns that it
-    means nothing on photos), "images" for other data, "unknown" where the checkpoint does not
-    tell (the caller passes `checkpoint.training_data_kind`: this module sits below the
-    checkpoint's, which reads its METADATA_FILE to tell an export from a checkpoint).
+    The model's own entries are `spec.to_metadata()` (read back by `ModelSpec.from_metadata`):
+    arch, width, num_classes, upsample, image_size, wnids, names, `mapping_arch` and
+    `mapping_width` for a mapping with an encoder of its own, and `training_data` from
+    `spec.data_kind`: "synthetic" for a model of `data synth`'s shapes (infer warns that it means
+    nothing on photos), "images" for other data, "unknown" where the checkpoint does not tell
+    (the caller passes `checkpoint.export_spec`, which looks for it: this module sits below the
+    checkpoint's, which reads its METADATA_FILE to tell an export from a checkpoint). `config`:
+    the run's training config, as the checkpoint holds it.
 
     `masks_only`: the file is the mapping without the classifier (`SaliencyModel.masks_only`),
     one output `masks`; `num_classes`, `wnids` and `names` then still name the classes of the
-    classifier it was trained against, which the file does not predict. A mapping with an
-    encoder of its own records it as `mapping_arch` and `mapping_width`.
+    classifier it was trained against, which the file does not predict.
     """
     import torch
 
     from casm_deploy.models.mapping import IMAGENET_MEAN, IMAGENET_STD
 
-    spec = checkpoint["model"]
-    size = int(spec["image_size"])
-    shapes = {"masks": ["B", 1, size, size], "logits": ["B", int(spec["num_classes"])]}
+    size = spec.image_size
+    shapes = {"masks": ["B", 1, size, size], "logits": ["B", spec.num_classes]}
     outputs = {
         name: {"shape": shapes[name], "dtype": "float32"} for name in output_names(masks_only)
     }
-    own_encoder = {}
-    if spec.get("shared_encoder", True) is False:
-        own_encoder = {
-            "mapping_arch": str(spec.get("mapping_arch") or spec["arch"]),
-            "mapping_width": str(spec.get("mapping_width") or spec["width"]),
-        }
-    return {
+    metadata = {
+        **spec.to_metadata(),
         "format": FORMAT,
-        "arch": spec["arch"],
-        "width": str(spec["width"]),
-        **own_encoder,
-        "num_classes": str(spec["num_classes"]),
-        "upsample": spec["upsample"],
-        "image_size": str(size),
         "masks_only": json.dumps(masks_only),
         "input": json.dumps({"name": INPUT, "shape": ["B", 3, size, size], "dtype": "float32"}),
         "outputs": json.dumps(outputs),
@@ -97,14 +116,12 @@ def base_metadata(
         "normalization": json.dumps(
             {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "inside_graph": True}
         ),
-        "wnids": json.dumps(list(spec.get("wnids", []))),
-        "names": json.dumps(list(spec.get("names", []))),
         "package_version": __version__,
         "torch_version": torch.__version__,
-        "training_config": json.dumps(checkpoint.get("config", {}), sort_keys=True),
-        "training_data": training_data or "unknown",
+        "training_config": json.dumps(config, sort_keys=True),
         "checkpoint_sha256": checkpoint_sha256,
     }
+    return {key: metadata[key] for key in METADATA_ORDER if key in metadata} | metadata
 
 
 def extra_files(metadata: dict[str, str]) -> dict[str, str]:

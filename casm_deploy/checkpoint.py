@@ -3,14 +3,14 @@
 Written and read here alone: `train` saves a `TrainingCheckpoint` with `save_training` at every
 epoch end (atomically) and `--resume` reads it back with `load_training`; `eval`, `export` and
 `infer` rebuild the model from it with `load_masker`. Keys: format, version, package_version,
-model (arch, width, num_classes, upsample, image_size, wnids, names, shared_encoder,
-mapping_arch, mapping_width, data_kind: `model_spec`), config, phase, epoch, step, encoder,
-decoder, mapping_encoder, optimizers, pool_file, rng, metrics. The thinning pool is the file
-`pool_file` beside it.
-`optimizers["casm"]["scaler"]` (the fp16 gradient scaler; {} otherwise), `model["data_kind"]`
-("synthetic" or "images"), `model["mapping_arch"]` / `["mapping_width"]` (the mapping encoder's,
-when unshared; absent: the classifier's) and `mapping_encoder` are optional: files written
-before them lack them and load as they are, so VERSION stays 1.
+model (the `models.spec.ModelSpec`, written by its `to_checkpoint` and read by its
+`from_checkpoint`: arch, width, num_classes, upsample, image_size, wnids, names, shared_encoder,
+mapping_arch, mapping_width, data_kind), config, phase, epoch, step, encoder, decoder,
+mapping_encoder, optimizers, pool_file, rng, metrics. The thinning pool is the file `pool_file`
+beside it.
+`optimizers["casm"]["scaler"]` (the fp16 gradient scaler; {} otherwise), `mapping_encoder` and
+the model's newer keys (`ModelSpec`'s defaults) are optional: files written before them lack
+them and load as they are, so VERSION stays 1.
 
 A file of another kind (an export, a torchvision state dict or pickled model) is named as such
 in one line, with what to pass instead.
@@ -19,6 +19,7 @@ in one line, with what to pass instead.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ import torch
 from casm_deploy.common.files import atomic_file, make_folders
 from casm_deploy.data.draw import synthetic_labels
 from casm_deploy.errors import UserError
-from casm_deploy.models.backbones import ARCHS
-from casm_deploy.models.mapping import SaliencyModel, build_masker
+from casm_deploy.models.mapping import SaliencyModel
+from casm_deploy.models.spec import ModelSpec
 from casm_deploy.torchfile import CHECKPOINT_WANTED, is_torchvision_weights, load_file
 from casm_deploy.version import __version__
 
@@ -48,30 +49,25 @@ def save_atomic(payload: Any, path: str | Path) -> None:
 RUN_CHECKPOINT = "checkpoint.pt"  # a training run's checkpoint in its folder
 
 
-def model_spec(
-    arch: str,
-    width: int,
-    upsample: str,
-    image_size: int,
-    wnids: list[str],
-    names: list[str],
-    shared_encoder: bool,
-    data_kind: str | None = None,
-    mapping: tuple[str, int] | None = None,
-) -> dict[str, Any]:
-    """The checkpoint's model description (`checkpoint["model"]`, which `check_spec` reads).
+def checkpoint_spec(checkpoint: dict[str, Any], path: str | Path) -> ModelSpec:
+    """The model description of a loaded checkpoint (`ModelSpec.from_checkpoint` of its
+    `model` entry).
 
-    `data_kind`: what it learned from, "synthetic" or "images" (None: not recorded). `mapping`:
-    the arch and width of the mapping's own encoder (default: the classifier's), when unshared.
+    Raises:
+        UserError: it is missing, or a key is missing or of another type (the message names it).
     """
-    spec = {"arch": arch, "width": width, "num_classes": len(wnids), "upsample": upsample}
-    spec |= {"image_size": image_size, "wnids": list(wnids), "names": list(names)}
-    spec |= {"shared_encoder": shared_encoder}
-    if not shared_encoder:
-        spec["mapping_arch"], spec["mapping_width"] = mapping or (arch, width)
-    if data_kind is not None:
-        spec["data_kind"] = data_kind
-    return spec
+    return ModelSpec.from_checkpoint(checkpoint.get("model"), path)
+
+
+def export_spec(checkpoint: dict[str, Any], path: str | Path) -> ModelSpec:
+    """The model description an export of the checkpoint records: its `data_kind` as well as
+    it is known (`training_data_kind`: looked for where the checkpoint does not record it).
+
+    Raises:
+        UserError: as `checkpoint_spec`.
+    """
+    spec = checkpoint_spec(checkpoint, path)
+    return dataclasses.replace(spec, data_kind=training_data_kind(checkpoint, path) or None)
 
 
 @dataclass
@@ -83,7 +79,7 @@ class TrainingCheckpoint:
     `pool-<step>.pt` beside the checkpoint, which names it (`pool_file`; None for no pool).
     """
 
-    model: dict[str, Any]  # `model_spec`'s description
+    model: ModelSpec  # the `model` entry (`ModelSpec.to_checkpoint` / `from_checkpoint`)
     config: dict[str, Any]  # `config.config_to_dict` of the run's TrainConfig
     phase: str
     epoch: int
@@ -112,7 +108,7 @@ def save_training(run_dir: Path, checkpoint: TrainingCheckpoint) -> None:
         "format": FORMAT,
         "version": VERSION,
         "package_version": __version__,
-        "model": c.model,
+        "model": c.model.to_checkpoint(),
         "config": c.config,
         "phase": c.phase,
         "epoch": c.epoch,
@@ -135,12 +131,14 @@ def load_training(run_dir: Path) -> TrainingCheckpoint:
     """The checkpoint of the run in `run_dir` and its pool, to resume it.
 
     Raises:
-        UserError: as `load_checkpoint`, for the checkpoint or its pool file.
+        UserError: as `load_checkpoint`, for the checkpoint or its pool file, or as
+            `checkpoint_spec`.
     """
-    checkpoint = load_checkpoint(run_dir / RUN_CHECKPOINT)
+    path = run_dir / RUN_CHECKPOINT
+    checkpoint = load_checkpoint(path)
     pool_file = checkpoint["pool_file"]
     return TrainingCheckpoint(
-        model=checkpoint.get("model"),
+        model=checkpoint_spec(checkpoint, path),
         config=checkpoint.get("config"),
         phase=checkpoint["phase"],
         epoch=checkpoint["epoch"],
@@ -174,13 +172,25 @@ def save_untrained(
     torch.manual_seed(seed)
     shared_encoder = shared_encoder and mapping is None
     mapping_arch, mapping_width = mapping or (None, None)
-    masker = build_masker(
-        arch, len(wnids), width, "nearest", shared_encoder, mapping_arch, mapping_width
+    spec = ModelSpec(
+        arch=arch,
+        width=width,
+        num_classes=len(wnids),
+        upsample="nearest",
+        image_size=image_size,
+        wnids=tuple(wnids),
+        names=tuple(names),
+        shared_encoder=shared_encoder,
+        mapping_arch=mapping_arch,
+        mapping_width=mapping_width,
     )
-    spec = model_spec(
-        arch, width, "nearest", image_size, wnids, names, shared_encoder, mapping=mapping
-    )
-    payload = {"format": FORMAT, "version": VERSION, "model": spec, "config": config or {}}
+    masker = spec.build()
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": spec.to_checkpoint(),
+        "config": config or {},
+    }
     payload |= {"encoder": masker.encoder.state_dict(), "decoder": masker.decoder.state_dict()}
     if not shared_encoder:
         payload["mapping_encoder"] = masker.mapping_encoder.state_dict()
@@ -286,55 +296,6 @@ def training_data_kind(checkpoint: dict[str, Any], path: str | Path = "") -> str
     return found
 
 
-# The model description's keys and their types (the labels, shared_encoder: optional).
-SPEC_TYPES = {"arch": str, "width": int, "num_classes": int, "upsample": str, "image_size": int}
-KINDS = {str: "a string", int: "an integer"}
-
-
-def check_spec(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
-    """The model description of a checkpoint, checked key by key.
-
-    Raises:
-        UserError: it is missing, or a key is missing or of another type (the message names it).
-    """
-    spec = checkpoint.get("model")
-    if not isinstance(spec, dict):
-        raise UserError(f"{path}: the checkpoint has no 'model' description (arch, sizes)")
-    for key, kind in SPEC_TYPES.items():
-        if key not in spec:
-            raise UserError(f"{path}: the checkpoint's model description has no {key!r}")
-        value = spec[key]
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise UserError(f"{path}: model {key} {value!r} is not {KINDS[kind]}")
-        if kind is int and value < 1:
-            raise UserError(f"{path}: model {key} {value} is not positive")
-    if spec["arch"] not in ARCHS:
-        raise UserError(f"{path}: model arch {spec['arch']!r} is not one of {', '.join(ARCHS)}")
-    if spec["upsample"] not in ("nearest", "bilinear"):
-        raise UserError(f"{path}: model upsample {spec['upsample']!r} is not nearest or bilinear")
-    for key in ("wnids", "names"):
-        labels = spec.get(key, [])
-        if not isinstance(labels, list | tuple) or not all(isinstance(v, str) for v in labels):
-            raise UserError(f"{path}: model {key} is not a list of strings")
-        if len(labels) not in (0, spec["num_classes"]):
-            raise UserError(
-                f"{path}: model {key} lists {len(labels)} classes, not {spec['num_classes']}"
-            )
-    if not isinstance(spec.get("shared_encoder", True), bool):
-        raise UserError(f"{path}: model shared_encoder {spec['shared_encoder']!r} is not a bool")
-    check_mapping_spec(spec, path)
-    return spec
-
-
-def check_mapping_spec(spec: dict[str, Any], path: str | Path) -> None:
-    """The mapping encoder's arch and width, when the description has them."""
-    arch, width = spec.get("mapping_arch", spec["arch"]), spec.get("mapping_width", spec["width"])
-    if arch not in ARCHS:
-        raise UserError(f"{path}: model mapping_arch {arch!r} is not one of {', '.join(ARCHS)}")
-    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
-        raise UserError(f"{path}: model mapping_width {width!r} is not a positive integer")
-
-
 def load_weights(module: torch.nn.Module, state: Any, path: str | Path, key: str) -> None:
     """`module.load_state_dict(state)`, its errors as one line naming the first bad key.
 
@@ -366,31 +327,22 @@ def masker_from_checkpoint(
     Raises:
         UserError: the model description or the weights are missing or do not fit.
     """
-    spec = check_spec(checkpoint, path)
-    shared = spec.get("shared_encoder", True)  # absent from checkpoints older than --unshared
-    masker = build_masker(
-        spec["arch"],
-        spec["num_classes"],
-        spec["width"],
-        spec["upsample"],
-        shared_encoder=shared,
-        mapping_arch=None if shared else spec.get("mapping_arch"),
-        mapping_width=None if shared else spec.get("mapping_width"),
-    )
+    spec = checkpoint_spec(checkpoint, path)
+    masker = spec.build()
     load_weights(masker.encoder, checkpoint.get("encoder"), path, "encoder")
     load_weights(masker.decoder, checkpoint.get("decoder"), path, "decoder")
-    if not shared:
+    if not spec.shared_encoder:
         load_weights(
             masker.mapping_encoder, checkpoint.get("mapping_encoder"), path, "mapping_encoder"
         )
     return masker.eval()
 
 
-def load_masker(path: str | Path, wanted: str = "") -> tuple[SaliencyModel, dict[str, Any]]:
-    """The SaliencyModel of a checkpoint file and its model description (`checkpoint["model"]`).
+def load_masker(path: str | Path, wanted: str = "") -> tuple[SaliencyModel, ModelSpec]:
+    """The SaliencyModel of a checkpoint file and its model description.
 
     Raises:
         UserError: as `load_checkpoint` and `masker_from_checkpoint`.
     """
     checkpoint = load_checkpoint(path, wanted)
-    return masker_from_checkpoint(checkpoint, path), checkpoint["model"]
+    return masker_from_checkpoint(checkpoint, path), checkpoint_spec(checkpoint, path)

@@ -44,6 +44,8 @@ Arch = Literal[
     "convnext_tiny",
     "regnet_y_400mf",
 ]
+# The decoder's final upsampling of the mask: nearest (the reference's) or bilinear.
+Upsample = Literal["nearest", "bilinear"]
 
 
 @dataclass(frozen=True)
@@ -372,7 +374,7 @@ class TrainConfig:
     )
     grad_clip: float = opt(10.0, "Decoder gradient-norm clip.", panel=_OPTIM)
     # final decoder upsampling: nearest is the reference's
-    upsample: Literal["nearest", "bilinear"] = opt(
+    upsample: Upsample = opt(
         "nearest", "Final mask upsampling: nearest or bilinear.", panel=_METHOD
     )
     unshared: bool = opt(  # Table 2 (i)-(k)

@@ -15,6 +15,7 @@ from casm_deploy import artifact
 from casm_deploy.artifact import base_metadata, sha256_file
 from casm_deploy.checkpoint import (
     SYNTHETIC_NOTE,
+    export_spec,
     load_checkpoint,
     load_masker,
     save_untrained,
@@ -49,7 +50,7 @@ def files(tiny_data, tmp_path_factory):
     torch.save(state, checkpoint)
     masker, _ = load_masker(checkpoint)
     meta = {
-        **base_metadata(state, sha256_file(checkpoint), training_data_kind(state, checkpoint)),
+        **base_metadata(export_spec(state, checkpoint), state["config"], sha256_file(checkpoint)),
         "precision": "fp32",
     }
     example = torch.rand(2, 3, SIZE, SIZE)
@@ -287,9 +288,7 @@ def test_no_note_for_a_model_of_real_photos(tiny_data, tmp_path, capsys):
     masker = Masker.load(path, device="cpu")
     assert masker.info.training_data == "images"
     assert not _notes(capsys.readouterr().out)
-    assert (
-        base_metadata(state, "0" * 64, training_data_kind(state, path))["training_data"] == "images"
-    )
+    assert base_metadata(export_spec(state, path), {}, "0" * 64)["training_data"] == "images"
 
 
 # --- export's progress ------------------------------------------------------------------------

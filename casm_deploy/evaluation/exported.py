@@ -9,10 +9,12 @@ gives no logits, and eval has no OM for it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
+
+from casm_deploy.artifact import read_metadata
+from casm_deploy.models.spec import ModelSpec
 
 EXPORTED_SUFFIXES = (".onnx", ".ts")
 
@@ -36,15 +38,15 @@ class ExportedMasker(nn.Module):
         from casm_deploy.deploy.runtime.open import open_model
 
         self.backend = open_model(path, device="cpu")
+        self._spec = ModelSpec.from_metadata(read_metadata(path), path)
 
     @property
     def masks_only(self) -> bool:
         return self.backend.info.masks_only
 
-    def spec(self) -> dict[str, Any]:
-        """The fields of a checkpoint's model description that eval reads."""
-        info = self.backend.info
-        return {"image_size": info.image_size, "wnids": list(info.wnids), "names": list(info.names)}
+    def spec(self) -> ModelSpec:
+        """The model's description, from the file's metadata."""
+        return self._spec
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

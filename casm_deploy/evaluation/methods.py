@@ -8,10 +8,9 @@ each batch to.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -26,6 +25,7 @@ from casm_deploy.evaluation.gradcam import gradcam
 from casm_deploy.evaluation.metrics import LocalizationMeter, MaskStats, center_box
 from casm_deploy.evaluation.pxap import PxAPMeter
 from casm_deploy.models.mapping import SaliencyModel
+from casm_deploy.models.spec import ModelSpec
 
 BASELINES = ("center", "full", "gradcam")
 
@@ -98,13 +98,13 @@ class Method:
         }
 
 
-def label_map(model_wnids: list[str], data_wnids: list[str]) -> list[int]:
+def label_map(model_wnids: Sequence[str], data_wnids: list[str]) -> list[int]:
     """For each data label, the model's label of the same wnid, or -1 (an unseen class)."""
     index = {wnid: i for i, wnid in enumerate(model_wnids)}
     return [index.get(wnid, -1) for wnid in data_wnids]
 
 
-def class_mismatch(name: str, model_wnids: list[str], data_wnids: list[str]) -> str:
+def class_mismatch(name: str, model_wnids: Sequence[str], data_wnids: list[str]) -> str:
     """A one-line warning when a model's classes and the data's differ ("" when they match)."""
     unknown = len(set(data_wnids) - set(model_wnids))
     absent = len(set(model_wnids) - set(data_wnids))
@@ -129,7 +129,7 @@ def constant_masks(box: list[int], size: int) -> Callable[[torch.Tensor], tuple]
     return lambda images: (mask.expand(len(images), 1, size, size), None)
 
 
-def select_classes(data_wnids: list[str], model_wnids: list[str], which: str) -> list[str]:
+def select_classes(data_wnids: list[str], model_wnids: Sequence[str], which: str) -> list[str]:
     """The data's classes to score: all, those the model was trained on, or the others."""
     if which == "all":
         return list(data_wnids)
@@ -163,17 +163,17 @@ def build_methods(
             f"--baseline gradcam reads the gradients of the first model's classifier: give its "
             f"checkpoint first, not the exported {models[0].path}"
         )
-    size = models[0].spec["image_size"]
-    data_wnids = select_classes(data_wnids, models[0].spec["wnids"], cfg.classes)
+    size = models[0].spec.image_size
+    data_wnids = select_classes(data_wnids, models[0].spec.wnids, cfg.classes)
     for m in models:
-        warning = class_mismatch(m.name, m.spec["wnids"], data_wnids)
+        warning = class_mismatch(m.name, m.spec.wnids, data_wnids)
         if warning and cfg.classes == "all":  # seen / unseen choose the difference on purpose
             console.print(warning, soft_wrap=True)
     methods = [
         Method(
             m.name,
             m.masker,
-            label_map(m.spec["wnids"], data_wnids),
+            label_map(m.spec.wnids, data_wnids),
             is_model=True,
             copies=cfg.copies,
             parts=parts,
@@ -197,7 +197,7 @@ def build_methods(
 
 def load_classifiers(paths: tuple[str, ...], data_wnids: list[str]) -> list[tuple]:
     """(name, masker, label map) of each classifier checkpoint (its encoder is what is used)."""
-    return [(m.name, m.masker, label_map(m.spec["wnids"], data_wnids)) for m in load_maskers(paths)]
+    return [(m.name, m.masker, label_map(m.spec.wnids, data_wnids)) for m in load_maskers(paths)]
 
 
 @dataclass
@@ -207,7 +207,7 @@ class NamedMasker:
     name: str
     path: str
     masker: SaliencyModel | ExportedMasker
-    spec: dict[str, Any]
+    spec: ModelSpec
 
 
 def display_name(path: str | Path) -> str:
@@ -240,8 +240,8 @@ def load_maskers(
             copy += 1
             name = f"{base}#{copy}"
         models.append(NamedMasker(name, str(path), masker, spec))
-    sizes = {m.spec["image_size"] for m in models}
+    sizes = {m.spec.image_size for m in models}
     if len(sizes) > 1:
-        listing = ", ".join(f"{m.path}: {m.spec['image_size']} px" for m in models)
+        listing = ", ".join(f"{m.path}: {m.spec.image_size} px" for m in models)
         raise UserError(f"the models must share one image size to be compared ({listing})")
     return models

@@ -72,7 +72,7 @@ def run(cfg: VisualizeConfig) -> dict[str, str]:
     check_policy(cfg.resize)
     check_folder(Path(cfg.out), "--out")
     models = load_methods(cfg)
-    size = models[0].spec["image_size"]
+    size = models[0].spec.image_size
 
     plain = is_plain_folder(Path(cfg.data))
     if plain:  # no classes, no boxes: what the models see in someone's own photos
@@ -274,8 +274,8 @@ def add_results(
     boxes = masks_to_boxes(masks)
     predicted = logits.argmax(dim=1).tolist()
     chances = logits.softmax(dim=1)
-    wnids = model.spec["wnids"]
-    names = model.spec.get("names") or wnids
+    wnids = model.spec.wnids
+    names = model.spec.names or wnids
     for record, mask, box, k, p in zip(records, masks, boxes, predicted, chances, strict=True):
         result = {"model": model.name, "checkpoint": model.path, "box": box}
         if plain:
@@ -345,7 +345,7 @@ def _prediction(record: dict[str, Any], model: NamedMasker, result: dict[str, An
             f"predicted: {esc(result['predicted_name'])} ({result['score']:.2f})<br>"
             f"mask area {result['mask_mean']:.2f}"
         )
-    unseen = "" if record["class"] in model.spec["wnids"] else " (unseen class)"
+    unseen = "" if record["class"] in model.spec.wnids else " (unseen class)"
     verdict = "hit" if result["hit"] else "miss"
     return (
         f"true: {esc(record['name'])}{esc(unseen)}<br>"

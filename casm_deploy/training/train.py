@@ -30,7 +30,6 @@ from casm_deploy.checkpoint import (
     RUN_CHECKPOINT,
     TrainingCheckpoint,
     load_training,
-    model_spec,
     save_training,
 )
 from casm_deploy.common.cpus import usable_cpus
@@ -51,7 +50,8 @@ from casm_deploy.errors import UserError
 from casm_deploy.evaluation.localisation import center_baseline, score_masks
 from casm_deploy.evaluation.metrics import LocalizationMeter, MaskStats, mask_stat_sums
 from casm_deploy.models.backbones import WEIGHTS_WANTED, load_encoder_weights, weights_file
-from casm_deploy.models.mapping import SaliencyModel, build_masker
+from casm_deploy.models.mapping import SaliencyModel
+from casm_deploy.models.spec import ModelSpec
 from casm_deploy.torchfile import load_file
 from casm_deploy.training import distributed as dist
 from casm_deploy.training.amp import autocast, bf16_cpu_warning, cpu_flags
@@ -130,7 +130,7 @@ class Setup:
     job: dist.Distributed
     run_dir: Path
     loaders: Loaders
-    model: dict  # the checkpoint's model description (`checkpoint.model_spec`)
+    model: ModelSpec  # what every checkpoint of the run records as its `model`
 
 
 def _train(cfg: TrainConfig, job: dist.Distributed, device: torch.device) -> Path:
@@ -139,7 +139,10 @@ def _train(cfg: TrainConfig, job: dist.Distributed, device: torch.device) -> Pat
     rng = random.Random(cfg.seed)  # the pool's RNG: the same draws on every rank
     run_dir = Path(cfg.out) / cfg.run_name
     info = read_classes(cfg.data)
-    masker = _build_model(cfg, len(info.wnids), device)
+    # what it learned from: `data synth`'s shapes (its synth.json) or a folder of images
+    data_kind = "synthetic" if (Path(cfg.data) / "synth.json").is_file() else "images"
+    spec = ModelSpec.from_config(cfg, info.wnids, info.names, data_kind)
+    masker = _build_model(cfg, spec, device)
     casm = CASM(masker, cfg, rng)  # early: it refuses an --amp this device cannot run
     warning = bf16_cpu_warning(cfg.amp, device.type, cpu_flags())  # an emulated --amp bf16
     if warning and job.main:
@@ -156,19 +159,6 @@ def _train(cfg: TrainConfig, job: dist.Distributed, device: torch.device) -> Pat
             console.print(f"resuming [bold]{run_dir}[/] at {state.phase} epoch {state.epoch + 1}")
     elif job.main:
         _start_log(run_dir, config_to_dict(cfg), center_baseline(loaders.boxes, cfg.image_size))
-    # what it learned from: `data synth`'s shapes (its synth.json) or a folder of images
-    data_kind = "synthetic" if (Path(cfg.data) / "synth.json").is_file() else "images"
-    spec = model_spec(
-        cfg.arch,
-        cfg.width,
-        cfg.upsample,
-        cfg.image_size,
-        info.wnids,
-        info.names,
-        shared_encoder=cfg.shared_encoder,
-        data_kind=data_kind,
-        mapping=cfg.resolved_mapping,
-    )
     setup = Setup(cfg, job, run_dir, loaders, spec)
 
     started = time.time()
@@ -186,18 +176,9 @@ def _train(cfg: TrainConfig, job: dist.Distributed, device: torch.device) -> Pat
 # --- building: data, model, loaders, state ----------------------------------------------------
 
 
-def _build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> SaliencyModel:
-    """The model of `cfg` on `device` (from `--weights` when given), the same on every rank."""
-    mapping_arch, mapping_width = cfg.resolved_mapping or (None, None)
-    masker = build_masker(
-        cfg.arch,
-        num_classes,
-        cfg.width,
-        cfg.upsample,
-        cfg.shared_encoder,
-        mapping_arch,
-        mapping_width,
-    )
+def _build_model(cfg: TrainConfig, spec: ModelSpec, device: torch.device) -> SaliencyModel:
+    """The model of `spec` on `device` (from `--weights` when given), the same on every rank."""
+    masker = spec.build()
     if cfg.weights:
         path = weights_file(cfg.arch, cfg.weights)  # the file given, or torch's cached one
         load_encoder_weights(masker.encoder, load_file(path, WEIGHTS_WANTED), path)
@@ -308,7 +289,7 @@ class TrainState:
         return cls(masker, casm, optimizer, schedule, rng, phase=phase, epoch=0)
 
     def checkpoint(
-        self, model: dict[str, Any], config: dict[str, Any], metrics: dict[str, Any]
+        self, model: ModelSpec, config: dict[str, Any], metrics: dict[str, Any]
     ) -> TrainingCheckpoint:
         """All of the state as it is now, with the run's model description, config and the
         last epoch's metrics."""

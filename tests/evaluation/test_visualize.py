@@ -228,7 +228,7 @@ def test_gradcam_is_one_more_method_in_every_output(tiny_data, tmp_path, make_ch
     cams, logits = gradcam(masker, _images(pixels), stage=2)
     assert [r["box"] for r in explained] == [list(b) for b in masks_to_boxes(cams)]
     assert [r["predicted_class"] for r in explained] == [
-        spec["wnids"][k] for k in logits.argmax(1).tolist()
+        spec.wnids[k] for k in logits.argmax(1).tolist()
     ]
 
 

@@ -44,8 +44,8 @@ def test_a_mapping_of_its_own_trains_from_fresh_weights_beside_another_classifie
         )
     )
     masker, spec = load_masker(run_dir / "checkpoint.pt")
-    assert spec["shared_encoder"] is False
-    assert (spec["arch"], spec["mapping_arch"], spec["mapping_width"]) == (
+    assert spec.shared_encoder is False
+    assert (spec.arch, spec.mapping_arch, spec.mapping_width) == (
         "mobilenet_v3_small",
         "resnet18",
         8,

@@ -317,7 +317,7 @@ def test_unshared_run_starts_the_mapping_encoder_from_the_classifier_and_saves_i
         )
     )
     masker, spec = load_masker(run_dir / "checkpoint.pt")
-    assert spec["shared_encoder"] is False
+    assert spec.shared_encoder is False
     classifier = torch.load(clf / "checkpoint.pt", weights_only=True)["encoder"]
     for name, value in masker.mapping_encoder.state_dict().items():
         if name.startswith("fc.") or "running" in name or "num_batches" in name:

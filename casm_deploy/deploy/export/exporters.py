@@ -12,7 +12,6 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -28,10 +27,11 @@ from casm_deploy.artifact import (
     torchscript_warnings,
     write_onnx_metadata,
 )
-from casm_deploy.checkpoint import load_checkpoint, masker_from_checkpoint, training_data_kind
+from casm_deploy.checkpoint import export_spec, load_checkpoint, masker_from_checkpoint
 from casm_deploy.common.files import make_folders
 from casm_deploy.errors import UserError
 from casm_deploy.models.mapping import SaliencyModel
+from casm_deploy.models.spec import ModelSpec
 
 FILES = {"torchscript": "masker.ts", "onnx": "masker.onnx", "pt2": "masker.pt2"}
 BF16_MIN_OPSET = 22  # ONNX Conv accepts bfloat16 from opset 22 on
@@ -106,9 +106,10 @@ def export_masker(
     masker = masker_from_checkpoint(state, checkpoint)
     if masks_only:
         masker = masks_only_of(masker, checkpoint)
-    kind = training_data_kind(state, checkpoint)
-    meta = {**base_metadata(state, sha256_file(checkpoint), kind, masks_only), "precision": "fp32"}
-    size = int(state["model"]["image_size"])
+    spec = export_spec(state, checkpoint)
+    base = base_metadata(spec, state.get("config", {}), sha256_file(checkpoint), masks_only)
+    meta = {**base, "precision": "fp32"}
+    size = spec.image_size
     example = torch.rand(2, 3, size, size)
     make_folders(folder)
     written = {fmt: folder / FILES[fmt] for fmt in formats}
@@ -138,7 +139,7 @@ def write_triton(
     root: Path,
     name: str,
     onnx_path: Path,
-    spec: dict[str, Any],
+    spec: ModelSpec,
     max_batch: int,
     masks_only: bool = False,
 ) -> Path:
@@ -147,7 +148,7 @@ def write_triton(
     model_dir = root / name
     make_folders(model_dir / "1")
     shutil.copyfile(onnx_path, model_dir / "1" / "model.onnx")
-    size, classes = int(spec["image_size"]), int(spec["num_classes"])
+    size, classes = spec.image_size, spec.num_classes
     what = "mapping alone (--masks-only: no classifier)" if masks_only else "masker"
     logits = f""",
   {{

@@ -28,9 +28,9 @@ from torch import nn
 from casm_deploy.artifact import base_metadata, sha256_file
 from casm_deploy.checkpoint import (
     check_decoder_trained,
+    export_spec,
     load_checkpoint,
     masker_from_checkpoint,
-    training_data_kind,
 )
 from casm_deploy.common.devices import resolve_device
 from casm_deploy.common.files import make_folders
@@ -56,6 +56,7 @@ from casm_deploy.deploy.export.parity import (
     resolve_data,
 )
 from casm_deploy.deploy.export.precision import DTYPES, HalfMasker, quantize_int8
+from casm_deploy.models.spec import ModelSpec
 
 WANTED = "export takes a training checkpoint, runs/<name>/checkpoint.pt"
 
@@ -66,6 +67,7 @@ class Source:
 
     path: Path
     checkpoint: dict[str, Any]
+    spec: ModelSpec  # the model's description, its data_kind as well as known (`export_spec`)
     # eager fp32, on `device`: the reference and what is exported (the SaliencyModel, or its
     # MaskMapping with --masks-only)
     masker: nn.Module
@@ -74,10 +76,6 @@ class Source:
     data: Path  # parity (val) and calibration (train) images
     images: np.ndarray  # the parity images, real ones first
     image_source: dict[str, Any]
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        return self.checkpoint["model"]
 
 
 def run(cfg: ExportConfig) -> dict[str, Any]:
@@ -94,9 +92,9 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
     opset = onnx_opset(cfg)
     out = clear_out(Path(cfg.out))
     base = base_metadata(
-        source.checkpoint,
+        source.spec,
+        source.checkpoint.get("config", {}),
         sha256_file(source.path),
-        training_data_kind(source.checkpoint, source.path),
         cfg.masks_only,
     )
     masker = source.masker
@@ -154,13 +152,13 @@ def load_source(cfg: ExportConfig) -> Source:
     if cfg.masks_only:
         masker = masks_only_of(masker, path)
     masker = masker.to(device)
-    spec = checkpoint["model"]
-    size = int(spec["image_size"])
+    spec = export_spec(checkpoint, path)
+    size = spec.image_size
     data = resolve_data(cfg.data, checkpoint, path)
     images, image_source = parity_images(
-        data, spec["wnids"], size, cfg.parity_images, cfg.parity_random, cfg.seed
+        data, list(spec.wnids), size, cfg.parity_images, cfg.parity_random, cfg.seed
     )
-    return Source(path, checkpoint, masker, device, size, data, images, image_source)
+    return Source(path, checkpoint, spec, masker, device, size, data, images, image_source)
 
 
 def onnx_opset(cfg: ExportConfig) -> int:
@@ -235,7 +233,7 @@ def write_int8(
 ) -> None:
     """The fp32 ONNX file, then its int8 quantisation calibrated on training images."""
     status.update("ONNX fp32, then int8 calibration on training images")
-    calibration = calibration_source(source.data, source.spec["wnids"], cfg.calibration_images)
+    calibration = calibration_source(source.data, list(source.spec.wnids), cfg.calibration_images)
     meta["exporter"] = (
         f"torch.onnx.export (dynamo) + onnxruntime static QDQ, per channel, "
         f"calibrated on {len(calibration)} training images of {source.data}"

@@ -1,15 +1,12 @@
-"""What inference knows of a model file: `ModelInfo`, read from an export's metadata.
+"""What inference knows of a model file: `ModelInfo`, made from the model's `ModelSpec`.
 
-artifact.read_metadata (strings; lists are JSON) -> `info_from_metadata`, checked key by key ->
-ModelInfo -> the backends (onnxruntime_backend, torch_backend), infer's summary and the Masker
-API.
+artifact.read_metadata (strings; lists are JSON) -> `info_from_metadata` (`ModelSpec.from_metadata`,
+checked key by key) -> ModelInfo -> the backends (onnxruntime_backend, torch_backend), infer's
+summary and the Masker API. A checkpoint's: `info_from_spec` (torch_backend's EagerBackend).
 """
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +14,7 @@ from typing import Any
 from casm_deploy.artifact import is_masks_only
 from casm_deploy.config import PRECISIONS
 from casm_deploy.errors import UserError
+from casm_deploy.models.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -46,66 +44,48 @@ class ModelInfo:
         return wnid, name
 
 
+def info_from_spec(spec: ModelSpec, path: Path, **fields: Any) -> ModelInfo:
+    """ModelInfo of a model file whose description is `spec` (`fields`: the rest of it)."""
+    return ModelInfo(
+        path=str(path),
+        image_size=spec.image_size,
+        num_classes=spec.num_classes,
+        wnids=spec.wnids,
+        names=spec.names,
+        **fields,
+    )
+
+
 def info_from_metadata(path: Path, meta: dict[str, Any], **fields: Any) -> ModelInfo:
-    """ModelInfo from an export's metadata (strings; lists are JSON), checked key by key.
+    """ModelInfo from an export's metadata (strings; lists are JSON), checked key by key
+    (`ModelSpec.from_metadata`, then the precision).
 
     Raises:
         UserError: a key is missing or not of its kind (the message names it).
     """
-    size = positive_field(path, meta, "image_size")
-    classes = positive_field(path, meta, "num_classes")
+    spec = ModelSpec.from_metadata(meta, path)
     precision = meta.get("precision", "fp32")
     if precision not in PRECISIONS:
         raise UserError(
             f"{path}: metadata precision {precision!r} is not one of {', '.join(PRECISIONS)}"
         )
-    wnids = label_field(path, meta, "wnids", classes)
-    names = label_field(path, meta, "names", classes)
-    return ModelInfo(
-        path=str(path),
-        image_size=size,
-        num_classes=classes,
-        wnids=wnids,
-        names=names,
+    return info_from_spec(
+        spec,
+        path,
         precision=precision,
-        training_data=export_training_data(meta, wnids, names),
+        training_data=export_training_data(spec),
         masks_only=is_masks_only(path, meta),
         **fields,
     )
 
 
-def export_training_data(meta: dict[str, Any], wnids: Sequence[str], names: Sequence[str]) -> str:
+def export_training_data(spec: ModelSpec) -> str:
     """The kind of data an export was trained on, from its `training_data` metadata
-    ("synthetic", "images"); for exports made before it was recorded, "synthetic" when the
-    classes are `data synth`'s, else "" (not known)."""
+    (`spec.data_kind`: "synthetic", "images"); for exports made before it was recorded,
+    "synthetic" when the classes are `data synth`'s, else "" (not known)."""
     from casm_deploy.checkpoint import SYNTHETIC
     from casm_deploy.data.draw import synthetic_labels
 
-    recorded = meta.get("training_data")
-    if recorded in (SYNTHETIC, "images"):
-        return recorded
-    return SYNTHETIC if synthetic_labels(list(wnids), list(names)) else ""
-
-
-def positive_field(path: Path, meta: dict[str, Any], key: str) -> int:
-    """A positive integer of the metadata (a string in ONNX metadata, or a JSON number)."""
-    if key not in meta:
-        raise UserError(f"{path}: its metadata has no {key!r} (not a complete casm-deploy export)")
-    value = meta[key]
-    if isinstance(value, bool) or not re.fullmatch(r"[0-9]+", str(value)) or int(value) < 1:
-        raise UserError(f"{path}: metadata {key} {value!r} is not a positive integer")
-    return int(value)
-
-
-def label_field(path: Path, meta: dict[str, Any], key: str, classes: int) -> tuple[str, ...]:
-    """The class ids or names of the metadata: a JSON list of strings, one per class (or none)."""
-    value = meta.get(key, "[]")
-    try:
-        labels = json.loads(value) if isinstance(value, str) else value
-    except json.JSONDecodeError:
-        labels = None
-    if not isinstance(labels, list) or not all(isinstance(v, str) for v in labels):
-        raise UserError(f"{path}: metadata {key} is not a JSON list of strings")
-    if len(labels) not in (0, classes):
-        raise UserError(f"{path}: metadata {key} lists {len(labels)} classes, not {classes}")
-    return tuple(labels)
+    if spec.data_kind is not None:
+        return spec.data_kind
+    return SYNTHETIC if synthetic_labels(list(spec.wnids), list(spec.names)) else ""

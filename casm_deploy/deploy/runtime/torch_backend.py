@@ -26,7 +26,7 @@ from casm_deploy.deploy.runtime.device_io import (
     masks_to_uint8,
     stack_host,
 )
-from casm_deploy.deploy.runtime.info import ModelInfo, info_from_metadata
+from casm_deploy.deploy.runtime.info import ModelInfo, info_from_metadata, info_from_spec
 from casm_deploy.errors import UserError
 
 
@@ -138,6 +138,7 @@ class EagerBackend(TorchBackend):
     def __init__(self, path: Path, device: str, sha256: str, batch: int):
         from casm_deploy.checkpoint import (
             check_decoder_trained,
+            checkpoint_spec,
             load_checkpoint,
             masker_from_checkpoint,
             training_data_kind,
@@ -153,18 +154,15 @@ class EagerBackend(TorchBackend):
         checkpoint = load_checkpoint(path, WANTED)
         check_decoder_trained(checkpoint, path)
         masker = masker_from_checkpoint(checkpoint, path)
-        spec = checkpoint["model"]
-        self._setup(device, batch, int(spec["image_size"]))
+        spec = checkpoint_spec(checkpoint, path)
+        self._setup(device, batch, spec.image_size)
         self.module = masker.to(self.device).to(memory_format=torch.channels_last)
-        self.info = ModelInfo(
-            path=str(path),
+        self.info = info_from_spec(
+            spec,
+            path,
             backend="eager",
             device=device,
             provider=f"torch {device}",
-            image_size=int(spec["image_size"]),
-            num_classes=int(spec["num_classes"]),
-            wnids=tuple(spec.get("wnids", ())),
-            names=tuple(spec.get("names", ())),
             precision="fp32",
             sha256=sha256,
             training_data=training_data_kind(checkpoint, path),

@@ -23,10 +23,10 @@ from casm_deploy.artifact import (
 from casm_deploy.checkpoint import (
     FORMAT,
     VERSION,
+    export_spec,
     load_checkpoint,
     load_masker,
     save_untrained,
-    training_data_kind,
 )
 from casm_deploy.cli import app
 from casm_deploy.deploy.export.exporters import export_torchscript
@@ -180,7 +180,7 @@ def test_our_own_exports_pass_the_inspection(arch, precision, tiny_data, tmp_pat
     model = masker if precision == "fp32" else HalfMasker(masker, DTYPES[precision])
     meta = {
         **base_metadata(
-            state := load_checkpoint(path), sha256_file(path), training_data_kind(state)
+            export_spec(state := load_checkpoint(path), path), state["config"], sha256_file(path)
         ),
         "precision": precision,
     }
