@@ -82,6 +82,8 @@ def make_folders(folder: str | Path) -> None:
     missing = []
     while not folder.is_dir():  # a link to a folder is a folder, as for mkdir -p
         if os.path.lexists(folder):
+            if folder.is_dir():  # made meanwhile, by another thread or process
+                break
             raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder))
         missing.append(folder)
         folder = folder.parent

@@ -84,3 +84,29 @@ def test_a_file_in_the_way_of_a_folder_is_named(tmp_path):
     os.symlink(tmp_path / "a", tmp_path / "to-a")  # a link to a folder is a folder (mkdir -p)
     make_folders(tmp_path / "to-a" / "e")
     assert (tmp_path / "a" / "e").is_dir()
+
+
+def test_a_folder_made_meanwhile_by_another_thread_is_no_error(tmp_path, monkeypatch):
+    """infer's writers make the same class folder at once (a CI run lost an image to this):
+    a folder that appears between the checks is the folder wanted, not a file in the way."""
+    wanted = tmp_path / "masks" / "n01"
+    lexists = os.path.lexists
+
+    def made_meanwhile(path):
+        if os.fspath(path) == os.fspath(wanted):  # the other thread wins the race here
+            os.makedirs(wanted, exist_ok=True)
+        return lexists(path)
+
+    monkeypatch.setattr(os.path, "lexists", made_meanwhile)
+    make_folders(wanted / "sub")
+    assert (wanted / "sub").is_dir()
+
+
+def test_threads_making_the_same_folders_all_succeed(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        for trial in range(50):
+            folder = tmp_path / str(trial) / "a" / "b"
+            list(pool.map(make_folders, [folder] * 8))  # raises what any thread raised
+            assert folder.is_dir()
