@@ -126,12 +126,13 @@ def jobs(s: Scale) -> list[Job]:
                 eval_job(f"gradcam{stage}-s{seed}", s, runs[:1], folder, "--baseline", "gradcam",
                          "--gradcam-stage", str(stage), deps=trained[:1])
             )  # fmt: skip
-        # unseen classes: the first half only, scored on the other half
+        # unseen classes: the first half only, scored on the other half; Grad-CAM at stage 4,
+        # its best stage in every seed of the comparison
         result += seed_jobs(s, seed, half, tag=f"-c{half}", f=False)
         models = [f"casm-c{half}-s{seed}", f"casm-s{seed}"]
         result.append(
             eval_job(f"unseen-s{seed}", s, models, folder, "--classes", "unseen",
-                     "--baseline", "center,full,gradcam", "--gradcam-stage", "3",
+                     "--baseline", "center,full,gradcam", "--gradcam-stage", "4",
                      deps=[f"tiny-{m}" for m in models])
         )  # fmt: skip
     for seed in SEEDS:
@@ -226,7 +227,7 @@ def minutes(s: Scale, run: str) -> str:
 UNSEEN = {  # eval-unseen's methods: label -> name in its JSON files
     "CASM of the first half (unseen classes)": "casm-c{half}-s{seed}",
     "CASM of all the classes (seen)": "casm-s{seed}",
-    "Grad-CAM, stage 3, first half's classifier": "gradcam",
+    "Grad-CAM, stage 4, first half's classifier": "gradcam",
     "centre box": "center",
     "full image": "full",
 }
