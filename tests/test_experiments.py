@@ -55,7 +55,12 @@ def test_every_job_is_a_valid_call_with_known_dependencies(scale, dry_cli, tmp_p
         Path(folder).mkdir(parents=True)
     for job in jobs:
         assert set(job.deps) <= set(names), job.name
-        if job.script:  # the one script the experiments call; its options must parse
+        if job.script == "train/experiments/object_sizes.py":  # DATA OUT NAME=CHECKPOINT...
+            data, out, *named = job.args
+            assert data in datasets and out.endswith(".json") and named, job.name
+            assert all(n.partition("=")[2].endswith(".pt") for n in named), job.name
+            continue
+        if job.script:  # the other script the experiments call; its options must parse
             assert job.script == "benchmarks/parts_check.py", job.name
             assert parts_check.parse_args(job.args).classifier, job.name
             continue
@@ -155,3 +160,28 @@ def test_rewriting_one_section_keeps_the_others_and_their_machine(tmp_path, monk
     text = path.read_text()
     assert "## 1. First" not in text and "Not run yet, so not here: section 1 " in text
     assert "## 2. Second" in text and "In all 1 jobs, 2 minutes" in text
+
+
+def test_object_sizes_scores_each_model_and_the_centre_box_by_object_size(
+    tiny_data, make_checkpoint, tmp_path
+):
+    """Section 8's LE by true box area: the bins hold every image, and the centre box's LE
+    over them is the one `eval` reports for it."""
+    import json
+
+    import object_sizes
+
+    model = make_checkpoint(tmp_path / "m.pt", tiny_data, image_size=32)
+    out = tmp_path / "sizes.json"
+    object_sizes.main(str(tiny_data), str(out), [f"m={model}"])
+    sizes = json.loads(out.read_text())
+    assert set(sizes) == {"center", "m"}
+    for result in sizes.values():
+        assert sum(b["n"] for b in result["bins"]) == 12  # tiny_data's validation images
+        weighted = sum(b["n"] * b["LE"] for b in result["bins"] if b["n"]) / 12
+        assert weighted == pytest.approx(result["LE"])
+    scores = tmp_path / "eval.json"
+    args = ["eval", model, str(tiny_data), "--baseline", "center", "--json", str(scores)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    centre = json.loads((tmp_path / "eval.center.json").read_text())
+    assert sizes["center"]["LE"] == pytest.approx(centre["LE"])

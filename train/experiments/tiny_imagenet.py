@@ -143,6 +143,13 @@ def jobs(s: Scale) -> list[Job]:
             eval_job(f"judges-s{seed}", s, runs, folder, "--classifiers", paths,
                      deps=[f"tiny-{r}" for r in runs + judges])
         )  # fmt: skip
+    # where the masks fail: LE by the true box's size, each seed's CASM and F, the centre box
+    runs = [f"{kind}-s{seed}" for seed in SEEDS for kind in ("casm", "f")]
+    result.append(
+        Job("tiny-sizes", [folder, s.path("tiny", "sizes.json"),
+                           *[f"{run}={checkpoint(s, run)}" for run in runs]],
+            deps=[f"tiny-{run}" for run in runs], script="train/experiments/object_sizes.py")
+    )  # fmt: skip
     clf = checkpoint(s, "classifier-s0")
     for name, options in SWEEP.items():
         run = f"sweep-{name}"
@@ -265,6 +272,29 @@ def judges_table(s: Scale) -> str:
     return "\n".join(lines)
 
 
+def sizes_table(s: Scale) -> str:
+    """LE by the true box's share of the frame (object_sizes.py), mean over seeds."""
+    sizes = read_json(s.path("tiny", "sizes.json"))
+    bins = sizes["center"]["bins"]
+    head = " | ".join(f"LE, box {b['lo']:.2f}-{min(b['hi'], 1):.2f} ({b['n']})" for b in bins)
+    lines = [
+        f"| method | {head} | predicted box area by bin | corr |",
+        "|---|" + "---|" * len(bins) + "---|---|",
+    ]
+
+    def mean(runs: list[dict], i: int, key: str, digits: int) -> str:
+        values = [r["bins"][i][key] for r in runs if r["bins"][i]["n"]]  # an empty bin: -
+        return f"{sum(values) / len(values):.{digits}f}" if values else "-"
+
+    for label, kind in (("CASM (L100)", "casm"), ("Baseline F", "f"), ("centre box", "center")):
+        runs = [sizes["center"]] if kind == "center" else [sizes[f"{kind}-s{k}"] for k in SEEDS]
+        cells = [mean(runs, i, "LE", 3) for i in range(len(bins))]
+        boxes = ", ".join(mean(runs, i, "box_area", 2) for i in range(len(bins)))
+        corr = sum(r["corr"] for r in runs) / len(runs)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {boxes} | {corr:.2f} |")
+    return "\n".join(lines)
+
+
 def report(s: Scale) -> str:
     results = [seed_results(s, seed) for seed in SEEDS]
     if s.name == "full":
@@ -287,6 +317,10 @@ def report(s: Scale) -> str:
             "(trained independently on the clean photos), classifying what the binarised masks "
             f"keep and leave ({spread} and the two classifiers):",
             judges_table(s),
+            "**Where the masks fail** (`train/experiments/object_sizes.py`, mean over seeds): "
+            "LE by the share of the frame the true box covers, the predicted boxes' mean area in "
+            "each bin, and the correlation of mask area with true box area (corr):",
+            sizes_table(s),
             "**The sweep** (seed 0, one change at a time from the recipe):",
             sweep_tables(s),
         ]
