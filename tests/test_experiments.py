@@ -27,12 +27,14 @@ def dry_cli(monkeypatch):
     """`casm-deploy` with the work replaced by a record of the config each command built."""
     from casm_deploy.data import synth, tinyimagenet
     from casm_deploy.evaluation import benchmark as evaluate
+    from casm_deploy.evaluation import visualize
     from casm_deploy.training import train
 
     configs = []
     patched = ((synth, "generate"), (tinyimagenet, "convert"), (train, "run"), (evaluate, "run"))
     for module, name in patched:
         monkeypatch.setattr(module, name, lambda cfg, *a, **k: configs.append(cfg))
+    monkeypatch.setattr(visualize, "run", lambda cfg: configs.append(cfg) or {})  # files: none
 
     def invoke(args):
         result = CliRunner().invoke(app, args)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from jobs import (
@@ -37,6 +38,7 @@ CLASSES = {"full": 20, "smoke": 2}  # by scale: why 20, the section's text says
 SEEDS = (0, 1, 2)
 STAGES = (1, 2, 3, 4)
 RESULTS_JSON = ROOT / "train" / "results" / "tiny_imagenet.json"
+FIGURE = ROOT / "train" / "results" / "tiny_imagenet_masks.png"  # the only data-set images here
 # The sweep: one setting changed at a time from the recipe, on seed 0 (name -> its options),
 # CASM from seed 0's classifier; the recipe's own row is casm-s0. Chosen to fit the session's
 # hours: each run is about 20 minutes, two at a time.
@@ -149,6 +151,14 @@ def jobs(s: Scale) -> list[Job]:
         Job("tiny-sizes", [folder, s.path("tiny", "sizes.json"),
                            *[f"{run}={checkpoint(s, run)}" for run in runs]],
             deps=[f"tiny-{run}" for run in runs], script="train/experiments/object_sizes.py")
+    )  # fmt: skip
+    # the README's figure: seed 0's masks on 12 validation photos (F first: Grad-CAM explains
+    # its classifier, as in the comparison); `report` copies its masks.png to FIGURE
+    result.append(
+        Job("tiny-figure", ["visualize", checkpoint(s, "f-s0"), checkpoint(s, "casm-s0"), folder,
+                            "--gradcam-stage", "4", "--num-images", "12",
+                            "--out", s.path("tiny", "figure")],
+            deps=["tiny-f-s0", "tiny-casm-s0"])
     )  # fmt: skip
     clf = checkpoint(s, "classifier-s0")
     for name, options in SWEEP.items():
@@ -300,6 +310,7 @@ def report(s: Scale) -> str:
     if s.name == "full":
         RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
         RESULTS_JSON.write_text(json.dumps({"seeds": results}, indent=2) + "\n")
+        shutil.copyfile(s.path("tiny", "figure", "masks.png"), FIGURE)
     top1 = mean_range([r["top1"] for r in results])
     stages = ", ".join(str(r["gradcam_stage"]) for r in results)
     spread = f"mean (min-max) over seeds {', '.join(map(str, SEEDS))}"
