@@ -478,10 +478,9 @@ def count_calls(obj: Any, name: str, counts: Counter, key: Callable[[Any], str])
 def train_config(ctx: Context, amp: str, channels_last: bool, tf32_is_off: bool) -> dict:
     """One configuration: casm.step alone, then the epoch loop, on one fresh CASM."""
     from casm_deploy.common.ui import progress
-    from casm_deploy.config import TrainConfig
     from casm_deploy.deploy.export.parity import ieee_fp32
     from casm_deploy.models.mapping import build_masker
-    from casm_deploy.training.casm import CASM
+    from casm_deploy.training.casm import CASM, StepSettings
     from casm_deploy.training.train import casm_one_epoch
 
     s, device = ctx.sizes, ctx.device
@@ -489,26 +488,15 @@ def train_config(ctx: Context, amp: str, channels_last: bool, tf32_is_off: bool)
         raise Skip("fp16 AMP needs CUDA")
     if tf32_is_off and not ctx.cuda:
         raise Skip("TF32 is a CUDA setting")
-    cfg = TrainConfig(
-        arch=s.arch,
-        width=s.width,
-        image_size=s.image_size,
-        batch_size=s.train_batch,
-        amp=amp,
-        channels_last=channels_last,
-        reproduce="L100",
-        workers=s.train_workers,
-        loader="torch",
-        device=str(device),
-    )
+    settings = StepSettings(amp=amp)  # train's defaults: preset L100
     layout = torch.channels_last if channels_last else torch.contiguous_format
     release(device)
     if ctx.cuda:
         torch.cuda.reset_peak_memory_stats(device)
     with ieee_fp32() if tf32_is_off else contextlib.nullcontext():
         torch.manual_seed(0)
-        masker = build_masker(cfg.arch, 1000, cfg.width).to(device, memory_format=layout)
-        casm = CASM(masker, cfg, random.Random(0))
+        masker = build_masker(s.arch, 1000, s.width).to(device, memory_format=layout)
+        casm = CASM(masker, settings, random.Random(0))
         draws: Counter = Counter()
         count_calls(casm.pool, "draw", draws, lambda i: "current" if i is None else "snapshot")
         updates: Counter = Counter()
@@ -573,7 +561,7 @@ def train_config(ctx: Context, amp: str, channels_last: bool, tf32_is_off: bool)
             "casm_epoch": sync_figures(loop_syncs, s.sync_steps),
         },
         "pool": {
-            "pool_device": getattr(cfg, "pool_device", None),
+            "pool_device": settings.pool_device,
             "storage": str(getattr(casm.pool, "storage", "cpu")),
             "snapshots": len(casm.pool.snapshots),
             "draws_in_timed_epoch": dict(draws),

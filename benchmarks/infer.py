@@ -63,7 +63,7 @@ def stage_costs(masker: Masker, entries: list, writer_out: Path) -> dict[str, fl
         for k in range(len(entries))
     ]
     described = time.perf_counter() - start
-    writer = outputs.Writer(writer_out, InferConfig(dir=".", out=str(writer_out)))
+    writer = outputs.Writer(writer_out)  # infer's defaults: PNG masks at each image's size
     start = time.perf_counter()
     for entry, mask, row in zip(entries, masks, rows, strict=True):
         writer.write(entry, mask, row)

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from common import write_json
 
-from casm_deploy.config import PRESETS, TrainConfig
+from casm_deploy.config import PRESETS
 from casm_deploy.models.mapping import build_masker
-from casm_deploy.training.casm import CASM
+from casm_deploy.training.casm import CASM, StepSettings
 
 
 def measure(preset: str, channels_last: bool, args: argparse.Namespace) -> float:
@@ -30,8 +30,9 @@ def measure(preset: str, channels_last: bool, args: argparse.Namespace) -> float
         masker = masker.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (args.batch,))
-    cfg = TrainConfig(reproduce=preset, smf=5, amp=args.amp, channels_last=channels_last)
-    casm = CASM(masker, cfg, random.Random(0))
+    p = PRESETS[preset]  # with a snapshot every 5 steps
+    settings = StepSettings(fixed_classifier=p.fixed_classifier, hp=p.hp, smf=5, amp=args.amp)
+    casm = CASM(masker, settings, random.Random(0))
     for _ in range(args.warmup):
         casm.step(images, labels)
     start = time.perf_counter()

@@ -9,12 +9,13 @@ fields. This module imports no torch, so `casm-deploy --help` stays instant.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
-from casm_deploy.options import ConfigError, check_fields, opt
+from casm_deploy.options import ConfigError, check_fields, is_option, opt, resolved
 
 DEFAULT_DATA = "data/synth"
 DEFAULT_TINY_IMAGENET = "data/tiny-imagenet"
@@ -218,9 +219,27 @@ class TrainConfig:
 
     The defaults are this project's recipe for the embedded data on a 2-core CPU: a half-width
     ResNet-18 at 64 px. The paper's ImageNet settings are the `imagenet` recipe (RECIPES).
+
+    The options, one section per --help group (PANELS; within a group in the order --help
+    shows them), then what the run uses that they resolve to: the preset's values, the
+    mapping's encoder, the run's name, made once by `__post_init__`. A recipe is applied before
+    (`options.make_config`, where the command line makes the config): a made config holds the
+    recipe's values, and config.json the options alone, which --resume reads back.
     """
 
     PANELS: ClassVar[tuple[str, ...]] = (_METHOD, _MODEL, _PHASES, _OPTIM, _INPUT, _HARDWARE, _RUN)
+    # The order of the options in config.json and in the checkpoint's `config` (config_to_dict),
+    # the one they had before the fields were grouped: a run's files stay as they were. A new
+    # option needs no entry: it follows these.
+    FILE_ORDER: ClassVar[tuple[str, ...]] = (
+        "data", "out", "name", "arch", "width", "image_size", "weights", "resume", "seed",
+        "workers", "loader", "device", "channels_last", "amp", "resize", "crop_scale", "fill",
+        "skip_bad_images", "classifier_only", "pretrain_epochs", "pretrain_lr",
+        "pretrain_batch_size", "reproduce", "score", "lambda_r", "epochs", "batch_size",
+        "epoch_fraction", "lr", "momentum", "weight_decay", "lr_decoder", "lr_decay_every",
+        "pool_size", "pool_device", "grad_clip", "upsample", "unshared", "mapping_arch",
+        "mapping_width", "hp", "smf", "recipe",
+    )  # fmt: skip
 
     data: str = opt(
         DEFAULT_DATA,
@@ -228,75 +247,18 @@ class TrainConfig:
         argument=True,
         path=True,
     )
-    out: str = opt("runs", "Folder of runs.", panel=_RUN, path=True)
-    name: str = opt(  # empty: derived from the preset and the seed (run_name)
-        "",
-        "Run name; default: preset, score and seed, as l100-entropy-s0 (with --classifier-only: "
-        "classifier-s0).",
-        panel=_RUN,
-    )
-    arch: Arch = opt(
-        "resnet18", f"The classifier, a torchvision CNN: {', '.join(get_args(Arch))}.", panel=_MODEL
-    )
-    # a multiplier in 64ths: the default halves torchvision's every layer
-    width: int = opt(
-        32,
-        "Width: 64 is torchvision's own (a ResNet's stem channels); other values scale every "
-        "layer by width/64.",
-        panel=_MODEL,
-        at_least=1,
-    )
-    image_size: int = opt(64, "Training image size (px).", panel=_MODEL, at_least=1)
-    weights: str = opt(
-        "",
-        "Start the classifier from a local torchvision state dict, a casm-deploy checkpoint, or "
-        "a torchvision weights name already in torch's cache.",
-        panel=_MODEL,
-    )
-    resume: bool = opt(
-        False,
-        "Continue the run from its last checkpoint, with the settings it started with (before "
-        "its first checkpoint: start it afresh).",
-        panel=_RUN,
-    )
-    seed: int = opt(0, "Random seed.", panel=_RUN)
-    # Data-loading processes (0: load in the main process). None: 1 on the CPU, where the model
-    # needs the cores; on CUDA the cores this process may use, shared by the GPUs of the node.
-    workers: int | None = opt(
-        None,
-        "Data-loading processes (0: in the main process). Default: 1 on the CPU; on CUDA the "
-        "cores, shared by the node's GPUs.",
-        panel=_INPUT,
-        show_default=False,
-        at_least=0,
-    )
-    # auto: the data module picks
-    loader: Literal["torch", "dali", "auto"] = opt(
-        "torch", "Data loader: torch, dali or auto.", panel=_INPUT
-    )
-    device: str = opt("auto", "auto, cpu or cuda (auto: CUDA when available).", panel=_HARDWARE)
-    channels_last: bool = opt(True, "Channels-last memory format.", panel=_HARDWARE)
-    amp: Literal["off", "bf16", "fp16"] = opt(
-        "off",
-        "Mixed precision: off, bf16 or fp16 (fp16: CUDA, with a gradient scaler).",
-        panel=_HARDWARE,
-    )
-    # The whole image to S x S keeps the two-copies experiment's left/right layout;
-    # random-resized-crop is torchvision's RandomResizedCrop(S), the reference's augmentation.
-    resize: Literal["center-crop", "stretch", "random-resized-crop"] = opt(
-        "center-crop",
-        "center-crop (shorter side, random crop and flip; validation: centre crop), stretch (the "
-        "whole image to S x S, no crop, no flip, validation too: keeps the left/right layout of "
-        "synth --copies 2 data; torch loader only) or random-resized-crop (torchvision's "
-        "RandomResizedCrop and a flip, the reference's ImageNet augmentation; validation: "
-        "centre crop).",
-        panel=_INPUT,
-    )
-    # torchvision's 0.08 suits ImageNet's large photos; on 64 px photos it removes too much
-    crop_scale: float = opt(
-        0.08,
-        "Smallest share of the image area a random-resized-crop window takes (torchvision: 0.08).",
-        panel=_INPUT,
+
+    # --- Method: the recipe, the thinning strategy (PRESETS), the mapping -------------------
+    # The recipe the other fields started from (RECIPES); options given beside it override it.
+    recipe: Literal["default", "tiny-imagenet", "imagenet"] = opt(  # the keys of RECIPES
+        "default",
+        f"{', '.join(RECIPES)}: a set of values at once; the options given beside it override "
+        "it. default: this project's recipe for the embedded data on a CPU; tiny-imagenet: for "
+        "real photos at 64 px on a CPU (data tiny-imagenet); imagenet: the reference code's "
+        "ImageNet training of a pre-trained ResNet-50 at 224 px (needs --weights; "
+        "train/README.md lists its values).",
+        panel=_METHOD,
+        recipes=RECIPES,
     )
     # black is 0 in [0, 1]; the reference's training masks the normalised image (mean)
     fill: Literal["black", "mean"] = opt(
@@ -305,30 +267,6 @@ class TrainConfig:
         "reference's training has them).",
         panel=_METHOD,
     )
-    # A skipped file is replaced by the next sample; validation images are never skipped.
-    skip_bad_images: bool = opt(
-        False,
-        "Skip training images that do not decode (each is replaced by the next image; "
-        "metrics.jsonl lists them) instead of stopping the run. Torch loader only.",
-        panel=_INPUT,
-        negatable=False,
-    )
-
-    # Classifier pre-training on clean images (Adam, one-cycle schedule).
-    classifier_only: bool = opt(  # classifiers for the Fig. 3 test
-        False,
-        "Only pre-train a classifier (independent classifiers for eval --classifiers).",
-        panel=_PHASES,
-    )
-    pretrain_epochs: int = opt(
-        10, "Classifier pre-training epochs on clean images (0: none).", panel=_PHASES, at_least=0
-    )
-    pretrain_lr: float = opt(2e-3, "Pre-training Adam peak LR.", panel=_OPTIM, at_least=0)
-    pretrain_batch_size: int = opt(
-        64, "Pre-training batch size (per process).", panel=_OPTIM, at_least=1
-    )
-
-    # CASM phase.
     reproduce: Literal["F", "L", "FL", "L100", "L1000"] = opt(  # the keys of PRESETS
         "L100",
         f"Thinning strategy of the paper: {', '.join(PRESETS)} (F: Baseline F, a fixed "
@@ -349,21 +287,6 @@ class TrainConfig:
         parse=_lambda_r,
         at_least=0,
     )
-    epochs: int = opt(12, "CASM epochs.", panel=_PHASES, at_least=0)
-    batch_size: int = opt(64, "CASM batch size (per process).", panel=_OPTIM, at_least=1)
-    # share of the training set seen per epoch (reference: 0.2)
-    epoch_fraction: float = opt(
-        0.5, "Share of the training set seen per CASM epoch.", panel=_PHASES
-    )
-    # a learning rate of 0 holds that part still (a test of what the others do)
-    lr: float = opt(  # reference: 1e-3 for a pre-trained ResNet-50
-        1e-2, "Classifier SGD LR in the CASM phase.", panel=_OPTIM, at_least=0
-    )
-    momentum: float = opt(0.9, "Classifier SGD momentum.", panel=_OPTIM)
-    weight_decay: float = opt(1e-4, "Weight decay of both optimisers.", panel=_OPTIM, at_least=0)
-    lr_decoder: float = opt(1e-3, "Decoder Adam LR.", panel=_OPTIM, at_least=0)
-    # reference: 20 of 60-70; it divides epoch numbers
-    lr_decay_every: int = opt(8, "Epochs between x0.1 LR decays.", panel=_OPTIM, at_least=1)
     pool_size: int = opt(30, "Thinning pool capacity.", panel=_METHOD, at_least=1)
     pool_device: Literal["auto", "device", "pinned"] = opt(
         "auto",
@@ -372,7 +295,6 @@ class TrainConfig:
         "the GPU's memory). Training on the CPU keeps them in memory.",
         panel=_METHOD,
     )
-    grad_clip: float = opt(10.0, "Decoder gradient-norm clip.", panel=_OPTIM)
     # final decoder upsampling: nearest is the reference's
     upsample: Upsample = opt(
         "nearest", "Final mask upsampling: nearest or bilinear.", panel=_METHOD
@@ -402,17 +324,137 @@ class TrainConfig:
     hp: float | None = opt(None, "Override the preset's pool probability.", panel=_METHOD)
     # divides step numbers
     smf: int | None = opt(None, "Override the preset's snapshot period.", panel=_METHOD, at_least=1)
-    # The recipe the other fields started from (RECIPES); options given beside it override it.
-    recipe: Literal["default", "tiny-imagenet", "imagenet"] = opt(  # the keys of RECIPES
-        "default",
-        f"{', '.join(RECIPES)}: a set of values at once; the options given beside it override "
-        "it. default: this project's recipe for the embedded data on a CPU; tiny-imagenet: for "
-        "real photos at 64 px on a CPU (data tiny-imagenet); imagenet: the reference code's "
-        "ImageNet training of a pre-trained ResNet-50 at 224 px (needs --weights; "
-        "train/README.md lists its values).",
-        panel=_METHOD,
-        recipes=RECIPES,
+
+    # --- Model: the classifier ------------------------------------------------------------
+    arch: Arch = opt(
+        "resnet18", f"The classifier, a torchvision CNN: {', '.join(get_args(Arch))}.", panel=_MODEL
     )
+    # a multiplier in 64ths: the default halves torchvision's every layer
+    width: int = opt(
+        32,
+        "Width: 64 is torchvision's own (a ResNet's stem channels); other values scale every "
+        "layer by width/64.",
+        panel=_MODEL,
+        at_least=1,
+    )
+    image_size: int = opt(64, "Training image size (px).", panel=_MODEL, at_least=1)
+    weights: str = opt(
+        "",
+        "Start the classifier from a local torchvision state dict, a casm-deploy checkpoint, or "
+        "a torchvision weights name already in torch's cache.",
+        panel=_MODEL,
+    )
+
+    # --- Phases: the classifier's pre-training on clean images, then CASM ------------------
+    classifier_only: bool = opt(  # classifiers for the Fig. 3 test
+        False,
+        "Only pre-train a classifier (independent classifiers for eval --classifiers).",
+        panel=_PHASES,
+    )
+    pretrain_epochs: int = opt(
+        10, "Classifier pre-training epochs on clean images (0: none).", panel=_PHASES, at_least=0
+    )
+    epochs: int = opt(12, "CASM epochs.", panel=_PHASES, at_least=0)
+    # share of the training set seen per epoch (reference: 0.2)
+    epoch_fraction: float = opt(
+        0.5, "Share of the training set seen per CASM epoch.", panel=_PHASES
+    )
+
+    # --- Optimisers: pre-training's Adam (one-cycle), then CASM's SGD and Adam ------------
+    pretrain_lr: float = opt(2e-3, "Pre-training Adam peak LR.", panel=_OPTIM, at_least=0)
+    pretrain_batch_size: int = opt(
+        64, "Pre-training batch size (per process).", panel=_OPTIM, at_least=1
+    )
+    batch_size: int = opt(64, "CASM batch size (per process).", panel=_OPTIM, at_least=1)
+    # a learning rate of 0 holds that part still (a test of what the others do)
+    lr: float = opt(  # reference: 1e-3 for a pre-trained ResNet-50
+        1e-2, "Classifier SGD LR in the CASM phase.", panel=_OPTIM, at_least=0
+    )
+    momentum: float = opt(0.9, "Classifier SGD momentum.", panel=_OPTIM)
+    weight_decay: float = opt(1e-4, "Weight decay of both optimisers.", panel=_OPTIM, at_least=0)
+    lr_decoder: float = opt(1e-3, "Decoder Adam LR.", panel=_OPTIM, at_least=0)
+    # reference: 20 of 60-70; it divides epoch numbers
+    lr_decay_every: int = opt(8, "Epochs between x0.1 LR decays.", panel=_OPTIM, at_least=1)
+    grad_clip: float = opt(10.0, "Decoder gradient-norm clip.", panel=_OPTIM)
+
+    # --- Data: loading and augmentation ---------------------------------------------------
+    # Data-loading processes (0: load in the main process). None: 1 on the CPU, where the model
+    # needs the cores; on CUDA the cores this process may use, shared by the GPUs of the node.
+    workers: int | None = opt(
+        None,
+        "Data-loading processes (0: in the main process). Default: 1 on the CPU; on CUDA the "
+        "cores, shared by the node's GPUs.",
+        panel=_INPUT,
+        show_default=False,
+        at_least=0,
+    )
+    # auto: the data module picks
+    loader: Literal["torch", "dali", "auto"] = opt(
+        "torch", "Data loader: torch, dali or auto.", panel=_INPUT
+    )
+    # The whole image to S x S keeps the two-copies experiment's left/right layout;
+    # random-resized-crop is torchvision's RandomResizedCrop(S), the reference's augmentation.
+    resize: Literal["center-crop", "stretch", "random-resized-crop"] = opt(
+        "center-crop",
+        "center-crop (shorter side, random crop and flip; validation: centre crop), stretch (the "
+        "whole image to S x S, no crop, no flip, validation too: keeps the left/right layout of "
+        "synth --copies 2 data; torch loader only) or random-resized-crop (torchvision's "
+        "RandomResizedCrop and a flip, the reference's ImageNet augmentation; validation: "
+        "centre crop).",
+        panel=_INPUT,
+    )
+    # torchvision's 0.08 suits ImageNet's large photos; on 64 px photos it removes too much
+    crop_scale: float = opt(
+        0.08,
+        "Smallest share of the image area a random-resized-crop window takes (torchvision: 0.08).",
+        panel=_INPUT,
+    )
+    # A skipped file is replaced by the next sample; validation images are never skipped.
+    skip_bad_images: bool = opt(
+        False,
+        "Skip training images that do not decode (each is replaced by the next image; "
+        "metrics.jsonl lists them) instead of stopping the run. Torch loader only.",
+        panel=_INPUT,
+        negatable=False,
+    )
+
+    # --- Hardware -------------------------------------------------------------------------
+    device: str = opt("auto", "auto, cpu or cuda (auto: CUDA when available).", panel=_HARDWARE)
+    channels_last: bool = opt(True, "Channels-last memory format.", panel=_HARDWARE)
+    amp: Literal["off", "bf16", "fp16"] = opt(
+        "off",
+        "Mixed precision: off, bf16 or fp16 (fp16: CUDA, with a gradient scaler).",
+        panel=_HARDWARE,
+    )
+
+    # --- Run: its folder, its seed, resuming ----------------------------------------------
+    out: str = opt("runs", "Folder of runs.", panel=_RUN, path=True)
+    name: str = opt(  # empty: derived from the preset and the seed (run_name)
+        "",
+        "Run name; default: preset, score and seed, as l100-entropy-s0 (with --classifier-only: "
+        "classifier-s0).",
+        panel=_RUN,
+    )
+    resume: bool = opt(
+        False,
+        "Continue the run from its last checkpoint, with the settings it started with (before "
+        "its first checkpoint: start it afresh).",
+        panel=_RUN,
+    )
+    seed: int = opt(0, "Random seed.", panel=_RUN)
+
+    # --- Resolved from the options by __post_init__, once: what the run uses ----------------
+    fixed_classifier: bool = resolved()  # the preset's: Baseline F never trains the classifier
+    pool_probability: float = resolved()  # --hp, or the preset's
+    snapshot_every: int | None = resolved()  # --smf, or the preset's (None: the first only)
+    area_weight: float = resolved()  # --lambda-r, or the preset's for --score ('paper')
+    # the mapping's encoder: its own of a given arch or width, freshly initialised (own_mapping),
+    # a copy of the classifier (--unshared alone), or the classifier's (shared_encoder)
+    own_mapping: bool = resolved()
+    shared_encoder: bool = resolved()
+    mapping_encoder: tuple[str, int] | None = resolved()  # (arch, width); None when shared
+    casm_epochs: int = resolved()  # --epochs, none with --classifier-only
+    run_name: str = resolved()  # --name, or one made of the preset, the score and the seed
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -437,63 +479,35 @@ class TrainConfig:
                 "local torchvision ResNet-50 state dict (for example resnet50-11ad3fa6.pth)"
             )
 
-    @property
-    def preset(self) -> Preset:
-        return PRESETS[self.reproduce]
+        self._resolve()
 
-    @property
-    def own_mapping(self) -> bool:
-        """The mapping has an encoder of its own arch or width (fresh, not a classifier copy)."""
-        return bool(self.mapping_arch) or self.mapping_width is not None
-
-    @property
-    def shared_encoder(self) -> bool:
-        return not (self.unshared or self.own_mapping)
-
-    @property
-    def resolved_mapping(self) -> tuple[str, int] | None:
-        """The mapping encoder's (arch, width), or None when it reads the classifier's."""
-        if self.shared_encoder:
-            return None
+    def _resolve(self) -> None:
+        """Set the resolved fields from the options (a frozen dataclass may set its own)."""
+        put = functools.partial(object.__setattr__, self)
+        preset = PRESETS[self.reproduce]
+        put("fixed_classifier", preset.fixed_classifier)
+        put("pool_probability", preset.hp if self.hp is None else self.hp)
+        put("snapshot_every", preset.smf if self.smf is None else self.smf)
+        paper = preset.lambda_entropy if self.score == "entropy" else preset.lambda_classification
+        put("area_weight", paper if self.lambda_r is None else self.lambda_r)
+        put("own_mapping", bool(self.mapping_arch) or self.mapping_width is not None)
+        put("shared_encoder", not (self.unshared or self.own_mapping))
         width = self.width if self.mapping_width is None else self.mapping_width
-        return self.mapping_arch or self.arch, width
+        own = (self.mapping_arch or self.arch, width)
+        put("mapping_encoder", None if self.shared_encoder else own)
+        put("casm_epochs", 0 if self.classifier_only else self.epochs)
+        put("run_name", self.name or self._default_name())
 
-    @property
-    def fixed_classifier(self) -> bool:
-        return self.preset.fixed_classifier
-
-    @property
-    def resolved_hp(self) -> float:
-        return self.preset.hp if self.hp is None else self.hp
-
-    @property
-    def resolved_smf(self) -> int | None:
-        return self.preset.smf if self.smf is None else self.smf
-
-    @property
-    def resolved_lambda_r(self) -> float:
-        if self.lambda_r is not None:
-            return self.lambda_r
-        p = self.preset
-        return p.lambda_entropy if self.score == "entropy" else p.lambda_classification
-
-    @property
-    def run_name(self) -> str:
-        if self.name:
-            return self.name
+    def _default_name(self) -> str:
         if self.classifier_only:
             return f"classifier-s{self.seed}"
         mapping = ""
         if self.own_mapping:
-            arch, width = self.resolved_mapping
+            arch, width = self.mapping_encoder
             mapping = f"-map-{arch}-w{width}"
         elif self.unshared:
             mapping = "-unshared"
         return f"{self.reproduce.lower()}-{self.score}{mapping}-s{self.seed}"
-
-    @property
-    def casm_epochs(self) -> int:
-        return 0 if self.classifier_only else self.epochs
 
 
 Resize = Literal["center-crop", "stretch"]  # stretch: the reference's --break-ratio
@@ -764,7 +778,8 @@ class InferConfig:
         metavar="HEX",
     )
     retry_errors: bool = opt(False, "Do the files recorded as errors again.", negatable=False)
-    # larger images are refused unread, which bounds each worker's memory (why 120: decode.py)
+    # larger images are refused unread, which bounds each worker's memory; 120 MP is
+    # data/imagefiles.py's MAX_PIXELS (why: there), the limit of everything else that reads images
     max_megapixels: float = opt(
         120.0,
         "Refuse larger images (width x height), before decoding them; also caps the file size. "
@@ -788,6 +803,11 @@ class InferConfig:
         if self.shard and not (match and int(match[1]) < int(match[2])):
             raise ConfigError(f"--shard {self.shard!r}: give K/N with 0 <= K < N, e.g. 0/4")
 
+    @property
+    def max_pixels(self) -> int:
+        """--max-megapixels in pixels: the limit of infer's reading and of its overlays."""
+        return round(self.max_megapixels * 1e6)
+
 
 @dataclass(frozen=True)
 class MergeConfig:
@@ -798,8 +818,12 @@ class MergeConfig:
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """A JSON-ready dict of a config dataclass (tuples become lists)."""
-    return json_ready(dataclasses.asdict(cfg))
+    """A JSON-ready dict of a config dataclass's options (tuples become lists; its `resolved`
+    fields left out), in its class's FILE_ORDER where it has one, then as declared."""
+    options = [f.name for f in dataclasses.fields(cfg) if is_option(f)]
+    order = getattr(cfg, "FILE_ORDER", ())
+    names = [n for n in order if n in options] + [n for n in options if n not in order]
+    return {name: json_ready(getattr(cfg, name)) for name in names}
 
 
 def json_ready(value: Any) -> Any:
@@ -812,7 +836,7 @@ def json_ready(value: Any) -> Any:
 
 def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
     """Rebuild a config from `config_to_dict` output, ignoring keys it no longer has."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if is_option(f)}
     kwargs = {}
     for key, value in values.items():
         if key in names:

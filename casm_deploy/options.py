@@ -55,6 +55,17 @@ def opt(
     return dataclasses.field(default=default, metadata=meta)
 
 
+def resolved() -> Any:
+    """A config field that is not an option: a value its `__post_init__` resolves from the
+    options (set there once), left out of the config's file (`config.config_to_dict`)."""
+    return dataclasses.field(init=False, repr=False, compare=False)
+
+
+def is_option(f: dataclasses.Field) -> bool:
+    """Whether field `f` is one of the config's values as given (not a `resolved` one)."""
+    return f.init
+
+
 def flag_of(f: dataclasses.Field) -> str:
     """The option that sets field `f`, as messages name it: batch_size -> --batch-size."""
     flags = f.metadata.get("flag")
@@ -90,7 +101,7 @@ def check_fields(cfg: Any) -> None:
         ConfigError: naming the option and the value.
     """
     types = field_types(type(cfg))
-    for f in dataclasses.fields(cfg):
+    for f in filter(is_option, dataclasses.fields(cfg)):
         value = getattr(cfg, f.name)
         choices = choices_of(types[f.name])
         if choices and value not in choices:
@@ -123,7 +134,9 @@ __all__ = [
     "choices_of",
     "field_types",
     "flag_of",
+    "is_option",
     "make_config",
     "opt",
     "refuse_choice",
+    "resolved",
 ]

@@ -158,7 +158,7 @@ def test_train_recipe_takes_the_options_given_beside_it(monkeypatch, tmp_path):
         224,
         128,
     )
-    assert (cfg.epochs, cfg.fill, cfg.resolved_lambda_r) == (3, "black", 4.0)  # given: kept
+    assert (cfg.epochs, cfg.fill, cfg.area_weight) == (3, "black", 4.0)  # given: kept
     assert cfg.resize == "random-resized-crop" and cfg.weights == "r50.pth"
     default = runner.invoke(app, ["train", str(tmp_path), "--batch-size", "8"])
     assert default.exit_code == 0 and seen[1].batch_size == 8 and seen[1].recipe == "default"

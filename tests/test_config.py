@@ -16,7 +16,7 @@ from casm_deploy.config import (
     config_to_dict,
 )
 from casm_deploy.errors import UserError
-from casm_deploy.options import ConfigError, choices_of, field_types, make_config
+from casm_deploy.options import ConfigError, choices_of, field_types, is_option, make_config
 
 CONFIGS = [
     SynthConfig,
@@ -41,16 +41,20 @@ CONFIGS = [
 )
 def test_presets_are_the_reference_settings(preset, fixed, hp, smf, entropy, classification):
     paper = TrainConfig(reproduce=preset, lambda_r=None)
-    assert (paper.fixed_classifier, paper.resolved_hp, paper.resolved_smf) == (fixed, hp, smf)
-    assert paper.resolved_lambda_r == entropy
+    assert (paper.fixed_classifier, paper.pool_probability, paper.snapshot_every) == (
+        fixed,
+        hp,
+        smf,
+    )
+    assert paper.area_weight == entropy
     by_classification = TrainConfig(reproduce=preset, score="classification", lambda_r=None)
-    assert by_classification.resolved_lambda_r == classification
-    assert TrainConfig(reproduce=preset).resolved_lambda_r == 2.5  # tuned for the embedded data
+    assert by_classification.area_weight == classification
+    assert TrainConfig(reproduce=preset).area_weight == 2.5  # tuned for the embedded data
 
 
 def test_explicit_overrides_win():
     cfg = TrainConfig(reproduce="L100", lambda_r=3.0, hp=0.2, smf=7)
-    assert (cfg.resolved_lambda_r, cfg.resolved_hp, cfg.resolved_smf) == (3.0, 0.2, 7)
+    assert (cfg.area_weight, cfg.pool_probability, cfg.snapshot_every) == (3.0, 0.2, 7)
 
 
 def test_bad_values_are_refused():
@@ -81,11 +85,11 @@ def test_imagenet_recipe_is_the_reference_training():
         20,
     )
     assert (cfg.resize, cfg.fill, cfg.pretrain_epochs) == ("random-resized-crop", "mean", 0)
-    assert cfg.resolved_lambda_r == 10  # the reference's L100 value
+    assert cfg.area_weight == 10  # the reference's L100 value
     other = make_config(
         TrainConfig, recipe="imagenet", weights="w.pth", reproduce="L", batch_size=64
     )
-    assert (other.resolved_lambda_r, other.batch_size, other.lr) == (14, 64, 1e-3)  # given wins
+    assert (other.area_weight, other.batch_size, other.lr) == (14, 64, 1e-3)  # given wins
     assert make_config(TrainConfig) == TrainConfig()  # the default recipe: the defaults
     with pytest.raises(ValueError, match="--weights"):
         make_config(TrainConfig, recipe="imagenet")
@@ -96,7 +100,7 @@ def test_imagenet_recipe_is_the_reference_training():
 def test_tiny_imagenet_recipe_and_a_casm_run_from_its_classifier():
     cfg = make_config(TrainConfig, recipe="tiny-imagenet")
     assert (cfg.resize, cfg.crop_scale, cfg.pretrain_epochs) == ("random-resized-crop", 0.35, 20)
-    assert (cfg.fill, cfg.resolved_lambda_r, cfg.arch, cfg.width) == ("mean", 2.0, "resnet18", 32)
+    assert (cfg.fill, cfg.area_weight, cfg.arch, cfg.width) == ("mean", 2.0, "resnet18", 32)
     casm = make_config(TrainConfig, recipe="tiny-imagenet", weights="c.pt", pretrain_epochs=0)
     assert (casm.pretrain_epochs, casm.crop_scale, casm.weights) == (0, 0.35, "c.pt")
     with pytest.raises(ValueError, match="--crop-scale"):
@@ -163,10 +167,60 @@ def test_the_option_of_a_field_is_named_in_its_error():
 
 @pytest.mark.parametrize("cls", CONFIGS, ids=lambda cls: cls.__name__)
 def test_each_option_is_declared_whole(cls):
-    """Every field is a config value with a default; the options among them have a help text,
-    and a --help group their class lists."""
+    """Every field is a config value with a default, or one its config resolves from them
+    (options.resolved: not given, not written); the options among them have a help text, and
+    a --help group their class lists."""
     panels = getattr(cls, "PANELS", ())
     for f in dataclasses.fields(cls):
+        if not is_option(f):
+            assert not f.metadata.get("help") and f.name not in config_to_dict(cls()), f.name
+            continue
         assert f.default is not dataclasses.MISSING, f.name
         if f.metadata.get("help"):
             assert f.metadata["panel"] in (None, *panels), f.name
+
+
+def test_train_config_declares_its_options_by_help_group():
+    """The fields of each --help group together, in the groups' order (PANELS)."""
+    options = [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("help")]
+    panels = [f.metadata["panel"] for f in options]
+    groups = [panel for k, panel in enumerate(panels) if k == 0 or panel != panels[k - 1]]
+    assert groups == [None, *TrainConfig.PANELS]
+
+
+# A run's config.json as every version so far wrote it (this one by the version before the
+# options were grouped): the keys, their order and the values' forms.
+OLD_CONFIG_JSON = {
+    "data": "data/synth", "out": "runs", "name": "t", "arch": "resnet18", "width": 8,
+    "image_size": 64, "weights": "", "resume": False, "seed": 0, "workers": 0,
+    "loader": "torch", "device": "auto", "channels_last": True, "amp": "off",
+    "resize": "center-crop", "crop_scale": 0.08, "fill": "black", "skip_bad_images": False,
+    "classifier_only": False, "pretrain_epochs": 1, "pretrain_lr": 0.002,
+    "pretrain_batch_size": 64, "reproduce": "L100", "score": "entropy", "lambda_r": None,
+    "epochs": 2, "batch_size": 64, "epoch_fraction": 0.1, "lr": 0.01, "momentum": 0.9,
+    "weight_decay": 0.0001, "lr_decoder": 0.001, "lr_decay_every": 8, "pool_size": 30,
+    "pool_device": "auto", "grad_clip": 10.0, "upsample": "nearest", "unshared": False,
+    "mapping_arch": "", "mapping_width": None, "hp": None, "smf": 7, "recipe": "default",
+}  # fmt: skip
+
+
+def test_a_run_config_is_written_and_read_as_before():
+    """config.json (and the checkpoint's `config`) keeps its keys, their order and values;
+    one written before reads back, its preset resolved again."""
+    cfg = config_from_dict(TrainConfig, OLD_CONFIG_JSON)
+    assert (cfg.area_weight, cfg.pool_probability, cfg.snapshot_every) == (10.0, 0.5, 7)
+    written = config_to_dict(cfg)
+    assert list(written) == list(OLD_CONFIG_JSON) and written == OLD_CONFIG_JSON
+    assert list(written) == list(TrainConfig.FILE_ORDER)
+    # the resolved values are not written
+    assert "run_name" not in written and cfg.run_name == "t"
+
+
+def test_a_made_config_holds_its_resolved_values():
+    cfg = TrainConfig(reproduce="F", lambda_r=None, score="classification", epochs=3)
+    assert (cfg.fixed_classifier, cfg.area_weight, cfg.casm_epochs) == (True, 9.0, 3)
+    assert cfg.run_name == "f-classification-s0" and cfg.mapping_encoder is None
+    again = dataclasses.replace(cfg, reproduce="L1000", classifier_only=True)  # resolved anew
+    assert (again.fixed_classifier, again.snapshot_every, again.area_weight) == (False, 1000, 17)
+    assert (again.casm_epochs, again.run_name) == (0, "classifier-s0")
+    assert cfg == TrainConfig(reproduce="F", lambda_r=None, score="classification", epochs=3)

@@ -205,3 +205,25 @@ def test_modules_stay_short(path):
     lines = len(path.read_text().splitlines())
     if name not in LONG_MODULES:
         assert lines <= MAX_MODULE_LINES, f"{path.name}: {lines} lines"
+
+
+# The two walks ARCHITECTURE.md draws: the modules a reader opens to follow a training run from
+# `casm-deploy train` to one CASM step and a saved checkpoint, and an infer from `casm-deploy
+# infer` to a row of boxes.jsonl. Calls into the layers below that their names explain (the
+# dataset, decoding, masks_to_boxes) are not part of a walk.
+WALKS = {
+    "train": ["cli", "training.train", "data.loader", "models.spec", "training.casm",
+              "training.pool", "checkpoint"],
+    "infer": ["cli", "deploy.infer.job", "deploy.runtime.masker", "deploy.runtime.open",
+              "deploy.runtime.onnxruntime_backend", "deploy.infer.pipeline",
+              "deploy.infer.outputs", "deploy.infer.outfolder"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("walk", sorted(WALKS))
+def test_each_walk_is_at_most_8_modules_each_reached_from_one_before(walk):
+    edges, path = graph(), WALKS[walk]
+    assert len(path) <= 8
+    for k, name in enumerate(path[1:], start=1):
+        assert any(name in edges[before] for before in path[:k]), f"{walk}: {name} not reached"
+    assert f"`{'` -> `'.join(path)}`" in (PACKAGE.parent / "ARCHITECTURE.md").read_text()

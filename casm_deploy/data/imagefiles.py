@@ -20,8 +20,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from casm_deploy.config import InferConfig
-
 # PIL warns of a "decompression bomb" from 89 MP; the cap here (checked right after the
 # header) is the one that decides, so its warning would only be noise on the user's console.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -29,11 +27,12 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # The one list: what infer's scan yields and what an ImageNet layout lists (`imagenet.py`).
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 NO_IMAGES = f"no image files (looked for {' '.join(EXTENSIONS)}, any case, in all subfolders)"
-# The default pixel cap (`infer --max-megapixels`, written once in InferConfig): 120 MP admits
-# the largest camera photos (102 MP medium format, 108 MP phones) and refuses what a few
-# kilobytes can declare to exhaust memory (a decoded image is 3 bytes a pixel, its mask 1
-# more). PIL refuses more than 178,956,970 pixels whatever the cap says.
-MAX_PIXELS = round(InferConfig.max_megapixels * 1e6)
+# The default pixel cap of the functions below, which take theirs as `max_pixels` (infer's is
+# --max-megapixels, whose default is this one: a test checks it): 120 MP admits the largest
+# camera photos (102 MP medium format, 108 MP phones) and refuses what a few kilobytes can
+# declare to exhaust memory (a decoded image is 3 bytes a pixel, its mask 1 more). PIL refuses
+# more than 178,956,970 pixels whatever the cap says.
+MAX_PIXELS = 120_000_000
 BYTES_PER_PIXEL = 4  # the most an uncompressed 8-bit RGBA file takes ...
 FILE_HEADROOM = 64 << 20  # ... plus metadata, thumbnails, a motion photo's video
 

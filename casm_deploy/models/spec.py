@@ -85,7 +85,7 @@ class ModelSpec:
         data_kind: DataKind | None = None,
     ) -> ModelSpec:
         """The model `train` builds from `cfg`, for the classes of its data."""
-        mapping_arch, mapping_width = cfg.resolved_mapping or (None, None)
+        mapping_arch, mapping_width = cfg.mapping_encoder or (None, None)
         return cls(
             arch=cfg.arch,
             width=cfg.width,

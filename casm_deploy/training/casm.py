@@ -1,7 +1,9 @@
 """One CASM step (Algorithm 1): the classifier's steps, the mask, the masked-out pass and the
-mapping's step; `CASM` holds the phase's model, optimisers, gradient scaler and thinning pool.
+mapping's step; `CASM` holds the phase's model, optimisers, gradient scaler and thinning pool,
+set up by its `StepSettings`.
 
-`train.casm_one_epoch` runs it over an epoch; `train.TrainState` saves and restores it.
+`train.step_settings` makes the settings from a run's TrainConfig, `train.casm_one_epoch` runs
+the step over an epoch, and `train.TrainState` saves and restores it.
 """
 
 from __future__ import annotations
@@ -10,13 +12,12 @@ import copy
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from casm_deploy.config import TrainConfig
 from casm_deploy.models.backbones import is_head
 from casm_deploy.models.mapping import SaliencyModel
 from casm_deploy.training.amp import amp_dtype, autocast
@@ -63,6 +64,38 @@ def masked_out(
     return masker.normalize(images * (1 - masks))
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """What the CASM phase needs to know, and nothing of the run around it: the two optimisers,
+    the thinning strategy with the preset already resolved, the masked-out images, the mapping's
+    loss and the precision.
+
+    `train.step_settings` makes it from a run's TrainConfig (its preset resolved there, once);
+    the defaults are that of `train`'s defaults (preset L100), which a test checks.
+    """
+
+    # the classifier's SGD and the mapping's Adam; both LRs decay x0.1 every `lr_decay_every`
+    # epochs (`CASM.set_epoch_lr`)
+    lr: float = 1e-2
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # both optimisers'
+    lr_decoder: float = 1e-3
+    lr_decay_every: int = 8
+    grad_clip: float = 10.0  # the mapping's gradient norm
+    # the thinning strategy (config.PRESETS): a fixed classifier (Baseline F) never trains and
+    # draws no snapshot; otherwise the masked pass draws one with probability `hp`, stored
+    # every `smf` steps (None: only the first) in a pool of `pool_size`
+    fixed_classifier: bool = False
+    hp: float = 0.5
+    smf: int | None = 100
+    pool_size: int = 30
+    pool_device: Literal["auto", "device", "pinned"] = "auto"  # pool.pool_storage
+    fill: Literal["black", "mean"] = "black"  # the masked-out pixels (`masked_out`)
+    score: Literal["entropy", "classification"] = "entropy"  # `mapping_loss`'s
+    lambda_r: float = 2.5  # the area term's weight
+    amp: Literal["off", "bf16", "fp16"] = "off"
+
+
 @dataclass
 class StepOutput:
     """One step's figures, as device tensors (0-d unless said): reading them syncs the host."""
@@ -78,7 +111,7 @@ class StepOutput:
 class CASM:
     """The state of the CASM phase: SaliencyModel, optimisers, thinning pool, and the step counter.
 
-    With `cfg.amp` the forward passes run under autocast and the losses in fp32; the weights,
+    With `settings.amp` the forward passes run under autocast and the losses in fp32; the weights,
     the optimiser states and the pool snapshots stay fp32. fp16 adds a gradient scaler
     (`self.scaler`, disabled otherwise, so the fp32 step is exactly the plain one). A step
     never waits for the GPU: on CUDA, and wherever the scaler is on, the optimisers are the
@@ -86,20 +119,20 @@ class CASM:
     read `found_inf` on the host at every step).
     """
 
-    def __init__(self, masker: SaliencyModel, cfg: TrainConfig, rng: random.Random):
-        self.masker, self.cfg = masker, cfg
+    def __init__(self, masker: SaliencyModel, settings: StepSettings, rng: random.Random):
+        self.masker, self.settings = masker, settings
         device_type = masker.mean.device.type
-        self.amp_dtype = amp_dtype(cfg.amp, device_type)
-        self.scaler = torch.amp.GradScaler(device_type, enabled=cfg.amp == "fp16")
-        self.trainable = not cfg.fixed_classifier
+        self.amp_dtype = amp_dtype(settings.amp, device_type)
+        self.scaler = torch.amp.GradScaler(device_type, enabled=settings.amp == "fp16")
+        self.trainable = not settings.fixed_classifier
         self.fused = device_type == "cuda" or self.scaler.is_enabled()
         fused = self.fused or None  # None: torch's default (foreach) elsewhere
         encoder_params = list(masker.encoder.parameters())
         self.opt_classifier = torch.optim.SGD(
             encoder_params,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
+            lr=settings.lr,
+            momentum=settings.momentum,
+            weight_decay=settings.weight_decay,
             fused=fused,
         )
         # The mapping's parameters: the decoder, and its own encoder when unshared (not the
@@ -112,24 +145,25 @@ class CASM:
             ]
         self.opt_decoder = torch.optim.Adam(
             self.mapping_params,
-            lr=cfg.lr_decoder,
-            weight_decay=cfg.weight_decay,
+            lr=settings.lr_decoder,
+            weight_decay=settings.weight_decay,
             fused=fused,
         )
-        hp = cfg.resolved_hp if self.trainable else 0.0
+        hp = settings.hp if self.trainable else 0.0
         storage, pinned = pool_storage(
-            cfg.pool_device, masker.mean.device, cfg.pool_size, masker.encoder
+            settings.pool_device, masker.mean.device, settings.pool_size, masker.encoder
         )
-        self.pool = ThinningPool(cfg.pool_size, cfg.resolved_smf, hp, rng, storage, pinned)
+        self.pool = ThinningPool(settings.pool_size, settings.smf, hp, rng, storage, pinned)
         self._pool_model: nn.Module | None = None
         self.step_count = 0
 
     def set_epoch_lr(self, epoch: int) -> None:
-        decay = 0.1 ** (epoch // self.cfg.lr_decay_every)
+        settings = self.settings
+        decay = 0.1 ** (epoch // settings.lr_decay_every)
         for group in self.opt_classifier.param_groups:
-            group["lr"] = self.cfg.lr * decay
+            group["lr"] = settings.lr * decay
         for group in self.opt_decoder.param_groups:
-            group["lr"] = self.cfg.lr_decoder * decay
+            group["lr"] = settings.lr_decoder * decay
 
     def pool_classifier(self, index: int) -> Callable[[torch.Tensor], Any]:
         """The classifier of snapshot `index`: the encoder run with the snapshot's weights.
@@ -144,7 +178,7 @@ class CASM:
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
         """One step of Algorithm 1 on a batch of images in [0, 1]."""
-        masker, cfg = self.masker, self.cfg
+        masker, settings = self.masker, self.settings
         encoder, decoder = masker.encoder, masker.decoder
         encoder.train(self.trainable)
         decoder.train()
@@ -162,7 +196,7 @@ class CASM:
         # 3. The mask from the detached features (or, unshared, from the mapping's own encoder,
         # which the mapping loss trains), and the masked-out images.
         masks = self._masks(images, features, amp)
-        masked_input = masked_out(masker, images, masks, cfg.fill)
+        masked_input = masked_out(masker, images, masks, settings.fill)
 
         # 4. The classifier of the masked pass: a snapshot with probability hp, else the current.
         # The draw comes from an RNG seeded alike on every rank, so all ranks run the same graph.
@@ -173,7 +207,7 @@ class CASM:
         masked_logits = masked_logits.float()
         loss_masked = F.cross_entropy(masked_logits, labels)
         loss_map = mapping_loss(
-            logits.detach(), masked_logits, labels, masks, cfg.resolved_lambda_r, cfg.score
+            logits.detach(), masked_logits, labels, masks, settings.lambda_r, settings.score
         )
 
         # 5. The classifier's step on the masked-out loss and the decoder's on the mapping loss.
@@ -250,7 +284,7 @@ class CASM:
         self.opt_decoder.zero_grad(set_to_none=True)
         _set_grads(decoder_params, decoder_grads)
         scaler.unscale_(self.opt_decoder)
-        nn.utils.clip_grad_norm_(decoder_params, self.cfg.grad_clip)
+        nn.utils.clip_grad_norm_(decoder_params, self.settings.grad_clip)
         scaler.step(self.opt_decoder)
         scaler.update()
 

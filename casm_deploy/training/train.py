@@ -55,7 +55,7 @@ from casm_deploy.models.spec import ModelSpec
 from casm_deploy.torchfile import load_file
 from casm_deploy.training import distributed as dist
 from casm_deploy.training.amp import autocast, bf16_cpu_warning, cpu_flags
-from casm_deploy.training.casm import CASM, masked_out
+from casm_deploy.training.casm import CASM, StepSettings, masked_out
 
 LOG = "metrics.jsonl"  # one line per finished epoch of either phase, after the baseline's
 VAL_BATCH = 128
@@ -143,7 +143,7 @@ def _train(cfg: TrainConfig, job: dist.Distributed, device: torch.device) -> Pat
     data_kind = "synthetic" if (Path(cfg.data) / "synth.json").is_file() else "images"
     spec = ModelSpec.from_config(cfg, info.wnids, info.names, data_kind)
     masker = _build_model(cfg, spec, device)
-    casm = CASM(masker, cfg, rng)  # early: it refuses an --amp this device cannot run
+    casm = CASM(masker, step_settings(cfg), rng)  # early: it refuses an --amp the device lacks
     warning = bf16_cpu_warning(cfg.amp, device.type, cpu_flags())  # an emulated --amp bf16
     if warning and job.main:
         console.print(warning, soft_wrap=True)
@@ -174,6 +174,28 @@ def _train(cfg: TrainConfig, job: dist.Distributed, device: torch.device) -> Pat
 
 
 # --- building: data, model, loaders, state ----------------------------------------------------
+
+
+def step_settings(cfg: TrainConfig) -> StepSettings:
+    """What the CASM step takes of the run's config: its optimisers' settings, the preset's
+    values (resolved by the config), the fill, the score and the precision."""
+    return StepSettings(
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        lr_decoder=cfg.lr_decoder,
+        lr_decay_every=cfg.lr_decay_every,
+        grad_clip=cfg.grad_clip,
+        fixed_classifier=cfg.fixed_classifier,
+        hp=cfg.pool_probability,
+        smf=cfg.snapshot_every,
+        pool_size=cfg.pool_size,
+        pool_device=cfg.pool_device,
+        fill=cfg.fill,
+        score=cfg.score,
+        lambda_r=cfg.area_weight,
+        amp=cfg.amp,
+    )
 
 
 def _build_model(cfg: TrainConfig, spec: ModelSpec, device: torch.device) -> SaliencyModel:

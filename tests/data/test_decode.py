@@ -223,7 +223,9 @@ def test_header_is_checked_before_the_whole_file_is_read(tmp_path):
 def test_default_limits():
     assert 100_000_000 <= MAX_PIXELS < 13_000 * 13_000
     assert max_file_bytes(1000) > 4 * 1000 and max_file_bytes() < 1 << 30
-    assert InferConfig().max_megapixels * 1e6 == MAX_PIXELS
+    # infer's default limit is the one of everything else that reads images
+    assert InferConfig().max_pixels == MAX_PIXELS == InferConfig().max_megapixels * 1e6
+    assert InferConfig(max_megapixels=0.5).max_pixels == 500_000
     with pytest.raises(ValueError, match="max-megapixels"):
         InferConfig(max_megapixels=0)
 

@@ -9,11 +9,11 @@ from casm_deploy.config import ConfigError, TrainConfig
 
 def test_a_mapping_arch_or_width_implies_unshared_and_names_the_run():
     cfg = TrainConfig(mapping_arch="mobilenet_v3_small", mapping_width=16)
-    assert not cfg.shared_encoder and cfg.resolved_mapping == ("mobilenet_v3_small", 16)
+    assert not cfg.shared_encoder and cfg.mapping_encoder == ("mobilenet_v3_small", 16)
     assert cfg.run_name == "l100-entropy-map-mobilenet_v3_small-w16-s0"
-    assert TrainConfig(mapping_width=8).resolved_mapping == ("resnet18", 8)
-    assert TrainConfig(unshared=True).resolved_mapping == ("resnet18", 32)
-    assert TrainConfig().resolved_mapping is None
+    assert TrainConfig(mapping_width=8).mapping_encoder == ("resnet18", 8)
+    assert TrainConfig(unshared=True).mapping_encoder == ("resnet18", 32)
+    assert TrainConfig().mapping_encoder is None
     with pytest.raises(ConfigError, match="--mapping-arch must be one of"):
         TrainConfig(mapping_arch="vgg16")
     with pytest.raises(ConfigError, match="--arch must be one of"):

@@ -9,8 +9,14 @@ import torch.nn.functional as F
 
 from casm_deploy.config import TrainConfig
 from casm_deploy.models.mapping import build_masker
-from casm_deploy.training.casm import CASM, mapping_loss
+from casm_deploy.training.casm import CASM, StepSettings, mapping_loss
 from casm_deploy.training.pool import ThinningPool
+
+# The settings of one step for the presets the tests use (config.PRESETS; the rest, train's
+# defaults: StepSettings() is a default run's, L100's).
+STEP_F = StepSettings(fixed_classifier=True, hp=0.0, smf=None)
+STEP_L = StepSettings(hp=0.0, smf=None)
+STEP_L100 = StepSettings()
 
 
 def tiny_masker(num_classes=3):
@@ -151,10 +157,30 @@ def test_mapping_gives_the_encoder_no_gradient_through_the_features():
 # One CASM step --------------------------------------------------------------------------------
 
 
+def test_a_runs_step_settings_are_its_config_with_the_preset_resolved():
+    from casm_deploy.training.train import step_settings
+
+    assert step_settings(TrainConfig()) == STEP_L100  # StepSettings' defaults are train's
+    assert step_settings(TrainConfig(reproduce="F")) == STEP_F
+    assert step_settings(TrainConfig(reproduce="L")) == STEP_L
+    paper = TrainConfig(reproduce="FL", score="classification", lambda_r=None, hp=0.3)
+    assert step_settings(paper) == StepSettings(
+        hp=0.3, smf=None, score="classification", lambda_r=11
+    )
+    given = TrainConfig(
+        lr=0.5, momentum=0.5, weight_decay=0.5, lr_decoder=0.5, lr_decay_every=5, grad_clip=5.0,
+        smf=5, pool_size=5, pool_device="pinned", fill="mean", lambda_r=5.0, amp="bf16",
+    )  # fmt: skip
+    assert step_settings(given) == StepSettings(
+        lr=0.5, momentum=0.5, weight_decay=0.5, lr_decoder=0.5, lr_decay_every=5, grad_clip=5.0,
+        smf=5, pool_size=5, pool_device="pinned", fill="mean", lambda_r=5.0, amp="bf16",
+    )  # fmt: skip
+
+
 def test_fixed_classifier_never_changes():
     masker = tiny_masker()
     before = copy.deepcopy(masker.encoder.state_dict())
-    casm = CASM(masker, TrainConfig(reproduce="F"), random.Random(0))
+    casm = CASM(masker, STEP_F, random.Random(0))
     decoder_before = copy.deepcopy(masker.decoder.state_dict())
     images, labels = batch()
     for _ in range(3):
@@ -169,16 +195,19 @@ def test_fixed_classifier_never_changes():
 
 def test_trained_classifier_moves_only_by_the_classifier_losses():
     """The encoder's update is one SGD step on CE(clean), then one on CE(masked-out): Eq. 8."""
-    cfg = TrainConfig(reproduce="L", lr=0.05)
+    settings = dataclasses.replace(STEP_L, lr=0.05)
     masker = tiny_masker()
     twin = copy.deepcopy(masker)
     images, labels = batch()
-    CASM(masker, cfg, random.Random(0)).step(images, labels)
+    CASM(masker, settings, random.Random(0)).step(images, labels)
 
     # The same step by hand, with no mapping loss at all.
     twin.train()
     sgd = torch.optim.SGD(
-        twin.encoder.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        twin.encoder.parameters(),
+        lr=settings.lr,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
     )
     logits, features = twin.encoder(twin.normalize(images))
     sgd.zero_grad()
@@ -198,9 +227,9 @@ def test_trained_classifier_moves_only_by_the_classifier_losses():
 
 
 def test_pool_snapshot_used_for_masked_pass_is_not_updated():
-    cfg = TrainConfig(reproduce="L100", hp=1.0, smf=1)
+    settings = dataclasses.replace(STEP_L100, hp=1.0, smf=1)
     masker = tiny_masker()
-    casm = CASM(masker, cfg, random.Random(0))
+    casm = CASM(masker, settings, random.Random(0))
     images, labels = batch()
     casm.step(images, labels)
     first = copy.deepcopy(casm.pool.snapshots[0])
@@ -215,7 +244,7 @@ def test_unshared_mapping_trains_its_own_encoder_and_leaves_a_fixed_classifier_a
     masker.mapping_encoder.load_state_dict(masker.encoder.state_dict())
     classifier_before = copy.deepcopy(masker.encoder.state_dict())
     mapping_before = copy.deepcopy(masker.mapping_encoder.state_dict())
-    casm = CASM(masker, TrainConfig(reproduce="F", unshared=True), random.Random(0))
+    casm = CASM(masker, STEP_F, random.Random(0))
     images, labels = batch()
     for _ in range(3):
         casm.step(images, labels)
@@ -243,7 +272,7 @@ def test_unshared_masks_come_from_the_mapping_encoder():
 
 def test_training_steps_reduce_the_mapping_loss_on_a_fixed_batch():
     masker = tiny_masker()
-    casm = CASM(masker, TrainConfig(reproduce="F", lr_decoder=1e-2), random.Random(0))
+    casm = CASM(masker, dataclasses.replace(STEP_F, lr_decoder=1e-2), random.Random(0))
     images, labels = batch()
     losses = [casm.step(images, labels).loss_mapping for _ in range(15)]
     assert min(losses[-3:]) < losses[0]
@@ -371,7 +400,7 @@ def test_asking_for_cuda_without_it_is_a_user_error(monkeypatch):
 @pytest.mark.gpu
 def test_casm_step_on_cuda_keeps_the_pool_on_the_cpu():
     masker = tiny_masker().cuda().to(memory_format=torch.channels_last)
-    casm = CASM(masker, TrainConfig(reproduce="L100", hp=1.0, smf=1), random.Random(0))
+    casm = CASM(masker, dataclasses.replace(STEP_L100, hp=1.0, smf=1), random.Random(0))
     images, labels = batch()
     for _ in range(2):
         out = casm.step(images.cuda(), labels.cuda())
@@ -391,8 +420,8 @@ def real_batch(data, size=48, n=16):
     return images, labels
 
 
-def one_step(masker, cfg, images, labels):
-    casm = CASM(copy.deepcopy(masker), cfg, random.Random(0))
+def one_step(masker, settings, images, labels):
+    casm = CASM(copy.deepcopy(masker), settings, random.Random(0))
     return casm, casm.step(images, labels)
 
 
@@ -407,8 +436,8 @@ def test_bf16_step_matches_fp32(tiny_data):
     """
     images, labels = real_batch(tiny_data)
     masker = tiny_masker().to(memory_format=torch.channels_last)
-    _, ref = one_step(masker, TrainConfig(reproduce="F"), images, labels)
-    casm, out = one_step(masker, TrainConfig(reproduce="F", amp="bf16"), images, labels)
+    _, ref = one_step(masker, STEP_F, images, labels)
+    casm, out = one_step(masker, dataclasses.replace(STEP_F, amp="bf16"), images, labels)
     assert casm.amp_dtype == torch.bfloat16 and out.loss_clean != ref.loss_clean  # bf16 ran
     # The same decisions (right on clean, fooled when masked) keep the area term comparable.
     assert (int(out.correct), int(out.correct_masked)) == (ref.correct, ref.correct_masked)
@@ -420,9 +449,9 @@ def test_bf16_step_matches_fp32(tiny_data):
 def test_bf16_trained_classifier_keeps_weights_and_pool_in_fp32(tiny_data):
     images, labels = real_batch(tiny_data)
     masker = tiny_masker().to(memory_format=torch.channels_last)
-    cfg = TrainConfig(reproduce="L100", hp=1.0, smf=1)  # a snapshot every step, always drawn
-    _, ref = one_step(masker, cfg, images, labels)
-    casm, out = one_step(masker, dataclasses.replace(cfg, amp="bf16"), images, labels)
+    settings = dataclasses.replace(STEP_L100, hp=1.0, smf=1)  # a snapshot every step, always drawn
+    _, ref = one_step(masker, settings, images, labels)
+    casm, out = one_step(masker, dataclasses.replace(settings, amp="bf16"), images, labels)
     assert float(out.loss_clean) == pytest.approx(float(ref.loss_clean), rel=1e-2)  # same weights
     out = casm.step(images, labels)  # the masked pass through a snapshot
     assert all(torch.isfinite(v) for v in (out.loss_masked, out.loss_mapping))
@@ -437,9 +466,9 @@ def test_gradient_scaler_leaves_the_step_unchanged():
     """Each loss is scaled and its gradients unscaled (before the clipping): with a power-of-two
     scale and fp32 arithmetic, scaling is exact, so the step is bit-identical to the plain one."""
     images, labels = batch()
-    cfg = TrainConfig(reproduce="L100", hp=0.5, smf=1, grad_clip=0.1)  # the clipping bites
-    plain = CASM(tiny_masker(), cfg, random.Random(0))
-    scaled = CASM(tiny_masker(), cfg, random.Random(0))
+    settings = dataclasses.replace(STEP_L100, smf=1, grad_clip=0.1)  # the clipping bites
+    plain = CASM(tiny_masker(), settings, random.Random(0))
+    scaled = CASM(tiny_masker(), settings, random.Random(0))
     scaled.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     for _ in range(4):  # both kinds of masked pass: the current classifier and a snapshot
         plain.step(images, labels)
@@ -453,26 +482,26 @@ def test_gradient_scaler_leaves_the_step_unchanged():
 
 def test_gradient_scaler_state_is_saved_and_restored():
     images, labels = batch()
-    casm = CASM(tiny_masker(), TrainConfig(reproduce="L"), random.Random(0))
+    casm = CASM(tiny_masker(), STEP_L, random.Random(0))
     casm.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
     casm.step(images, labels)
     state = casm.state_dict()
     assert state["scaler"]["scale"] == 2.0**12  # two updates per step: after each classifier step
 
-    resumed = CASM(tiny_masker(), TrainConfig(reproduce="L"), random.Random(0))
+    resumed = CASM(tiny_masker(), STEP_L, random.Random(0))
     resumed.scaler = torch.amp.GradScaler("cpu", growth_interval=1)
     resumed.load_state_dict(state)
     assert resumed.scaler.get_scale() == 2.0**12
     # A checkpoint from before --amp has no scaler: it still loads.
     old = {k: v for k, v in state.items() if k != "scaler"}
-    CASM(tiny_masker(), TrainConfig(reproduce="L"), random.Random(0)).load_state_dict(old)
+    CASM(tiny_masker(), STEP_L, random.Random(0)).load_state_dict(old)
 
 
 def test_fp16_on_the_cpu_is_a_user_error():
     from casm_deploy.errors import UserError
 
     with pytest.raises(UserError, match="fp16 needs a CUDA device"):
-        CASM(tiny_masker(), TrainConfig(amp="fp16"), random.Random(0))
+        CASM(tiny_masker(), StepSettings(amp="fp16"), random.Random(0))
     with pytest.raises(ValueError, match="--amp"):
         TrainConfig(amp="fp8")
 
@@ -508,7 +537,7 @@ def test_run_under_bf16_writes_fp32_checkpoint_and_pool(tiny_data, tmp_path):
 @pytest.mark.gpu
 def test_fp16_step_on_cuda_scales_and_keeps_fp32_weights():
     masker = tiny_masker().cuda().to(memory_format=torch.channels_last)
-    casm = CASM(masker, TrainConfig(reproduce="L100", hp=0.5, smf=1, amp="fp16"), random.Random(0))
+    casm = CASM(masker, dataclasses.replace(STEP_L100, smf=1, amp="fp16"), random.Random(0))
     assert casm.scaler.is_enabled()
     images, labels = batch()
     for _ in range(3):

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from casm_deploy.common.ui import progress
-from casm_deploy.config import TrainConfig
 from casm_deploy.data import torch_loader as data
 from casm_deploy.data.imagenet import read_classes
 from casm_deploy.data.loader import build_loader
@@ -21,7 +20,7 @@ from casm_deploy.evaluation.metrics import mask_stat_sums
 from casm_deploy.models.mapping import build_masker
 from casm_deploy.training import casm as casm_module
 from casm_deploy.training import train
-from casm_deploy.training.casm import CASM, masked_out
+from casm_deploy.training.casm import CASM, StepSettings, masked_out
 from casm_deploy.training.distributed import Distributed
 from casm_deploy.training.pool import pool_storage
 from casm_deploy.training.train import casm_one_epoch, loader_workers, pretrain_one_epoch
@@ -65,11 +64,11 @@ def train_batches(root, batch_size=4) -> list:
     return list(loader)
 
 
-def fp16_like_casm(monkeypatch, cfg: TrainConfig) -> CASM:
+def fp16_like_casm(monkeypatch, settings: StepSettings) -> CASM:
     """A CASM whose gradient scaler is on, as fp16 on CUDA has it, computing in fp32 on the CPU
     (CPU autocast has no fp16): the scaler's host reads are what this exercises."""
     monkeypatch.setattr(casm_module, "amp_dtype", lambda amp, device_type: None)
-    casm = CASM(tiny_masker(), dataclasses.replace(cfg, amp="fp16"), random.Random(0))
+    casm = CASM(tiny_masker(), dataclasses.replace(settings, amp="fp16"), random.Random(0))
     assert casm.scaler.is_enabled()
     return casm
 
@@ -81,7 +80,7 @@ def test_a_casm_epoch_reads_the_device_only_for_the_progress_bar(tiny_data, monk
     monkeypatch.setattr(metrics.MaskStats, "update", None)  # the numpy path must not run
     loader = train_batches(tiny_data, batch_size=2)
     assert len(loader) == 18
-    casm = fp16_like_casm(monkeypatch, TrainConfig(reproduce="L100", hp=0.5, smf=5))
+    casm = fp16_like_casm(monkeypatch, StepSettings(smf=5))  # L100, a snapshot every 5
     with progress(disable=True) as bars, count_reads() as counts:
         result = casm_one_epoch(casm, loader, bars, "test")
     assert counts["reads"] == 4
@@ -93,7 +92,7 @@ def test_the_sync_counter_sees_the_scaler_of_an_unfused_optimiser(tiny_data, mon
     """The counter can fail: plain (unfused) optimisers make the scaler read `found_inf` on the
     host at every optimiser step, which is why the CASM steps take the fused ones."""
     monkeypatch.setattr(train, "PROGRESS_EVERY", 1000)
-    casm = fp16_like_casm(monkeypatch, TrainConfig(reproduce="L"))
+    casm = fp16_like_casm(monkeypatch, StepSettings(hp=0.0, smf=None))  # L
     for opt in (casm.opt_classifier, casm.opt_decoder):
         assert opt.defaults["fused"] and opt._step_supports_amp_scaling
         opt._step_supports_amp_scaling = False
@@ -107,7 +106,7 @@ def test_the_sync_counter_sees_the_scaler_of_an_unfused_optimiser(tiny_data, mon
 
 def test_pretraining_reads_the_device_only_for_the_progress_bar(tiny_data, monkeypatch):
     monkeypatch.setattr(train, "PROGRESS_EVERY", 5)
-    casm = fp16_like_casm(monkeypatch, TrainConfig())
+    casm = fp16_like_casm(monkeypatch, StepSettings())
     masker = casm.masker
     opt = torch.optim.Adam(masker.encoder.parameters(), lr=1e-3, fused=casm.fused)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=100)
@@ -150,7 +149,7 @@ def test_pool_storage_choices(monkeypatch):
 
 def test_a_drawn_snapshot_classifies_as_the_snapshot_loaded_into_a_model():
     masker = tiny_masker()
-    casm = CASM(masker, TrainConfig(reproduce="L100", hp=1.0, smf=1), random.Random(0))
+    casm = CASM(masker, StepSettings(hp=1.0, smf=1), random.Random(0))
     casm.pool.store(masker.encoder)
     reference = copy.deepcopy(masker.encoder).eval()
     with torch.no_grad():
@@ -166,10 +165,10 @@ def test_a_drawn_snapshot_classifies_as_the_snapshot_loaded_into_a_model():
 
 def test_pool_snapshots_round_trip_through_a_checkpoint():
     masker = tiny_masker()
-    casm = CASM(masker, TrainConfig(reproduce="L100"), random.Random(0))
+    casm = CASM(masker, StepSettings(), random.Random(0))
     casm.pool.store(masker.encoder)
     saved = casm.pool.on_cpu()
-    again = CASM(tiny_masker(), TrainConfig(reproduce="L100"), random.Random(0))
+    again = CASM(tiny_masker(), StepSettings(), random.Random(0))
     again.pool.load(saved)
     (a,), (b,) = casm.pool.snapshots, again.pool.snapshots
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -179,8 +178,8 @@ def test_pool_snapshots_round_trip_through_a_checkpoint():
 @pytest.mark.parametrize("choice", ["device", "pinned"])
 def test_pool_on_a_gpu_draws_the_same_classifier(choice):
     masker = tiny_masker().cuda()
-    cfg = TrainConfig(reproduce="L100", hp=1.0, smf=1, pool_device=choice)
-    casm = CASM(masker, cfg, random.Random(0))
+    settings = StepSettings(hp=1.0, smf=1, pool_device=choice)
+    casm = CASM(masker, settings, random.Random(0))
     casm.pool.store(masker.encoder)
     snapshot = casm.pool.snapshots[0]
     assert all(t.is_cuda == (choice == "device") for t in snapshot.values())
@@ -255,7 +254,7 @@ def test_masked_out_fill_black_or_the_mean_colour():
 
 def test_a_mean_fill_step_trains(tiny_data):
     images, labels = torch.rand(6, 3, 32, 32), torch.arange(6) % 3
-    casm = CASM(tiny_masker(), TrainConfig(reproduce="L100", fill="mean"), random.Random(0))
+    casm = CASM(tiny_masker(), StepSettings(fill="mean"), random.Random(0))
     out = casm.step(images, labels)
     assert torch.isfinite(out.loss_mapping) and casm.step_count == 1
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from casm_deploy.common.files import make_folders, remove_owned
 from casm_deploy.common.ui import console
-from casm_deploy.config import InferConfig, MergeConfig
+from casm_deploy.config import InferConfig, MergeConfig, config_to_dict
 from casm_deploy.data.decode import quiet_decoders
 from casm_deploy.data.imagefiles import NO_IMAGES, Entry, scan
 from casm_deploy.deploy.infer.locks import Lock, folder_lock, hold
@@ -116,7 +116,7 @@ def run_single(cfg: InferConfig, root: Path, out: Path, masker: Masker) -> dict[
             f"{info.backend} {info.precision}{masks_only} on {info.provider}, batch {cfg.batch}"
         )
         counts, seconds = process(cfg, out, masker, out / RECORD, unrecorded(root, out, done), todo)
-        summary = write_summary(out, run_summary(info, cfg, counts, seconds))
+        summary = write_summary(out, run_summary(info, config_to_dict(cfg), counts, seconds))
         if cfg.coco:
             write_coco(out / RECORD, Path(cfg.coco), info)
     show(summary, out)
@@ -159,7 +159,7 @@ def run_shard(
         bar = not shard.torchrun or shard.index == 0  # one bar in a torchrun job's console
         started = time.time()  # the job's speed is over its shards' processing, as one run's
         counts, seconds = process(cfg, out, masker, part, entries, todo, bar=bar)
-        run = run_summary(info, cfg, counts, seconds)
+        run = run_summary(info, config_to_dict(cfg), counts, seconds)
         write_marker(out, shard, info, run, started)
     console.print(f"shard {shard}: {counts['ok']} ok, {counts['error']} errors in {seconds:.1f} s")
     summary = merge_if_last(out, shard)

@@ -13,12 +13,11 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from casm_deploy.common.files import PARTIAL, make_folders
-from casm_deploy.config import InferConfig, config_to_dict
 from casm_deploy.data.decode import read_overlay
 from casm_deploy.data.imagefiles import MAX_PIXELS, Entry, ImageError
 from casm_deploy.deploy.infer.outfolder import (
@@ -38,17 +37,26 @@ from casm_deploy.version import __version__
 OVERLAY_SIDE = 512  # longest side of an overlay image
 
 
-def max_pixels(cfg: InferConfig) -> int:
-    return round(cfg.max_megapixels * 1e6)
-
-
 class Writer:
-    """Writes one file's mask (and overlay) under OUT, and never anywhere else."""
+    """Writes one file's mask (and overlay) under OUT, and never anywhere else.
 
-    def __init__(self, out: Path, cfg: InferConfig):
+    `masks`: png (8-bit), npy (float32) or none; `mask_size`: original (each image's size) or
+    model (the model's input size); `overlay`: also the image dimmed by its mask, read again
+    under `max_pixels` (infer's --masks, --mask-size, --overlay and --max-megapixels).
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        masks: Literal["png", "npy", "none"] = "png",
+        mask_size: Literal["original", "model"] = "original",
+        overlay: bool = False,
+        max_pixels: int = MAX_PIXELS,
+    ):
         self.out = out
         self.real_out = out.resolve()
-        self.cfg = cfg
+        self.masks, self.mask_size = masks, mask_size
+        self.overlay, self.max_pixels = overlay, max_pixels
         self.checked: set[Path] = set()  # folders already made and found inside OUT
         self.name_max, self.path_max = name_limits(out)
 
@@ -102,8 +110,8 @@ class Writer:
         ("mask", "overlay": the path written, relative to OUT).
         """
         width, height = row["width"], row["height"]
-        original = self.cfg.mask_size == "original"
-        if self.cfg.masks == "png":
+        original = self.mask_size == "original"
+        if self.masks == "png":
             import cv2
 
             levels = mask if mask.dtype == np.uint8 else np.rint(mask * 255).astype(np.uint8)
@@ -112,16 +120,16 @@ class Writer:
             if not ok:
                 raise OutputError("cannot encode the mask as PNG")
             self.put("masks", entry.rel, ".png", png.tobytes(), row, "mask")
-        elif self.cfg.masks == "npy":
+        elif self.masks == "npy":
             floats = float_masks(mask).astype(np.float32)
             full = resize_mask(floats, width, height) if original else floats
             buffer = io.BytesIO()
             np.save(buffer, full)
             self.put("masks", entry.rel, ".npy", buffer.getvalue(), row, "mask")
-        if self.cfg.overlay:
+        if self.overlay:
             # a masks-only model names no class: the box alone
             label = overlay_label(row["name"], row["score"]) if "name" in row else ""
-            args = (entry.path, float_masks(mask), row["box"], width, height, max_pixels(self.cfg))
+            args = (entry.path, float_masks(mask), row["box"], width, height, self.max_pixels)
             jpeg = overlay(*args, label=label)
             self.put("overlays", entry.rel, ".jpg", jpeg, row, "overlay")
 
@@ -203,9 +211,10 @@ def draw_label(image: np.ndarray, text: str, corner: tuple[int, int], thickness:
 
 
 def run_summary(
-    info: ModelInfo, cfg: InferConfig, counts: dict[str, int], seconds: float
+    info: ModelInfo, config: dict[str, Any], counts: dict[str, int], seconds: float
 ) -> dict[str, Any]:
-    """One run's part of summary.json: its counts and speed, the model and where it ran."""
+    """One run's part of summary.json: its counts and speed, the model and where it ran, and
+    `config` (the command's, `config.config_to_dict`)."""
     done = counts["ok"] + counts["error"]
     return {
         "this_run": {**counts, "seconds": round(seconds, 3)},
@@ -219,7 +228,7 @@ def run_summary(
         "model_sha256": info.sha256,
         "image_size": info.image_size,
         "package_version": __version__,
-        "config": config_to_dict(cfg),
+        "config": config,
     }
 
 

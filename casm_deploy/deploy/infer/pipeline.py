@@ -26,7 +26,7 @@ from casm_deploy.config import InferConfig
 from casm_deploy.data.decode import TorchvisionJpegs, decode, read_image, torchvision_decodes
 from casm_deploy.data.imagefiles import MAX_PIXELS, Encoded, Entry, ImageError, read_file
 from casm_deploy.deploy.infer.outfolder import OutputError, Record, is_fatal, unwritable
-from casm_deploy.deploy.infer.outputs import Writer, max_pixels
+from casm_deploy.deploy.infer.outputs import Writer
 from casm_deploy.deploy.runtime.device_io import Pending
 from casm_deploy.deploy.runtime.masker import Masker
 from casm_deploy.errors import UserError
@@ -50,7 +50,7 @@ def process(
         The counts of ok and error rows appended, and the seconds it took.
     """
     info = masker.info
-    writer = Writer(out, cfg)
+    writer = Writer(out, cfg.masks, cfg.mask_size, overlay=cfg.overlay, max_pixels=cfg.max_pixels)
     workers = cfg.workers or usable_cpus()
     jpeg = jpeg_stage(cfg, info.device, masker.image_size, workers)
     decoder = "OpenCV" if jpeg is None else f"OpenCV, and for JPEGs {jpeg.decoder.name}"
@@ -71,7 +71,7 @@ def process(
             pending: deque[list[tuple[dict[str, Any], Future | None]]] = deque()
             on_device: deque[Launched] = deque()
             batches = batched(entries, cfg.batch)
-            for batch in decode_ahead(pool, batches, masker.image_size, max_pixels(cfg), jpeg):
+            for batch in decode_ahead(pool, batches, masker.image_size, cfg.max_pixels, jpeg):
                 on_device.append(launch(batch, masker, uint8_masks))
                 if len(on_device) > depth:
                     pending.append(collect(on_device.popleft(), masker, writer, pool))

@@ -22,7 +22,6 @@ from typer.testing import CliRunner
 
 import casm_deploy
 from casm_deploy.cli import EXIT_SOME_FAILED, app
-from casm_deploy.config import InferConfig
 from casm_deploy.data.decode import read_image
 from casm_deploy.data.imagefiles import ImageError, scan
 from casm_deploy.deploy.infer.outfolder import OutputError, read_record
@@ -272,7 +271,7 @@ def test_outputs_never_leave_out(models, tiny_data, tmp_path):
     assert result.exit_code == EXIT_SOME_FAILED
     assert not any(outside.iterdir())
     assert all("outside" in r["error"] for r in _records(out))
-    writer = Writer(out, InferConfig(dir=str(tiny_data), out=str(out)))
+    writer = Writer(out)
     for rel in ("../escape.jpg", "/etc/passwd"):
         with pytest.raises(OutputError):
             writer.target("overlays", rel, ".png")

@@ -18,7 +18,6 @@ import pytest
 from typer.testing import CliRunner
 
 from casm_deploy.cli import EXIT_OUT_UNWRITABLE, EXIT_SOME_FAILED, app
-from casm_deploy.config import InferConfig
 from casm_deploy.data.imagefiles import Entry
 from casm_deploy.deploy.infer import job as infer
 from casm_deploy.deploy.infer import outfolder, outputs
@@ -416,10 +415,27 @@ def test_png_masks_are_resized_as_levels_npy_as_floats(tmp_path, monkeypatch):
     for masks in ("png", "npy"):
         out = tmp_path / masks
         out.mkdir()
-        cfg = InferConfig(dir=str(tmp_path), out=str(out), masks=masks)
-        outputs.Writer(out, cfg).write(Entry("a.jpg", Path("a.jpg")), mask, row)
+        outputs.Writer(out, masks).write(Entry("a.jpg", Path("a.jpg")), mask, row)
     assert seen == [np.uint8, np.float32]
     assert cv2.imread(str(tmp_path / "png/masks/a.jpg.png"), -1).shape == (200, 300)
+
+
+def test_the_writer_reads_an_overlay_under_the_pixel_limit_it_is_given(tmp_path):
+    """Its values are infer's options (--masks, --overlay, --max-megapixels), not the config."""
+    path = tmp_path / "a.png"
+    cv2.imwrite(str(path), np.zeros((40, 50, 3), np.uint8))  # 2,000 pixels
+    row = {"width": 50, "height": 40, "box": None}
+    mask = np.ones((32, 32), np.float32)
+    for limit, out in ((2000, tmp_path / "ok"), (1999, tmp_path / "refused")):
+        out.mkdir()
+        writer = outputs.Writer(out, masks="none", overlay=True, max_pixels=limit)
+        if limit < 2000:
+            with pytest.raises(outfolder.OutputError, match="cannot make the overlay: too large"):
+                writer.write(Entry("a.png", path), mask, row)
+        else:
+            writer.write(Entry("a.png", path), mask, row)
+        assert (out / "overlays" / "a.png.jpg").is_file() == (limit == 2000)
+        assert not (out / "masks").exists()
 
 
 # --- entries the scan could not read (item 8) ---------------------------------------------

@@ -17,7 +17,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from casm_deploy.cli import app
-from casm_deploy.config import InferConfig
 from casm_deploy.data.decode import quiet_decoders
 from casm_deploy.data.imagefiles import EXTENSIONS, Entry
 from casm_deploy.deploy.infer import outputs
@@ -157,8 +156,8 @@ def test_overlay_label_is_the_name_and_score_from_the_row(tmp_path, monkeypatch)
     row = {"box": [8, 8, 40, 30], "name": "tabby cat", "score": 0.8712, "width": 64, "height": 48}
     out = tmp_path / "out"
     out.mkdir()
-    cfg = InferConfig(dir=str(tmp_path), out=str(out), masks="none", overlay=True)
-    outputs.Writer(out, cfg).write(Entry("a.png", path), np.ones((32, 32), np.float32), row)
+    writer = outputs.Writer(out, masks="none", overlay=True)
+    writer.write(Entry("a.png", path), np.ones((32, 32), np.float32), row)
     assert seen == [{"label": "tabby cat 0.87"}]
     assert (out / "overlays" / "a.png.jpg").is_file()
 

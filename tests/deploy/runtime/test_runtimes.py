@@ -12,7 +12,6 @@ import torch
 from pictures import scene
 from PIL import Image, ImageOps
 
-from casm_deploy.config import InferConfig
 from casm_deploy.data.decode import TorchvisionJpegs, decode, orient
 from casm_deploy.data.imagefiles import Encoded, Entry, ImageError, read_file
 from casm_deploy.deploy.infer.outputs import Writer
@@ -215,9 +214,8 @@ def test_writer_takes_uint8_masks(tmp_path):
         for name, m in (("float", mask), ("uint8", levels)):
             out = tmp_path / f"{mask_size}-{name}"
             out.mkdir()
-            cfg = InferConfig(dir=str(tmp_path), out=str(out), mask_size=mask_size)
             entry = Entry("a/b.jpg", Path("a/b.jpg"))
-            Writer(out, cfg).write(entry, m, row)
+            Writer(out, mask_size=mask_size).write(entry, m, row)
             written[mask_size, name] = cv2.imread(str(out / "masks" / "a/b.jpg.png"), -1)
     np.testing.assert_array_equal(written["model", "float"], written["model", "uint8"])
     assert written["original", "uint8"].shape == (40, 50)
@@ -225,8 +223,7 @@ def test_writer_takes_uint8_masks(tmp_path):
     assert np.abs(difference).max() <= 1  # resized as levels rather than as floats
     npy = tmp_path / "npy"
     npy.mkdir()
-    cfg = InferConfig(dir=str(tmp_path), out=str(npy), masks="npy", mask_size="model")
-    Writer(npy, cfg).write(Entry("c.png", Path("c.png")), levels, row)
+    Writer(npy, "npy", "model").write(Entry("c.png", Path("c.png")), levels, row)
     saved = np.load(npy / "masks" / "c.png.npy")
     assert saved.dtype == np.float32 and np.abs(saved - mask).max() <= 0.5 / 255 + 1e-7
 
