@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/casm-deploy eval runs/demo/checkpoint.pt runs/demo-f/checkpoint.pt \
 		--baseline center,full,gradcam --json runs/demo/eval.json
 	$(BIN)/casm-deploy visualize runs/demo/checkpoint.pt runs/demo-f/checkpoint.pt \
-		--out runs/demo/figures
+		--gradcam-stage 3 --num-images 12 --out runs/demo/figures
 	$(BIN)/casm-deploy export runs/demo/checkpoint.pt --onnx --out export/default
 	$(BIN)/casm-deploy infer data/synth/val --model export/default/masker.onnx --batch 256 \
 		--out out --overwrite
