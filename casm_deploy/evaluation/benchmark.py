@@ -3,8 +3,9 @@ the data has object masks, PxAP (Choe et al., CVPR 2020), baselines, and the cla
 masked images by many classifiers (§3.3, Fig. 3).
 
 One streamed pass over the data: each batch is decoded once, every method (the models, then
-the centre / full / Grad-CAM baselines) masks it, and the masks go through the one scorer,
-`localisation.score_masks`. Memory stays bounded whatever the number of images.
+the centre / full / Grad-CAM baselines) masks it, and the masks, with their truth, are added to
+each of the method's meters (`meters`, chosen by `methods.choose_meters`). The JSON records and
+the tables' columns are the meters' results. Memory stays bounded whatever the number of images.
 """
 
 from __future__ import annotations
@@ -32,19 +33,32 @@ from casm_deploy.data.loader import build_loader
 from casm_deploy.data.transforms import check_policy
 from casm_deploy.errors import UserError
 from casm_deploy.evaluation import boxacc
-from casm_deploy.evaluation.coverage import copy_coverage, part_coverage
 from casm_deploy.evaluation.leak import mask_only_accuracy
-from casm_deploy.evaluation.localisation import score_masks
 from casm_deploy.evaluation.masking import binarize, inpaint, masked_in, masked_out
+from casm_deploy.evaluation.meters import PART_KEYS, Batch
 from casm_deploy.evaluation.methods import Method, build_methods, load_classifiers
 
-SCORE_KEYS = ("LE", "OM", "F1", "F1a", "mask_mean", "mask_std", "mask_entropy", "mask_tv")
-BOX_KEYS = boxacc.KEYS  # MaxBoxAccV2 and MaxBoxAcc at IoU 0.3, 0.5, 0.7
-PIXEL_KEYS = ("PxAP",)  # when the annotations have object masks (`data synth` writes them)
-COPY_KEYS = ("copy_share_lighter", "copy_touch_both")  # with --copies only
-# When DATA has a parts/ folder (data of `synth --parts`).
-PART_KEYS = ("part_coverage", "parts_all_touched", "part_share_least", "n_part_images")
 VARIANTS = ("clean", "masked_in", "masked_out", "inpainted")
+# The printed tables' columns are the records' keys: those of Choe et al.'s metrics go to a
+# table of their own, the notes are lines under them, and every other key is a column of the
+# paper's table. A key is its own header unless named here: short two-line headers keep that
+# table within 120 columns (the console's width in logs).
+CHOE_KEYS = (*boxacc.KEYS, "PxAP")
+NOTES = ("OM_note",)
+HEADERS = {
+    "mask_mean": "area",
+    "mask_std": "std",
+    "mask_entropy": "entropy",
+    "mask_tv": "TV",
+    "copy_share_lighter": "lighter copy",
+    "copy_touch_both": "both copies",
+    "part_coverage": "parts",
+    "parts_all_touched": "all\nparts",
+    "part_share_least": "least\npart",
+    "n_part_images": "part\nimages",
+    "n_images": "images",
+    **{k: k.replace("@", "\nIoU ") for k in boxacc.KEYS},
+}
 
 
 @dataclass(frozen=True)
@@ -126,11 +140,11 @@ def run(cfg: EvalConfig) -> dict:
 
     scores = {m.name: m.result() for m in methods}
     for method in methods:
-        if method.is_model and method.om_note():
-            console.print(f"{method.name}: {method.om_note()}")
+        if method.is_model and scores[method.name].get("OM_note"):
+            console.print(f"{method.name}: {scores[method.name]['OM_note']}")
     accuracy = classifier_accuracy(counts) if classifiers else {}
     leak = leak_control(cfg, methods, wnids, size) if cfg.leak_control else {}
-    print_tables(scores, accuracy, leak, methods[0].name, cfg, parts=parts is not None, masks=masks)
+    print_tables(scores, accuracy, leak, methods[0].name, cfg)
     if cfg.json:
         write_json(Path(cfg.json), scores, accuracy, leak, methods[0].name, cfg)
     return {"scores": scores, "classifiers": accuracy, "leak": leak}
@@ -223,39 +237,22 @@ def leak_control(cfg: EvalConfig, methods: list[Method], wnids: list[str], size:
 def score_batch(
     method: Method, masks, logits, labels, gt_boxes, part_maps=None, object_masks=None
 ) -> None:
-    """LE / OM / F1, MaxBoxAccV2 and mask statistics of one batch, into the method's meters.
+    """One batch of `method`'s masks, with their truth, added to each of its meters.
 
-    `part_maps`: the images' part label maps in the model frame, for `method.parts`;
-    `object_masks`: the pixels of each image's objects in the model frame, for `method.pxap`.
+    `logits`: those of the classifier whose top-1 decides OM (None: none); `labels`: the data's;
+    `gt_boxes`, `part_maps`, `object_masks`: each image's boxes of its class, part label map
+    and object pixels in the model frame (None where the data has none).
     """
-    known = [method.labels[label] for label in labels.tolist()]  # -1: a class it does not know
-    if logits is None:  # a masks-only model, with no model before it to lend its classifier
-        method.unpredicted = True
-        correct = [None] * len(known)
-    else:
-        predicted = logits.argmax(1).tolist()
-        correct = [None if k < 0 else g == k for k, g in zip(known, predicted, strict=True)]
-    method.unknown_images += sum(k < 0 for k in known)
-    masks_np = score_masks(masks, gt_boxes, correct, method.meter, method.stats)
-    for mask, gt in zip(masks_np, gt_boxes, strict=True):
-        method.boxacc.add(mask, gt)
-    if method.pxap is not None:
-        for mask, truth in zip(masks_np, object_masks, strict=True):
-            method.pxap.add(mask, truth)
-    if method.copies:
-        for mask, gt in zip(masks_np, gt_boxes, strict=True):
-            share, touches_both = copy_coverage(mask, gt)
-            method.copy_share_sum += share
-            method.copy_touch_count += int(touches_both)
-    if method.parts:
-        for mask, labels_in_frame in zip(masks_np, part_maps, strict=True):
-            coverage = part_coverage(mask, labels_in_frame)
-            if coverage is None:  # the crop cut every part away: nothing to count
-                continue
-            method.part_images += 1
-            method.part_touched_sum += coverage.touched
-            method.part_all_count += int(coverage.all_touched)
-            method.part_share_sum += coverage.share_least
+    batch = Batch(
+        masks,
+        gt_boxes,
+        [method.labels[label] for label in labels.tolist()],  # -1: a class it does not know
+        logits,
+        object_masks=object_masks,
+        part_maps=part_maps,
+    )
+    for meter in method.meters:
+        meter.update(batch)
 
 
 def check_two_copies(samples: list, gt_boxes: list) -> None:
@@ -290,17 +287,10 @@ def count_classifications(counts, classifiers, images, masks, labels) -> None:
             counts[name][variant][1] += int(known.sum())
 
 
-def print_tables(
-    scores: dict,
-    accuracy: dict,
-    leak: dict,
-    first: str,
-    cfg: EvalConfig,
-    parts: bool = False,
-    masks: bool = False,
-) -> None:
-    print_localisation(scores, cfg, parts)
-    print_box_and_pixel_scores(scores, masks)
+def print_tables(scores: dict, accuracy: dict, leak: dict, first: str, cfg: EvalConfig) -> None:
+    keys = list(dict.fromkeys(k for result in scores.values() for k in result))
+    print_localisation(scores, cfg, [k for k in keys if k not in (*CHOE_KEYS, *NOTES)])
+    print_box_and_pixel_scores(scores, [k for k in keys if k in CHOE_KEYS])
     if cfg.baselines:
         console.print(f"OM of the baselines uses the classifier of {first}.")
     for mask_model, by_classifier in accuracy.items():
@@ -334,41 +324,33 @@ def cell(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def print_localisation(scores: dict, cfg: EvalConfig, parts: bool) -> None:
-    """The paper's table: LE / OM / F1, the mask statistics, and copy or part coverage."""
-    table = Table(title=f"{cfg.data} ({cfg.split}, {cfg.resize})")
-    table.add_column("method", no_wrap=True)
-    copy_keys = COPY_KEYS if cfg.copies else ()
-    copy_headers = ("lighter copy", "both copies") if cfg.copies else ()
-    part_keys = PART_KEYS if parts else ()
-    # Short two-line headers: the table has to fit 120 columns (the console's width in logs).
-    part_headers = ("parts", "all\nparts", "least\npart", "part\nimages") if parts else ()
-    headers = ["LE", "OM", "F1", "F1a", "area", "std", "entropy", "TV"]
-    headers += [*copy_headers, *part_headers, "images"]
-    for header in headers:
-        table.add_column(header, justify="right")
-    for name, result in scores.items():
-        keys = (*SCORE_KEYS, *copy_keys, *part_keys, "n_images")
-        table.add_row(name, *[cell(result[k]) for k in keys])
-    console.print(table)
+def print_localisation(scores: dict, cfg: EvalConfig, keys: list[str]) -> None:
+    """The paper's table: LE / OM / F1, the mask statistics, copy or part coverage, and any
+    other meter's results."""
+    console.print(score_table(f"{cfg.data} ({cfg.split}, {cfg.resize})", scores, keys))
 
 
-def print_box_and_pixel_scores(scores: dict, masks: bool) -> None:
+def print_box_and_pixel_scores(scores: dict, keys: list[str]) -> None:
     """MaxBoxAccV2, its MaxBoxAcc at each IoU threshold and, with object masks, PxAP."""
+    masks = "PxAP" in keys
     title = "MaxBoxAccV2 and PxAP" if masks else "MaxBoxAccV2"
-    table = Table(title=f"{title} (Choe et al., CVPR 2020)")
-    table.add_column("method", no_wrap=True)
-    headers = ["MaxBoxAccV2", *(k.replace("@", "\nIoU ") for k in BOX_KEYS[1:])]
-    for header in headers + (["PxAP"] if masks else []):
-        table.add_column(header, justify="right")
-    for name, result in scores.items():
-        table.add_row(name, *[cell(result[k]) for k in BOX_KEYS + (PIXEL_KEYS if masks else ())])
-    console.print(table)
+    console.print(score_table(f"{title} (Choe et al., CVPR 2020)", scores, keys))
     if not masks:
         console.print(
             "PxAP: not measured, the annotations have no object masks (<stem>.png beside each "
             "XML, as data synth writes them)."
         )
+
+
+def score_table(title: str, scores: dict, keys: list[str]) -> Table:
+    """A row per method, a column per key (`HEADERS`: its header)."""
+    table = Table(title=title)
+    table.add_column("method", no_wrap=True)
+    for key in keys:
+        table.add_column(HEADERS.get(key, key), justify="right")
+    for name, result in scores.items():
+        table.add_row(name, *[cell(result.get(k)) for k in keys])
+    return table
 
 
 def write_json(

@@ -1,7 +1,7 @@
 """How one mask covers the two copies or the parts of an object: pure functions, no I/O.
 
 For the data of `data synth --copies 2` and `--parts` (paper §2.1): eval adds these scores
-(`benchmark.score_batch`) to LE / OM / F1. The binary mask is the one LE starts from
+(`meters.Copies`, `meters.Parts`) to LE / OM / F1. The binary mask is the one LE starts from
 (`metrics.binarize_at_mean`), before the largest component is taken.
 """
 

@@ -1,7 +1,7 @@
 """The localisation loop over a batch of masks: LE / OM / F1 and mask statistics.
 
-Training's validation (`training.train.evaluate`) and eval's benchmark
-(`benchmark.score_batch`) both score their batches here: each mask is binarised at its mean,
+Training's validation (`training.train.evaluate`) and eval's meters
+(`meters.Localisation`) both score their batches here: each mask is binarised at its mean,
 its largest component boxed (`metrics.masks_to_boxes`) and scored against the image's own
 boxes, so the two print the same numbers for the same masks. `center_baseline` scores the
 reference's centre box on the same boxes (the first line of a run's metrics.jsonl).
@@ -37,12 +37,23 @@ def score_masks(
     Returns the masks as a (B, H, W) float32 array, for any further per-image scores.
     """
     masks_np = masks[:, 0].float().cpu().numpy()
-    boxes = masks_to_boxes(masks_np)
-    for mask, box, gt, ok in zip(masks_np, boxes, gt_boxes, correct, strict=True):
-        scores = localization_scores(mask, box, gt)
-        meter.update(scores["hit"], scores["f1"], scores["f1a"], ok)
+    score_localisation(masks_np, gt_boxes, correct, meter)
     stats.update(masks)
     return masks_np
+
+
+def score_localisation(
+    masks: np.ndarray,
+    gt_boxes: Sequence[list[list[int]]],
+    correct: Sequence[bool | None],
+    meter: LocalizationMeter,
+) -> None:
+    """Add one batch's LE / OM / F1 / F1a to `meter`: each (H, W) mask of `masks` (B, H, W),
+    boxed (`masks_to_boxes`) and scored against its image's own boxes."""
+    boxes = masks_to_boxes(masks)
+    for mask, box, gt, ok in zip(masks, boxes, gt_boxes, correct, strict=True):
+        scores = localization_scores(mask, box, gt)
+        meter.update(scores["hit"], scores["f1"], scores["f1a"], ok)
 
 
 def center_baseline(boxes: list, image_size: int) -> dict:

@@ -3,13 +3,14 @@
 A Method is a way to get masks for a batch (a trained mapping, from its checkpoint or its
 exported file, the centre or full box, or Grad-CAM on the first model's classifier) with the
 label map of the classifier whose top-1 decides OM, and the meters `benchmark.score_batch` adds
-each batch to.
+each batch to (`choose_meters`: which, by the options and the data).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,84 +19,56 @@ from casm_deploy.checkpoint import load_masker
 from casm_deploy.common.ui import console
 from casm_deploy.config import EvalConfig
 from casm_deploy.errors import UserError
-from casm_deploy.evaluation import boxacc
-from casm_deploy.evaluation.boxacc import BoxAccMeter
 from casm_deploy.evaluation.exported import ExportedMasker, is_exported
 from casm_deploy.evaluation.gradcam import gradcam
-from casm_deploy.evaluation.metrics import LocalizationMeter, MaskStats, center_box
-from casm_deploy.evaluation.pxap import PxAPMeter
+from casm_deploy.evaluation.meters import (
+    Copies,
+    Images,
+    Localisation,
+    MaskStatistics,
+    MaxBoxAcc,
+    Meter,
+    Parts,
+    PxAP,
+    results,
+)
+from casm_deploy.evaluation.metrics import center_box
 from casm_deploy.models.mapping import SaliencyModel
 from casm_deploy.models.spec import ModelSpec
 
 BASELINES = ("center", "full", "gradcam")
 
 
+def choose_meters(copies: bool = False, parts: bool = False, masks: bool = False) -> list[Meter]:
+    """A fresh set of the meters a method is scored with, in the order of its record's keys.
+
+    `copies`: the two copies' coverage (eval --copies); `parts`: the parts' coverage (data with
+    parts/); `masks`: PxAP (annotations with object masks). A new metric is one line here.
+    """
+    chosen: list[Meter] = [Localisation(), MaskStatistics(), MaxBoxAcc()]
+    if masks:
+        chosen.append(PxAP())
+    if copies:
+        chosen.append(Copies())
+    if parts:
+        chosen.append(Parts())
+    return [*chosen, Images()]  # the record ends with OM's note and the number of images
+
+
 @dataclass
 class Method:
-    """A way to get masks for a batch, with the classifier whose top-1 decides OM."""
+    """A way to get masks for a batch, with the classifier whose top-1 decides OM, and the
+    meters its masks are added to (`benchmark.score_batch`)."""
 
     name: str
     masks: Callable[[torch.Tensor], tuple]  # images -> masks, logits (None: the first model's)
     labels: list[int]  # data label -> the classifier's label (-1: a class it does not know)
     is_model: bool = False  # a trained mapping (the many-classifiers test applies to these)
-    copies: bool = False  # also score the two copies' coverage (eval --copies)
-    meter: LocalizationMeter = field(default_factory=LocalizationMeter)
-    stats: MaskStats = field(default_factory=MaskStats)
-    boxacc: BoxAccMeter = field(default_factory=BoxAccMeter)  # MaxBoxAccV2
-    pxap: PxAPMeter | None = None  # where the data has object masks (`imagenet.own_object_mask`)
-    copy_share_sum: float = 0.0  # sums over images of `coverage.copy_coverage`'s two results
-    copy_touch_count: int = 0
-    parts: bool = False  # also score how the mask covers the object's parts (DATA/parts/)
-    part_touched_sum: float = 0.0  # sums over images of `coverage.part_coverage`'s results
-    part_all_count: int = 0
-    part_share_sum: float = 0.0
-    part_images: int = 0  # images with at least one part in the frame
-    unknown_images: int = 0  # images of classes the classifier does not know: no OM for them
-    unpredicted: bool = False  # no classifier at all (a masks-only export first): no OM
-
-    def om_note(self) -> str:
-        """Why OM leaves images out ("" when it counts them all): it needs the model's classes."""
-        n, unknown = self.meter.n_images, self.unknown_images
-        if self.unpredicted:
-            return "OM is not defined: no classifier (a masks-only export predicts no class)"
-        if not unknown:
-            return ""
-        if unknown == n:
-            return f"OM is not defined for these {n} images: the model does not know their classes"
-        return (
-            f"OM counts only the {n - unknown} images of the model's classes: "
-            f"it is not defined for the other {unknown}"
-        )
+    meters: list[Meter] = field(default_factory=choose_meters)
 
     def result(self) -> dict:
-        copies = {}
-        if self.copies:
-            n = self.meter.n_images
-            copies = {
-                "copy_share_lighter": self.copy_share_sum / n if n else None,
-                "copy_touch_both": self.copy_touch_count / n if n else None,
-            }
-        parts = {}
-        if self.parts:
-            n = self.part_images
-            parts = {
-                "part_coverage": self.part_touched_sum / n if n else None,
-                "parts_all_touched": self.part_all_count / n if n else None,
-                "part_share_least": self.part_share_sum / n if n else None,
-                "n_part_images": n,
-            }
-        note = {"OM_note": self.om_note()} if self.om_note() else {}
-        boxes = self.boxacc.result()
-        return {
-            **{k: v for k, v in self.meter.result().items() if k != "n_images"},
-            **self.stats.result(),
-            **{k: boxes[k] for k in boxacc.KEYS},
-            **(self.pxap.result() if self.pxap is not None else {}),
-            **copies,
-            **parts,
-            **note,
-            "n_images": self.meter.n_images,
-        }
+        """Every meter's results, in one record (`meters.results`)."""
+        return results(self.meters)
 
 
 def label_map(model_wnids: Sequence[str], data_wnids: list[str]) -> list[int]:
@@ -147,7 +120,7 @@ def build_methods(
     first model's classifier.
 
     Also returns the data classes to score (`cfg.classes` against the first model's classes).
-    `parts`: every method also scores part coverage; `masks`: PxAP too.
+    `parts`: every method also scores part coverage; `masks`: PxAP too (`choose_meters`).
 
     Raises:
         UserError: Grad-CAM is asked for and the first model is an exported file.
@@ -169,15 +142,10 @@ def build_methods(
         warning = class_mismatch(m.name, m.spec.wnids, data_wnids)
         if warning and cfg.classes == "all":  # seen / unseen choose the difference on purpose
             console.print(warning, soft_wrap=True)
+    meters = partial(choose_meters, cfg.copies, parts, masks)  # each method its own
     methods = [
         Method(
-            m.name,
-            m.masker,
-            label_map(m.spec.wnids, data_wnids),
-            is_model=True,
-            copies=cfg.copies,
-            parts=parts,
-            pxap=PxAPMeter() if masks else None,
+            m.name, m.masker, label_map(m.spec.wnids, data_wnids), is_model=True, meters=meters()
         )
         for m in models
     ]
@@ -190,8 +158,7 @@ def build_methods(
             fn = constant_masks([0, 0, size, size], size)
         else:
             fn = lambda images: gradcam(first, images, cfg.gradcam_stage)  # noqa: E731
-        pxap = PxAPMeter() if masks else None
-        methods.append(Method(baseline, fn, labels, copies=cfg.copies, parts=parts, pxap=pxap))
+        methods.append(Method(baseline, fn, labels, meters=meters()))
     return methods, size, data_wnids
 
 

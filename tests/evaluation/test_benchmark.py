@@ -10,8 +10,7 @@ from casm_deploy.config import EvalConfig, SynthConfig
 from casm_deploy.errors import UserError
 from casm_deploy.evaluation import benchmark as evaluate
 from casm_deploy.evaluation.benchmark import score_batch
-from casm_deploy.evaluation.methods import Method, label_map
-from casm_deploy.evaluation.pxap import PxAPMeter
+from casm_deploy.evaluation.methods import Method, choose_meters, label_map
 
 KEYS = {"LE", "OM", "F1", "F1a", "mask_mean", "mask_std", "mask_entropy", "mask_tv", "n_images"}
 KEYS |= {"MaxBoxAccV2", "MaxBoxAcc@0.3", "MaxBoxAcc@0.5", "MaxBoxAcc@0.7"}
@@ -26,7 +25,7 @@ def test_scores_of_constructed_masks():
     logits = torch.tensor([[5.0, 0.0], [5.0, 0.0]])  # both predicted class 0
     objects = np.zeros((2, 8, 8), bool)
     objects[:, 2:6, 2:6] = True  # each object fills its box
-    method = Method("m", None, labels=[0, 1], pxap=PxAPMeter())
+    method = Method("m", None, labels=[0, 1], meters=choose_meters(masks=True))
     boxes = [[[2, 2, 6, 6]], [[2, 2, 6, 6]]]
     score_batch(method, masks, logits, torch.tensor([0, 1]), boxes, object_masks=list(objects))
     result = method.result()

@@ -18,7 +18,7 @@ from casm_deploy.errors import UserError
 from casm_deploy.evaluation import benchmark as evaluate
 from casm_deploy.evaluation.benchmark import score_batch
 from casm_deploy.evaluation.coverage import part_coverage
-from casm_deploy.evaluation.methods import Method
+from casm_deploy.evaluation.methods import Method, choose_meters
 from casm_deploy.evaluation.metrics import binarize_at_mean
 
 KEYS = {"LE", "OM", "F1", "F1a", "mask_mean", "mask_std", "mask_entropy", "mask_tv", "n_images"}
@@ -174,7 +174,7 @@ def test_score_batch_counts_only_images_with_parts_in_the_frame():
     masks = torch.zeros(2, 1, 12, 12)
     masks[:, 0, 4:8, 0:8] = 1.0  # parts 0 and 1 of three
     maps = [three_parts(), np.zeros((12, 12), np.uint8)]  # the second: every part cut away
-    method = Method("m", None, labels=[0], parts=True)
+    method = Method("m", None, labels=[0], meters=choose_meters(parts=True))
     score_batch(method, masks, torch.zeros(2, 1), torch.tensor([0, 0]), [[[0, 0, 6, 6]]] * 2, maps)
     result = method.result()
     assert result["n_images"] == 2 and result["n_part_images"] == 1
