@@ -534,7 +534,15 @@ class EvalConfig:
     resize: Resize = opt("center-crop", "center-crop (shorter side, then crop) or stretch.")
     baselines: tuple[str, ...] = opt(
         (),
-        "center, full and/or gradcam (repeat or comma-separate).",
+        "Methods to score beside the models (repeat or comma-separate): center (the centre "
+        "box), full (the whole image), gradcam (this project's Grad-CAM); and the grad-cam "
+        "package's CAMs, each of the first model's classifier (its checkpoint) at "
+        "--gradcam-stage for its top-1 class: gradcam++ (Grad-CAM++), xgradcam (XGrad-CAM), "
+        "layercam (LayerCAM), hirescam (HiResCAM), eigencam (Eigen-CAM: the stage's first "
+        "principal component, whatever the class), scorecam (Score-CAM: a forward per channel "
+        "of the stage's map for each image, in batches of --batch; by far the slowest) and "
+        "pgc-gradcam (the package's Grad-CAM, which agrees with gradcam). Each method's "
+        "ms_per_image says what its masks cost.",
         flag="--baseline",
         repeat=True,
     )
@@ -573,7 +581,8 @@ class EvalConfig:
         "copy_touch_both; when DATA has a parts/ folder (data synth --parts) also part_coverage, "
         "parts_all_touched, part_share_least, n_part_images; OM_note when some images are of "
         "classes the model does not know, which OM leaves out, or a masks-only model predicts "
-        "none); other methods beside it.",
+        "none); ms_per_image, the milliseconds a method took per image to make its masks "
+        "(first batch included); other methods beside it.",
     )
     copies: bool = opt(
         False,

@@ -3,14 +3,16 @@ the data has object masks, PxAP (Choe et al., CVPR 2020), baselines, and the cla
 masked images by many classifiers (§3.3, Fig. 3).
 
 One streamed pass over the data: each batch is decoded once, every method (the models, then
-the centre / full / Grad-CAM baselines) masks it, and the masks, with their truth, are added to
-each of the method's meters (`meters`, chosen by `methods.choose_meters`). The JSON records and
-the tables' columns are the meters' results. Memory stays bounded whatever the number of images.
+the centre / full / Grad-CAM and other CAM baselines) masks it, timed (`timed`), and the masks,
+with their truth, are added to each of the method's meters (`meters`, chosen by
+`methods.choose_meters`). The JSON records and the tables' columns are the meters' results, then
+the milliseconds per image the masks took. Memory stays bounded whatever the number of images.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +42,12 @@ from casm_deploy.evaluation.methods import Method, build_methods, load_classifie
 
 VARIANTS = ("clean", "masked_in", "masked_out", "inpainted")
 # The printed tables' columns are the records' keys: those of Choe et al.'s metrics go to a
-# table of their own, the notes are lines under them, and every other key is a column of the
-# paper's table. A key is its own header unless named here: short two-line headers keep that
-# table within 120 columns (the console's width in logs).
+# table of their own, with each method's cost (the paper's table, with parts, has no room for
+# it), the notes are lines under them, and every other key is a column of the paper's table.
+# A key is its own header unless named here: short two-line headers keep that table within 120
+# columns (the console's width in logs).
 CHOE_KEYS = (*boxacc.KEYS, "PxAP")
+COST_KEYS = ("ms_per_image",)
 NOTES = ("OM_note",)
 HEADERS = {
     "mask_mean": "area",
@@ -57,6 +61,7 @@ HEADERS = {
     "part_share_least": "least\npart",
     "n_part_images": "part\nimages",
     "n_images": "images",
+    "ms_per_image": "ms /\nimage",
     **{k: k.replace("@", "\nIoU ") for k in boxacc.KEYS},
 }
 
@@ -115,7 +120,8 @@ def run(cfg: EvalConfig) -> dict:
                              folder also part_coverage, parts_all_touched, part_share_least,
                              n_part_images; OM_note when some images are of classes the
                              model does not know (OM leaves them out), or a masks-only
-                             model predicts none (no OM)}},
+                             model predicts none (no OM); last, ms_per_image: milliseconds per
+                             image spent making the masks}},
          "classifiers": {mask model: {classifier: {clean, masked_in, masked_out, inpainted}}},
          "leak": {mask model: `leak.mask_only_accuracy`'s dict} with `cfg.leak_control`}
     """
@@ -197,7 +203,7 @@ def score_split(
                 check_two_copies(samples, gt_boxes)
             part_maps = truth.part_maps(samples)
             object_masks = truth.object_masks(samples)
-            outputs = [method.masks(images) for method in methods]
+            outputs = [timed(method, images) for method in methods]
             first_logits = outputs[0][1]  # the first method is always a model (None: masks-only)
             for method, (masks, logits) in zip(methods, outputs, strict=True):
                 if not method.is_model:  # a baseline: OM by the first model's classifier
@@ -207,6 +213,18 @@ def score_split(
                     count_classifications(counts[method.name], classifiers, images, masks, labels)
             bars.advance(task)
     return counts
+
+
+def timed(method: Method, images: torch.Tensor) -> tuple:
+    """`method.masks(images)`, its wall-clock time and images added to the method's
+    (`Method.seconds`, `Method.timed_images`: its `ms_per_image`)."""
+    start = time.perf_counter()
+    masks, logits = method.masks(images)
+    if masks.is_cuda:  # what was launched, finished (eval runs on the CPU today)
+        torch.cuda.synchronize(masks.device)
+    method.seconds += time.perf_counter() - start
+    method.timed_images += len(images)
+    return masks, logits
 
 
 def classifier_accuracy(counts: dict) -> dict:
@@ -289,8 +307,9 @@ def count_classifications(counts, classifiers, images, masks, labels) -> None:
 
 def print_tables(scores: dict, accuracy: dict, leak: dict, first: str, cfg: EvalConfig) -> None:
     keys = list(dict.fromkeys(k for result in scores.values() for k in result))
-    print_localisation(scores, cfg, [k for k in keys if k not in (*CHOE_KEYS, *NOTES)])
-    print_box_and_pixel_scores(scores, [k for k in keys if k in CHOE_KEYS])
+    second = (*CHOE_KEYS, *COST_KEYS)
+    print_localisation(scores, cfg, [k for k in keys if k not in (*second, *NOTES)])
+    print_box_and_pixel_scores(scores, [k for k in keys if k in second])
     if cfg.baselines:
         console.print(f"OM of the baselines uses the classifier of {first}.")
     for mask_model, by_classifier in accuracy.items():
@@ -331,10 +350,12 @@ def print_localisation(scores: dict, cfg: EvalConfig, keys: list[str]) -> None:
 
 
 def print_box_and_pixel_scores(scores: dict, keys: list[str]) -> None:
-    """MaxBoxAccV2, its MaxBoxAcc at each IoU threshold and, with object masks, PxAP."""
+    """MaxBoxAccV2, its MaxBoxAcc at each IoU threshold and, with object masks, PxAP; then
+    each method's milliseconds per image making its masks."""
     masks = "PxAP" in keys
     title = "MaxBoxAccV2 and PxAP" if masks else "MaxBoxAccV2"
-    console.print(score_table(f"{title} (Choe et al., CVPR 2020)", scores, keys))
+    title = f"{title} (Choe et al., CVPR 2020), and the masks' cost"
+    console.print(score_table(title, scores, keys))
     if not masks:
         console.print(
             "PxAP: not measured, the annotations have no object masks (<stem>.png beside each "

@@ -1,9 +1,10 @@
 """The methods `eval` scores: each model of the checkpoints, then the baselines.
 
 A Method is a way to get masks for a batch (a trained mapping, from its checkpoint or its
-exported file, the centre or full box, or Grad-CAM on the first model's classifier) with the
-label map of the classifier whose top-1 decides OM, and the meters `benchmark.score_batch` adds
-each batch to (`choose_meters`: which, by the options and the data).
+exported file, the centre or full box, or Grad-CAM or another CAM (`cams`) on the first model's
+classifier) with the label map of the classifier whose top-1 decides OM, the meters
+`benchmark.score_batch` adds each batch to (`choose_meters`: which, by the options and the
+data), and the time its masks took (`ms_per_image`, the last key of its record).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from casm_deploy.checkpoint import load_masker
 from casm_deploy.common.ui import console
 from casm_deploy.config import EvalConfig
 from casm_deploy.errors import UserError
+from casm_deploy.evaluation.cams import CAMS, cam_method
 from casm_deploy.evaluation.exported import ExportedMasker, is_exported
 from casm_deploy.evaluation.gradcam import gradcam
 from casm_deploy.evaluation.meters import (
@@ -36,7 +38,9 @@ from casm_deploy.evaluation.metrics import center_box
 from casm_deploy.models.mapping import SaliencyModel
 from casm_deploy.models.spec import ModelSpec
 
-BASELINES = ("center", "full", "gradcam")
+BASELINES = ("center", "full", "gradcam", *CAMS)
+# the baselines that read the first model's classifier inside: they need its checkpoint
+CLASSIFIER_BASELINES = ("gradcam", *CAMS)
 
 
 def choose_meters(copies: bool = False, parts: bool = False, masks: bool = False) -> list[Meter]:
@@ -57,18 +61,22 @@ def choose_meters(copies: bool = False, parts: bool = False, masks: bool = False
 
 @dataclass
 class Method:
-    """A way to get masks for a batch, with the classifier whose top-1 decides OM, and the
-    meters its masks are added to (`benchmark.score_batch`)."""
+    """A way to get masks for a batch, with the classifier whose top-1 decides OM, the meters
+    its masks are added to (`benchmark.score_batch`), and the time making them took."""
 
     name: str
     masks: Callable[[torch.Tensor], tuple]  # images -> masks, logits (None: the first model's)
     labels: list[int]  # data label -> the classifier's label (-1: a class it does not know)
     is_model: bool = False  # a trained mapping (the many-classifiers test applies to these)
     meters: list[Meter] = field(default_factory=choose_meters)
+    seconds: float = 0.0  # spent in `masks`, over `timed_images` images (`benchmark.timed`)
+    timed_images: int = 0
 
     def result(self) -> dict:
-        """Every meter's results, in one record (`meters.results`)."""
-        return results(self.meters)
+        """Every meter's results, in one record (`meters.results`), then `ms_per_image`: the
+        milliseconds per image spent making the masks (None when none was timed)."""
+        n = self.timed_images
+        return {**results(self.meters), "ms_per_image": 1000 * self.seconds / n if n else None}
 
 
 def label_map(model_wnids: Sequence[str], data_wnids: list[str]) -> list[int]:
@@ -123,19 +131,22 @@ def build_methods(
     `parts`: every method also scores part coverage; `masks`: PxAP too (`choose_meters`).
 
     Raises:
-        UserError: Grad-CAM is asked for and the first model is an exported file.
+        UserError: an unknown baseline, or Grad-CAM or another CAM is asked for and the first
+            model is an exported file.
     """
     if not cfg.models:
         raise UserError("eval needs at least one model (a checkpoint)")
     unknown = sorted(set(cfg.baselines) - set(BASELINES))
     if unknown:
         raise UserError(f"unknown --baseline {', '.join(unknown)}; use {', '.join(BASELINES)}")
-    models = load_maskers(cfg.models, exported=True)
-    if "gradcam" in cfg.baselines and isinstance(models[0].masker, ExportedMasker):
+    inside = [b for b in cfg.baselines if b in CLASSIFIER_BASELINES]
+    if inside and is_exported(cfg.models[0]):  # refused before any model is loaded
         raise UserError(
-            f"--baseline gradcam reads the gradients of the first model's classifier: give its "
-            f"checkpoint first, not the exported {models[0].path}"
+            f"--baseline {inside[0]} reads the first model's classifier inside (a stage's "
+            f"feature map and its gradients): give its checkpoint first, not the exported "
+            f"{cfg.models[0]}"
         )
+    models = load_maskers(cfg.models, exported=True)
     size = models[0].spec.image_size
     data_wnids = select_classes(data_wnids, models[0].spec.wnids, cfg.classes)
     for m in models:
@@ -150,16 +161,24 @@ def build_methods(
         for m in models
     ]
     first: SaliencyModel = methods[0].masks
-    labels = methods[0].labels
     for baseline in cfg.baselines:
-        if baseline == "center":
-            fn = constant_masks(center_box(size, size), size)
-        elif baseline == "full":
-            fn = constant_masks([0, 0, size, size], size)
-        else:
-            fn = lambda images: gradcam(first, images, cfg.gradcam_stage)  # noqa: E731
-        methods.append(Method(baseline, fn, labels, meters=meters()))
+        fn = baseline_masks(baseline, first, size, cfg)
+        methods.append(Method(baseline, fn, methods[0].labels, meters=meters()))
     return methods, size, data_wnids
+
+
+def baseline_masks(
+    name: str, first: SaliencyModel, size: int, cfg: EvalConfig
+) -> Callable[[torch.Tensor], tuple]:
+    """The masks of baseline `name` (BASELINES): a constant box, or a CAM of the first model's
+    classifier at `cfg.gradcam_stage` (ScoreCAM's forwards `cfg.batch_size` images each)."""
+    if name == "center":
+        return constant_masks(center_box(size, size), size)
+    if name == "full":
+        return constant_masks([0, 0, size, size], size)
+    if name == "gradcam":
+        return partial(gradcam, first, stage=cfg.gradcam_stage)
+    return cam_method(name, first, cfg.gradcam_stage, cfg.batch_size)
 
 
 def load_classifiers(paths: tuple[str, ...], data_wnids: list[str]) -> list[tuple]:

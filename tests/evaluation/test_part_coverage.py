@@ -22,7 +22,7 @@ from casm_deploy.evaluation.methods import Method, choose_meters
 from casm_deploy.evaluation.metrics import binarize_at_mean
 
 KEYS = {"LE", "OM", "F1", "F1a", "mask_mean", "mask_std", "mask_entropy", "mask_tv", "n_images"}
-KEYS |= {"MaxBoxAccV2", "MaxBoxAcc@0.3", "MaxBoxAcc@0.5", "MaxBoxAcc@0.7"}
+KEYS |= {"MaxBoxAccV2", "MaxBoxAcc@0.3", "MaxBoxAcc@0.5", "MaxBoxAcc@0.7", "ms_per_image"}
 PART_KEYS = {"part_coverage", "parts_all_touched", "part_share_least", "n_part_images"}
 
 
