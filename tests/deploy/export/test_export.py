@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import hashlib
 import json
@@ -82,9 +83,14 @@ def test_fp32_torchscript_onnx_pt2_and_triton_pass_parity(checkpoint, tmp_path):
     assert report["parity"]["passed"] and report["parity"]["images"]["real"] == 64
     statuses = {r["format"]: r["status"] for r in report["parity"]["results"]}
     assert statuses == {"torchscript": "passed", "onnx": "passed", "pt2": "passed"}
+    error = report["parity"]["fp32_error"]  # eager fp32 against its float64 copy
+    assert 0 < error["max_abs_mask"] < 1e-4 and error["max_abs_logits"] < 1e-4
+    bar = parity.mask_bar(parity.THRESHOLDS["fp32"], error["max_abs_mask"])
+    assert error["max_abs_mask_bar"] == bar and error["rule"].startswith("max(0.0001, 10 x ")
     for r in report["parity"]["results"]:
         assert set(r["batches"]) == {"1", "3", "64"}
         assert r["worst"]["max_abs_mask"] <= 1e-4 and r["worst"]["argmax_agree"] == 1
+        assert r["max_abs_mask_bar"] == bar
 
     # Every artefact carries the same metadata, with the checkpoint's hash.
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
@@ -177,7 +183,8 @@ def test_bf16_onnx_is_valid_and_reported_honestly_where_it_cannot_run(checkpoint
 
 
 def test_a_failed_parity_check_exits_with_its_own_status(checkpoint, tmp_path, monkeypatch):
-    impossible = dataclasses.replace(parity.THRESHOLDS["fp32"], max_abs_mask=-1.0)
+    fixed = {"fp32_error_multiple": None}  # not raised by float32's own error
+    impossible = dataclasses.replace(parity.THRESHOLDS["fp32"], max_abs_mask=-1.0, **fixed)
     monkeypatch.setitem(parity.THRESHOLDS, "fp32", impossible)
     out = tmp_path / "fail"
     result, report = _export(checkpoint, out)
@@ -185,6 +192,43 @@ def test_a_failed_parity_check_exits_with_its_own_status(checkpoint, tmp_path, m
     assert "parity failed" in result.output and "Traceback" not in result.output
     assert report["parity"]["results"][0]["status"] == "failed"
     assert (out / "masker.ts").is_file()  # written, and reported as failing
+
+
+def test_a_wrong_export_still_fails_fp32_parity(checkpoint, tmp_path, monkeypatch):
+    """fp32's bar follows float32's own error (issue 31), and still catches a wrong file: one
+    weight of the ONNX file 1 % off, a TorchScript file without the input normalisation."""
+    import onnx
+    from onnx import numpy_helper
+
+    from casm_deploy.deploy.export import job
+
+    export_onnx, export_torchscript = job.export_onnx, job.export_torchscript
+
+    def one_weight_off(model, example, path, *args):
+        export_onnx(model, example, path, *args)
+        graph = onnx.load(str(path))
+        (tensor,) = [t for t in graph.graph.initializer if t.name == "decoder.final.weight"]
+        weights = numpy_helper.to_array(tensor).copy()
+        weights.flat[np.abs(weights).argmax()] *= 1.01
+        tensor.CopyFrom(numpy_helper.from_array(weights, tensor.name))
+        onnx.save(graph, str(path))
+
+    def unnormalised(model, example, path, meta):
+        model = copy.deepcopy(model)
+        model.mean.zero_(), model.std.fill_(1)
+        export_torchscript(model, example, path, meta)
+
+    monkeypatch.setattr(job, "export_onnx", one_weight_off)
+    monkeypatch.setattr(job, "export_torchscript", unnormalised)
+    result, report = _export(checkpoint, tmp_path / "wrong", "--onnx")
+    assert result.exit_code == EXIT_PARITY_FAILED, result.output
+    checked = report["parity"]
+    error = checked["fp32_error"]["max_abs_mask"]  # eager fp32's own, from float64
+    assert 0 < error < 1e-4 and "fp32 bar: max |Δmask|" in result.output
+    for r in checked["results"]:
+        assert r["status"] == "failed" and r["max_abs_mask_bar"] >= 1e-4
+        assert r["worst"]["max_abs_mask"] > 10 * r["max_abs_mask_bar"], r["worst"]
+        assert any(failure.startswith("batch 1, 3, 64: max |Δmask|") for failure in r["failures"])
 
 
 def test_bad_checkpoints_give_one_line_errors(checkpoint, tmp_path):
