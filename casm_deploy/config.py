@@ -581,8 +581,10 @@ class EvalConfig:
         "copy_touch_both; when DATA has a parts/ folder (data synth --parts) also part_coverage, "
         "parts_all_touched, part_share_least, n_part_images; OM_note when some images are of "
         "classes the model does not know, which OM leaves out, or a masks-only model predicts "
-        "none); ms_per_image, the milliseconds a method took per image to make its masks "
-        "(first batch included); other methods beside it.",
+        "none); with --faithfulness also deletion_auc, insertion_auc, road_morf, road_lerf, "
+        "road_combined, faithfulness_judge and n_faithfulness_images; ms_per_image, the "
+        "milliseconds a method took per image to make its masks (first batch included); other "
+        "methods beside it.",
     )
     copies: bool = opt(
         False,
@@ -592,9 +594,55 @@ class EvalConfig:
         "stretch, which keeps both copies whole.",
         negatable=False,
     )
+    faithfulness: bool = opt(
+        False,
+        "Also score each method's faithfulness to a classifier (the judge), for each image's "
+        "true class, in a third table: RISE's deletion_auc (lower is better) and insertion_auc "
+        "(higher), ROAD's road_morf (lower), road_lerf and road_combined (higher). Costly: "
+        "2 (steps + 1) forwards and 2 sparse solves per percentage, per image and method.",
+        negatable=False,
+    )
+    judge: str = opt(
+        "",
+        "With --faithfulness: the classifier checkpoint that judges (default: the first "
+        "model's classifier, which CASM was trained against; an independent one is fairer).",
+        path=True,
+        show_default=False,
+    )
+    faithfulness_steps: int = opt(
+        16,
+        "With --faithfulness: deletion and insertion change the pixels in this many steps.",
+        at_least=1,
+    )
+    road_percentages: str = opt(
+        "20,40,60,80",
+        "With --faithfulness: the percentages of pixels ROAD removes (comma-separated, 1-99); "
+        "its scores are means over them.",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.judge and not self.faithfulness:
+            raise ConfigError("--judge names the classifier --faithfulness uses: give both")
+        _ = self.road_levels  # checked here
+
+    @property
+    def road_levels(self) -> tuple[int, ...]:
+        """--road-percentages as numbers.
+
+        Raises:
+            ConfigError: not a comma-separated list of whole percentages from 1 to 99.
+        """
+        try:
+            levels = tuple(int(p) for p in self.road_percentages.split(",") if p.strip())
+        except ValueError:
+            levels = ()
+        if not levels or not all(1 <= p <= 99 for p in levels):
+            raise ConfigError(
+                "--road-percentages must be whole numbers from 1 to 99, comma-separated, not "
+                f"{self.road_percentages!r}"
+            )
+        return levels
 
 
 @dataclass(frozen=True)

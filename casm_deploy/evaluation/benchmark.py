@@ -1,6 +1,7 @@
 """`casm-deploy eval`: the paper's localisation benchmark (LE / OM / F1), MaxBoxAccV2 and, where
-the data has object masks, PxAP (Choe et al., CVPR 2020), baselines, and the classification of
-masked images by many classifiers (§3.3, Fig. 3).
+the data has object masks, PxAP (Choe et al., CVPR 2020), baselines, the classification of
+masked images by many classifiers (§3.3, Fig. 3) and, with --faithfulness, deletion / insertion
+AUC and ROAD against a judge classifier (`faithfulness`).
 
 One streamed pass over the data: each batch is decoded once, every method (the models, then
 the centre / full / Grad-CAM and other CAM baselines) masks it, timed (`timed`), and the masks,
@@ -34,7 +35,7 @@ from casm_deploy.data.imagenet import (
 from casm_deploy.data.loader import build_loader
 from casm_deploy.data.transforms import check_policy
 from casm_deploy.errors import UserError
-from casm_deploy.evaluation import boxacc
+from casm_deploy.evaluation import boxacc, faithfulness
 from casm_deploy.evaluation.leak import mask_only_accuracy
 from casm_deploy.evaluation.masking import binarize, inpaint, masked_in, masked_out
 from casm_deploy.evaluation.meters import PART_KEYS, Batch
@@ -48,7 +49,9 @@ VARIANTS = ("clean", "masked_in", "masked_out", "inpainted")
 # columns (the console's width in logs).
 CHOE_KEYS = (*boxacc.KEYS, "PxAP")
 COST_KEYS = ("ms_per_image",)
-NOTES = ("OM_note",)
+# --faithfulness: a third table, its judge named in the title
+FAITHFULNESS_KEYS = (*faithfulness.KEYS, "n_faithfulness_images")
+NOTES = ("OM_note", "faithfulness_judge")
 HEADERS = {
     "mask_mean": "area",
     "mask_std": "std",
@@ -62,6 +65,12 @@ HEADERS = {
     "n_part_images": "part\nimages",
     "n_images": "images",
     "ms_per_image": "ms /\nimage",
+    "deletion_auc": "deletion\nAUC",
+    "insertion_auc": "insertion\nAUC",
+    "road_morf": "ROAD\nMoRF",
+    "road_lerf": "ROAD\nLeRF",
+    "road_combined": "ROAD\ncombined",
+    "n_faithfulness_images": "images",
     **{k: k.replace("@", "\nIoU ") for k in boxacc.KEYS},
 }
 
@@ -120,8 +129,10 @@ def run(cfg: EvalConfig) -> dict:
                              folder also part_coverage, parts_all_touched, part_share_least,
                              n_part_images; OM_note when some images are of classes the
                              model does not know (OM leaves them out), or a masks-only
-                             model predicts none (no OM); last, ms_per_image: milliseconds per
-                             image spent making the masks}},
+                             model predicts none (no OM); with `cfg.faithfulness` also
+                             deletion_auc, insertion_auc, road_morf, road_lerf, road_combined,
+                             faithfulness_judge, n_faithfulness_images; last, ms_per_image:
+                             milliseconds per image spent making the masks}},
          "classifiers": {mask model: {classifier: {clean, masked_in, masked_out, inpainted}}},
          "leak": {mask model: `leak.mask_only_accuracy`'s dict} with `cfg.leak_control`}
     """
@@ -208,7 +219,9 @@ def score_split(
             for method, (masks, logits) in zip(methods, outputs, strict=True):
                 if not method.is_model:  # a baseline: OM by the first model's classifier
                     logits = first_logits
-                score_batch(method, masks, logits, labels, gt_boxes, part_maps, object_masks)
+                score_batch(
+                    method, masks, logits, labels, gt_boxes, part_maps, object_masks, images
+                )
                 if method.name in counts and classifiers:
                     count_classifications(counts[method.name], classifiers, images, masks, labels)
             bars.advance(task)
@@ -253,13 +266,21 @@ def leak_control(cfg: EvalConfig, methods: list[Method], wnids: list[str], size:
 
 
 def score_batch(
-    method: Method, masks, logits, labels, gt_boxes, part_maps=None, object_masks=None
+    method: Method,
+    masks,
+    logits,
+    labels,
+    gt_boxes,
+    part_maps=None,
+    object_masks=None,
+    images=None,
 ) -> None:
     """One batch of `method`'s masks, with their truth, added to each of its meters.
 
     `logits`: those of the classifier whose top-1 decides OM (None: none); `labels`: the data's;
     `gt_boxes`, `part_maps`, `object_masks`: each image's boxes of its class, part label map
-    and object pixels in the model frame (None where the data has none).
+    and object pixels in the model frame (None where the data has none); `images`: the batch's
+    images in [0, 1] (the faithfulness meter runs its judge on them).
     """
     batch = Batch(
         masks,
@@ -268,6 +289,8 @@ def score_batch(
         logits,
         object_masks=object_masks,
         part_maps=part_maps,
+        images=images,
+        data_labels=labels.tolist(),
     )
     for meter in method.meters:
         meter.update(batch)
@@ -308,8 +331,11 @@ def count_classifications(counts, classifiers, images, masks, labels) -> None:
 def print_tables(scores: dict, accuracy: dict, leak: dict, first: str, cfg: EvalConfig) -> None:
     keys = list(dict.fromkeys(k for result in scores.values() for k in result))
     second = (*CHOE_KEYS, *COST_KEYS)
-    print_localisation(scores, cfg, [k for k in keys if k not in (*second, *NOTES)])
+    others = (*second, *FAITHFULNESS_KEYS, *NOTES)
+    print_localisation(scores, cfg, [k for k in keys if k not in others])
     print_box_and_pixel_scores(scores, [k for k in keys if k in second])
+    if "faithfulness_judge" in keys:
+        print_faithfulness(scores, [k for k in keys if k in FAITHFULNESS_KEYS])
     if cfg.baselines:
         console.print(f"OM of the baselines uses the classifier of {first}.")
     for mask_model, by_classifier in accuracy.items():
@@ -361,6 +387,23 @@ def print_box_and_pixel_scores(scores: dict, keys: list[str]) -> None:
             "PxAP: not measured, the annotations have no object masks (<stem>.png beside each "
             "XML, as data synth writes them)."
         )
+
+
+def print_faithfulness(scores: dict, keys: list[str]) -> None:
+    """Deletion and insertion AUC (RISE) and ROAD against the judge, for each image's true
+    class; which way is better, and the images of classes the judge does not know."""
+    first = next(iter(scores.values()))
+    judge = first["faithfulness_judge"]
+    title = f"faithfulness (RISE, ROAD): {judge}'s probability of each image's true class"
+    console.print(score_table(title, scores, keys))
+    console.print(
+        "Lower is better for deletion AUC and ROAD MoRF, higher for insertion AUC, ROAD LeRF "
+        "and ROAD combined.",
+        soft_wrap=True,
+    )
+    left_out = first["n_images"] - first["n_faithfulness_images"]
+    if left_out:
+        console.print(f"faithfulness leaves out {left_out} images of classes {judge} does not know")
 
 
 def score_table(title: str, scores: dict, keys: list[str]) -> Table:

@@ -8,7 +8,8 @@ each meter here wraps one family of them. `methods.choose_meters` picks a method
 its record is their results in that order (`results`).
 
 A new metric is a module of its pure functions with a class of this shape, and one line in
-`methods.choose_meters`.
+`methods.choose_meters` (`faithfulness.Faithfulness`, which runs a judge classifier on the
+images, is one such, in its own module).
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ class Batch:
     logits: torch.Tensor | None  # that classifier's (B, K) logits; None: no classifier, no OM
     object_masks: Sequence[Any] | None = None  # each image's object pixels, where data has them
     part_maps: Sequence[Any] | None = None  # each image's part label map (DATA/parts/)
+    # for meters that run a classifier on the images (`faithfulness`): the images the masks are
+    # of, (B, 3, S, S) in [0, 1], and each image's class as the data numbers it
+    images: torch.Tensor | None = None
+    data_labels: Sequence[int] | None = None
 
     @cached_property
     def arrays(self) -> np.ndarray:

@@ -4,7 +4,8 @@ A Method is a way to get masks for a batch (a trained mapping, from its checkpoi
 exported file, the centre or full box, or Grad-CAM or another CAM (`cams`) on the first model's
 classifier) with the label map of the classifier whose top-1 decides OM, the meters
 `benchmark.score_batch` adds each batch to (`choose_meters`: which, by the options and the
-data), and the time its masks took (`ms_per_image`, the last key of its record).
+data), and the time its masks took (`ms_per_image`, the last key of its record). With
+--faithfulness every method is also judged by one classifier (`faithfulness_settings`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from casm_deploy.checkpoint import load_masker
 from casm_deploy.common.ui import console
 from casm_deploy.config import EvalConfig
 from casm_deploy.errors import UserError
-from casm_deploy.evaluation.cams import CAMS, cam_method
+from casm_deploy.evaluation.cams import CAMS, Logits, cam_method
 from casm_deploy.evaluation.exported import ExportedMasker, is_exported
+from casm_deploy.evaluation.faithfulness import Faithfulness, FaithfulnessSettings, Judge
 from casm_deploy.evaluation.gradcam import gradcam
 from casm_deploy.evaluation.meters import (
     Copies,
@@ -43,11 +45,17 @@ BASELINES = ("center", "full", "gradcam", *CAMS)
 CLASSIFIER_BASELINES = ("gradcam", *CAMS)
 
 
-def choose_meters(copies: bool = False, parts: bool = False, masks: bool = False) -> list[Meter]:
+def choose_meters(
+    copies: bool = False,
+    parts: bool = False,
+    masks: bool = False,
+    faithfulness: FaithfulnessSettings | None = None,
+) -> list[Meter]:
     """A fresh set of the meters a method is scored with, in the order of its record's keys.
 
     `copies`: the two copies' coverage (eval --copies); `parts`: the parts' coverage (data with
-    parts/); `masks`: PxAP (annotations with object masks). A new metric is one line here.
+    parts/); `masks`: PxAP (annotations with object masks); `faithfulness`: deletion / insertion
+    AUC and ROAD against its judge (eval --faithfulness). A new metric is one line here.
     """
     chosen: list[Meter] = [Localisation(), MaskStatistics(), MaxBoxAcc()]
     if masks:
@@ -56,6 +64,8 @@ def choose_meters(copies: bool = False, parts: bool = False, masks: bool = False
         chosen.append(Copies())
     if parts:
         chosen.append(Parts())
+    if faithfulness is not None:
+        chosen.append(Faithfulness(faithfulness))
     return [*chosen, Images()]  # the record ends with OM's note and the number of images
 
 
@@ -153,7 +163,8 @@ def build_methods(
         warning = class_mismatch(m.name, m.spec.wnids, data_wnids)
         if warning and cfg.classes == "all":  # seen / unseen choose the difference on purpose
             console.print(warning, soft_wrap=True)
-    meters = partial(choose_meters, cfg.copies, parts, masks)  # each method its own
+    judged = faithfulness_settings(cfg, models[0], data_wnids) if cfg.faithfulness else None
+    meters = partial(choose_meters, cfg.copies, parts, masks, judged)  # each method its own
     methods = [
         Method(
             m.name, m.masker, label_map(m.spec.wnids, data_wnids), is_model=True, meters=meters()
@@ -179,6 +190,42 @@ def baseline_masks(
     if name == "gradcam":
         return partial(gradcam, first, stage=cfg.gradcam_stage)
     return cam_method(name, first, cfg.gradcam_stage, cfg.batch_size)
+
+
+def faithfulness_settings(
+    cfg: EvalConfig, first: NamedMasker, data_wnids: list[str]
+) -> FaithfulnessSettings:
+    """--faithfulness: its judge (the classifier of `cfg.judge`, else of the first model, each
+    image's true class by wnid), --faithfulness-steps and --road-percentages.
+
+    Raises:
+        UserError: the judge would be an exported file (its classifier is not run alone), or
+            was trained at another image size than the models.
+    """
+    if cfg.judge and is_exported(cfg.judge):
+        raise UserError(f"--judge {cfg.judge}: an exported file; give a checkpoint (train's)")
+    if not cfg.judge and is_exported(first.path):
+        raise UserError(
+            f"--faithfulness judges with the first model's classifier, and {first.path} is an "
+            "exported file: give its checkpoint first, or --judge CKPT"
+        )
+    judge = load_maskers((cfg.judge,))[0] if cfg.judge else first
+    if judge.spec.image_size != first.spec.image_size:
+        raise UserError(
+            f"--judge {cfg.judge}: trained at {judge.spec.image_size} px, the models at "
+            f"{first.spec.image_size} px; judge at the models' size"
+        )
+    labels = label_map(judge.spec.wnids, data_wnids)
+    unknown = sum(k < 0 for k in labels)
+    if unknown:
+        console.print(
+            f"warning: judge {judge.name}: {unknown} of the data's {len(labels)} classes are not "
+            "its own (faithfulness leaves their images out)",
+            soft_wrap=True,
+        )
+    return FaithfulnessSettings(
+        Judge(judge.name, Logits(judge.masker), labels), cfg.faithfulness_steps, cfg.road_levels
+    )
 
 
 def load_classifiers(paths: tuple[str, ...], data_wnids: list[str]) -> list[tuple]:
