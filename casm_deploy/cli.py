@@ -183,12 +183,17 @@ Examples:
   # --classifier-only --seed 1 --name c1, c2 likewise), and the leak control
   casm-deploy eval runs/demo/checkpoint.pt --leak-control \\
       --classifiers runs/c1/checkpoint.pt,runs/c2/checkpoint.pt
+  # the CAM family beside the model; faithfulness judged by another classifier
+  casm-deploy eval runs/demo/checkpoint.pt --gradcam-stage 3 \\
+      --baseline gradcam,gradcam++,scorecam --faithfulness \\
+      --judge runs/c1/checkpoint.pt --limit 200
   # real ImageNet (DATA/val and DATA/annotations)
   casm-deploy eval runs/imagenet/checkpoint.pt /data/imagenet""",
 )
 def evaluate(cfg: EvalConfig) -> None:
     """Score masks as the paper: LE, OM, F1 on ILSVRC boxes, with baselines and classifiers;
-    also MaxBoxAccV2 and, where the data has object masks, PxAP."""
+    also MaxBoxAccV2, where the data has object masks PxAP, and with --faithfulness deletion,
+    insertion and ROAD."""
     from casm_deploy.evaluation import benchmark as job
 
     job.run(cfg)
