@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/parts_check.py
 	$(BIN)/python benchmarks/frontier.py
 	$(BIN)/python benchmarks/infer_split.py
+	$(BIN)/python benchmarks/peers.py
 	$(BIN)/python benchmarks/report.py
 
 # make experiments: the paper's experiments on the embedded data (train/experiments/, about two

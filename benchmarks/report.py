@@ -324,6 +324,58 @@ def infer_split(result: dict) -> str:
     return table(header, rows)
 
 
+PEER_RUNTIMES = {
+    "eager": "eager",
+    "torchscript": "TorchScript",
+    "ort-fp32": "ONNX Runtime fp32",
+    "ort-int8": "ONNX Runtime int8",
+}
+
+
+def peers(result: dict) -> str:
+    """ms per image and peak memory per method and runtime at two batch sizes, the end-to-end
+    rates, and the ratios against their targets."""
+    batch = result["settings"]["batch"]
+    by = {(r["method"], r["runtime"], r["batch"]): r for r in result["rows"]}
+    keys = dict.fromkeys((method, runtime) for method, runtime, _ in by)
+    rows = []
+    for method, runtime in keys:
+        big, one = by.get((method, runtime, batch), {}), by.get((method, runtime, 1), {})
+        rows.append(
+            [
+                method,
+                PEER_RUNTIMES.get(runtime, runtime),
+                sig3(big.get("ms_per_image")),
+                sig3(one.get("ms_per_image")),
+                fixed(big.get("peak_rss_mb"), 0),
+                fixed(one.get("peak_rss_mb"), 0),
+            ]
+        )
+    header = ["method", "runtime", f"ms per image, batch {batch}", "ms per image, batch 1"]
+    text = table([*header, f"peak MB, batch {batch}", "peak MB, batch 1"], rows)
+    e2e = result["end_to_end"]
+    lines = [
+        f"End to end from {e2e['jpegs']:,} JPEGs to PNG masks, batch {batch}: `infer` with "
+        f"{e2e['small_mapping']} (ONNX Runtime fp32) {e2e['infer_images_per_s']:.0f} images/s; "
+        f"the pytorch-grad-cam loop {e2e['gradcam_loop_images_per_s']:.1f} images/s; `infer` "
+        f"with the shared CASM {e2e['infer_resnet50_png_images_per_s']:.1f} images/s, "
+        f"{e2e['model_only_resnet50_images_per_s']:.1f} on in-memory batches.",
+        "",
+    ]
+    for r in result["ratios"].values():
+        value = "not measured" if r["value"] is None else f"{r['value']:.2f}x"
+        verdict = "met" if r["met"] else "missed"
+        lines.append(f"- {r['of']}: {value} (target {r['target']:g}x, {verdict})")
+    lines += [f"- not measured: {s['method']} ({s['reason']})" for s in result.get("skipped", [])]
+    versions = ", ".join(f"{k} {v}" for k, v in result["libraries"].items() if v)
+    note = (
+        f"Random weights: a trained model costs the same. Peak MB: the method's own process at "
+        f"its highest while that batch size ran (libraries, weights and images included). "
+        f"{versions}."
+    )
+    return text + "\n" + note + "\n\n" + "\n".join(lines) + "\n"
+
+
 # JSON file(s) -> {marker name: renderer}; a renderer gets the files' contents in this order.
 RENDERERS = {
     ("train_step.json", "train_step_bf16.json"): {"train_step": train_step},
@@ -339,7 +391,10 @@ RENDERERS = {
     ("parts_check.json",): {"parts_check": parts_check},
     ("frontier.json",): {"frontier": frontier},
     ("infer_split.json",): {"infer-split": infer_split},
+    ("peers.json",): {"peers": peers},
 }
+# Files a new benchmark writes on its first full run: until then, their tables are empty.
+OPTIONAL = {"peers.json"}
 
 
 def render_tables(results_dir: Path) -> dict[str, str]:
@@ -350,6 +405,9 @@ def render_tables(results_dir: Path) -> dict[str, str]:
     tables = {}
     for files, renderers in RENDERERS.items():
         missing = [name for name in files if name not in loaded]
+        if missing and set(files) <= OPTIONAL and len(missing) == len(files):
+            tables |= dict.fromkeys(renderers, "")  # not run yet
+            continue
         if missing:
             raise SystemExit(f"{results_dir}: missing {', '.join(missing)}")
         results = [loaded[name] for name in files]
